@@ -1,0 +1,1 @@
+"""How jobs are launched: the ``streamrec`` command line and the engine runners."""

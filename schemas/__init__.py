@@ -1,0 +1,1 @@
+"""Event schemas (Avro, with Arrow equivalents) and the schema-driven feature spec."""

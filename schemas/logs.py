@@ -1,0 +1,319 @@
+"""Event logs on disk: one directory per event kind, one file per hour (or day) of event time.
+
+Layout::
+
+    LOGS/impressions/20260101-00.avro   (or .parquet)
+    LOGS/actions/20260101-00.avro
+    LOGS/manifest.json                  (what wrote the logs, with counts)
+
+Files hold their records in event-time order. Avro files carry their writer schema, so a log
+written with an older schema version is read with the current one (new fields take their
+defaults). Reading never crashes on bad input: in ``strict`` mode a LogReadError names the
+file and record; otherwise the bad record (or the unreadable rest of a file) becomes a
+DeadLetter with a reason and a counter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+import fastavro
+import fastavro.validation
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.dead_letters import DeadLetter, DeadLetterSink, record_json
+from schemas.events import arrow_schema, base_type, defaults
+
+KINDS = ("impressions", "actions")
+FORMATS = ("avro", "parquet")
+HOUR_MS = 3_600_000
+DAY_MS = 24 * HOUR_MS
+MANIFEST = "manifest.json"
+
+
+class LogReadError(ValueError):
+    """A log file or record could not be read; the message names the file and the record."""
+
+
+# ------------------------------------------------------------------------------------------
+# Writing
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "wb"):
+    """Write to a temporary file beside ``path`` and rename it into place on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as out:
+            yield out
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def span_file_name(start_ms: int, span_ms: int, fmt: str) -> str:
+    """``YYYYMMDD-HH.<fmt>`` for the span starting at ``start_ms`` (UTC); ``YYYYMMDD-HHMMSS`` below an hour."""
+    start = datetime.fromtimestamp(start_ms / 1000, tz=timezone.utc)
+    stamp = f"{start:%Y%m%d-%H}" if span_ms % HOUR_MS == 0 else f"{start:%Y%m%d-%H%M%S}"
+    return f"{stamp}.{fmt}"
+
+
+def _avro_rows(table: pa.Table, schema: dict) -> list[dict]:
+    """Rows of an Arrow table as Avro-ready dicts (Arrow maps come back as pairs: make dicts)."""
+    rows = table.to_pylist()
+    map_fields = [f["name"] for f in schema["fields"]
+                  if isinstance(base_type(f["type"])[0], dict) and base_type(f["type"])[0].get("type") == "map"]
+    for row in rows:
+        for name in map_fields:
+            if row.get(name) is not None:
+                row[name] = dict(row[name])
+    return rows
+
+
+def write_table(table: pa.Table, path: str | Path, schema: dict, fmt: str) -> None:
+    """Write one Arrow table as an Avro or Parquet file, atomically and deterministically.
+
+    The Avro sync marker is derived from the file name, so equal input gives equal bytes.
+    """
+    path = Path(path)
+    if fmt == "avro":
+        marker = hashlib.md5(path.name.encode()).digest()
+        with atomic_write(path) as out:
+            fastavro.writer(out, schema, _avro_rows(table, schema), codec="deflate", sync_marker=marker)
+    elif fmt == "parquet":
+        table = table.select(arrow_schema(schema).names).cast(arrow_schema(schema))
+        with atomic_write(path) as out:
+            pq.write_table(table, out, compression="zstd")
+    else:
+        raise ValueError(f"unknown log format {fmt!r}: expected one of {FORMATS}")
+
+
+class SpanWriter:
+    """Writes a stream of Arrow tables as one sorted file per span of event time.
+
+    Tables may arrive in any order; ``flush(before_ms)`` writes every span that ends at or before
+    ``before_ms`` (the caller knows no later record falls there), ``close()`` writes the rest.
+    Each span file is written once, atomically. With ``background=True`` files are encoded and
+    written on a helper thread (Arrow and Parquet release the GIL), overlapping the caller's work;
+    ``close()`` waits for them and re-raises the first error.
+    """
+
+    def __init__(self, log_dir: str | Path, kind: str, schema: dict, fmt: str = "avro", span_ms: int = HOUR_MS,
+                 background: bool = False):
+        if kind not in KINDS:
+            raise ValueError(f"unknown log kind {kind!r}: expected one of {KINDS}")
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown log format {fmt!r}: expected one of {FORMATS}")
+        if span_ms <= 0 or span_ms % 1000:
+            raise ValueError(f"span_ms must be a positive whole number of seconds, got {span_ms}")
+        self.log_dir, self.kind, self.schema, self.fmt, self.span_ms = Path(log_dir), kind, schema, fmt, span_ms
+        self.pending: dict[int, list[pa.Table]] = {}
+        self.written: list[Path] = []
+        self._executor = ThreadPoolExecutor(max_workers=1) if background else None
+        self._futures: list[Future] = []
+
+    def add(self, table: pa.Table) -> None:
+        spans = table.column("event_time_ms").to_numpy() // self.span_ms
+        order = np.argsort(spans, kind="stable")
+        sorted_spans = spans[order]
+        table = table.take(pa.array(order))
+        bounds = np.flatnonzero(np.diff(sorted_spans)) + 1
+        for start, end in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(spans)]])):
+            if end > start:
+                self.pending.setdefault(int(sorted_spans[start]), []).append(table.slice(start, end - start))
+
+    def _write(self, span: int) -> None:
+        pieces = self.pending.pop(span)
+        path = self.log_dir / self.kind / span_file_name(span * self.span_ms, self.span_ms, self.fmt)
+        self.written.append(path)
+        if self._executor is None:
+            self._write_file(pieces, path)
+        else:
+            self._futures.append(self._executor.submit(self._write_file, pieces, path))
+
+    def _write_file(self, pieces: list[pa.Table], path: Path) -> None:
+        table = pa.concat_tables(pieces)
+        order = np.argsort(table.column("event_time_ms").to_numpy(), kind="stable")
+        write_table(table.take(pa.array(order)), path, self.schema, self.fmt)
+
+    def flush(self, before_ms: int) -> None:
+        for span in sorted(s for s in self.pending if (s + 1) * self.span_ms <= before_ms):
+            self._write(span)
+
+    def close(self) -> list[Path]:
+        for span in sorted(self.pending):
+            self._write(span)
+        if self._executor is not None:
+            try:
+                for future in self._futures:
+                    future.result()
+            finally:
+                self._executor.shutdown()
+        return self.written
+
+
+def write_log(table: pa.Table, log_dir: str | Path, kind: str, schema: dict, fmt: str = "avro",
+              span_ms: int = HOUR_MS) -> list[Path]:
+    """Split ``table`` into spans of ``span_ms`` of ``event_time_ms`` and write one sorted file per span."""
+    writer = SpanWriter(log_dir, kind, schema, fmt, span_ms)
+    writer.add(table)
+    return writer.close()
+
+
+def write_manifest(log_dir: str | Path, manifest: dict) -> None:
+    with atomic_write(Path(log_dir) / MANIFEST, "w") as out:
+        json.dump(manifest, out, indent=2, sort_keys=True)
+        out.write("\n")
+
+
+def read_manifest(log_dir: str | Path) -> dict:
+    path = Path(log_dir) / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+# ------------------------------------------------------------------------------------------
+# Reading
+
+
+def log_files(log_dir: str | Path, kind: str) -> list[Path]:
+    """The log files of one kind, in time order (file names sort by hour)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown log kind {kind!r}: expected one of {KINDS}")
+    folder = Path(log_dir) / kind
+    return sorted(p for p in folder.glob("*") if p.suffix.lstrip(".") in FORMATS and not p.name.startswith("."))
+
+
+def conform(record: dict, schema: dict) -> dict:
+    """Fit a record to ``schema``: fill defaults, drop unknown fields, check every type.
+
+    Raises ValueError naming the field and the value.
+    """
+    fields = schema["fields"]
+    result = {}
+    for field in fields:
+        name = field["name"]
+        if name in record and record[name] is not None:
+            result[name] = record[name]
+        elif name in record and base_type(field["type"])[1]:
+            result[name] = None
+        elif "default" in field:
+            result[name] = field["default"]
+        else:
+            raise ValueError(f"missing required field {name!r}")
+    for field in fields:
+        name = field["name"]
+        try:
+            fastavro.validation.validate(result[name], field["type"], raise_errors=True)
+        except fastavro.validation.ValidationError:
+            raise ValueError(
+                f"field {name!r}: value {result[name]!r} is not of type {field['type']!r}"
+            ) from None
+    return result
+
+
+def _iter_avro(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, str | None]]:
+    """Yield (index, record, error) for an Avro file.
+
+    Records are resolved against ``schema`` by fastavro; where the writer schema cannot be
+    resolved (detected lazily, at the first record that needs it), the rest of the file is read
+    raw and each record is fitted by ``conform``. When ``error`` is set, ``record`` is the raw record.
+    """
+    index = 0
+    with open(path, "rb") as fo:
+        try:
+            for record in fastavro.reader(fo, reader_schema=schema):
+                yield index, record, None
+                index += 1
+            return
+        except fastavro.read.SchemaResolutionError:
+            pass
+    with open(path, "rb") as fo:
+        for raw_index, record in enumerate(fastavro.reader(fo)):
+            if raw_index < index:
+                continue
+            try:
+                yield raw_index, conform(record, schema), None
+            except ValueError as exc:
+                yield raw_index, record, str(exc)
+
+
+def _iter_parquet(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, str | None]]:
+    table = pq.read_table(path)
+    want = arrow_schema(schema)
+    fill = defaults(schema)
+    columns = []
+    for target in want:
+        if target.name in table.column_names:
+            column = table.column(target.name)
+            if column.type != target.type:
+                try:
+                    column = column.cast(target.type)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                    raise ValueError(f"column {target.name!r} of type {column.type} cannot be read as "
+                                     f"{target.type}: {exc}") from None
+        elif target.name in fill:
+            column = pa.array([fill[target.name]] * table.num_rows, type=target.type)
+        else:
+            raise ValueError(f"missing required field {target.name!r}")
+        columns.append(column)
+    rows = pa.table(columns, schema=want).to_pylist() if columns else []
+    required = [f["name"] for f in schema["fields"] if not base_type(f["type"])[1]]
+    for index, row in enumerate(rows):
+        nulls = [name for name in required if row[name] is None]
+        if nulls:
+            yield index, row, f"required field {nulls[0]!r} is null"
+        else:
+            yield index, row, None
+
+
+def read_log_file(path: str | Path, schema: dict, dead_letters: DeadLetterSink | None = None,
+                  stage: str = "read") -> Iterator[dict]:
+    """Records of one log file, fitted to ``schema``.
+
+    With ``dead_letters=None`` (strict) any problem raises LogReadError naming the file and
+    record. Otherwise bad records become dead letters and reading goes on; a file that breaks
+    off (truncated, corrupt) yields what came before the break and one dead letter for the rest.
+    """
+    path = Path(path)
+    fmt = path.suffix.lstrip(".")
+    iterate = _iter_avro if fmt == "avro" else _iter_parquet
+    index = -1
+    try:
+        for index, record, error in iterate(path, schema):
+            if error is None:
+                yield record
+                continue
+            message = f"{path}: record {index}: {error}"
+            if dead_letters is None:
+                raise LogReadError(message)
+            reason = "missing_field" if "missing" in error or "is null" in error else "wrong_type"
+            dead_letters.add(DeadLetter(stage, reason, message, str(path), record_json(record)))
+    except LogReadError:
+        raise
+    except (OSError, EOFError, ValueError, TypeError, KeyError, IndexError, pa.ArrowException,
+            fastavro.read.SchemaResolutionError) as exc:
+        where = "the file header" if index < 0 else f"record {index + 1}"
+        message = f"{path}: unreadable from {where} on ({type(exc).__name__}: {exc})"
+        if dead_letters is None:
+            raise LogReadError(message) from exc
+        dead_letters.add(DeadLetter(stage, "corrupt_file", message, str(path)))
+
+
+def read_log(log_dir: str | Path, kind: str, schema: dict,
+             dead_letters: DeadLetterSink | None = None) -> Iterator[dict]:
+    """Every record of one kind, file after file (each file in event-time order)."""
+    for path in log_files(log_dir, kind):
+        yield from read_log_file(path, schema, dead_letters)

@@ -1,0 +1,671 @@
+"""The feature spec: one YAML file per model, loaded into typed dataclasses and validated.
+
+A spec names the event schemas it reads, the embedding slots (their source fields, kind,
+dim, expiry, frequency filter, initialiser, optimiser), the dense features and their
+normalisation, the labels, the join window, the negative-sampling rate, the model and the
+training / sync / snapshot settings. Every check runs at load time against the Avro
+schemas; all problems are reported together, each naming the slot or field and the value.
+
+Durations carry units (``30m``, ``7d``); they are held as integer milliseconds (``*_ms``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from schemas.durations import format_duration_ms, parse_duration_ms
+from schemas.events import SchemaError, base_type, check_impression_schema, field_types, load_schema
+from schemas.fids import MAX_SLOT_ID
+
+SPEC_DIR = Path(__file__).parent / "specs"
+
+
+class SpecError(ValueError):
+    """A feature spec failed validation; ``errors`` lists every problem found."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error(s):\n" + "\n".join(f"  - {e}" for e in errors))
+
+
+class SlotKind(str, Enum):
+    CATEGORICAL = "categorical"  # one value -> one fid
+    MULTI_VALUED = "multi_valued"  # a list of values -> one fid each, pooled
+    CROSS = "cross"  # the cartesian product of other slots' values
+    BUCKETIZED = "bucketized"  # a numeric value -> the fid of its bucket
+
+
+class MissingPolicy(str, Enum):
+    DEFAULT = "default"  # a missing value maps to the slot's default fid
+    DEAD_LETTER = "dead_letter"  # the impression goes to the dead letters
+
+
+class OptimizerKind(str, Enum):
+    SGD = "sgd"
+    ADAGRAD = "adagrad"
+    ADAM = "adam"
+    FTRL = "ftrl"
+
+
+#: Optimiser state held per embedding element (floats) beside the embedding itself.
+STATE_FLOATS_PER_DIM = {
+    OptimizerKind.SGD: 0,
+    OptimizerKind.ADAGRAD: 1,  # squared-gradient accumulator
+    OptimizerKind.ADAM: 2,  # first and second moments
+    OptimizerKind.FTRL: 2,  # z and n
+}
+
+#: Per-row bookkeeping beside the floats: 8 B fid key, 8 B last-seen event time, 4 B count.
+ROW_METADATA_BYTES = 8 + 8 + 4
+
+
+class InitializerKind(str, Enum):
+    NORMAL = "normal"
+    TRUNCATED_NORMAL = "truncated_normal"
+    UNIFORM = "uniform"
+    ZEROS = "zeros"
+
+
+class Normalization(str, Enum):
+    NONE = "none"
+    STANDARD = "standard"  # (x - mean) / std
+    MINMAX = "minmax"  # (x - min) / (max - min), clipped to [0, 1]
+    LOG1P = "log1p"  # log(1 + max(x, 0))
+
+
+class ModelKind(str, Enum):
+    DEEPFM = "deepfm"
+    WIDE_DEEP = "wide_deep"
+    DCN = "dcn"
+    DCNV2 = "dcnv2"
+    DNN = "dnn"
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    kind: OptimizerKind = OptimizerKind.ADAGRAD
+    lr: float = 0.05
+    l2: float = 0.0
+    l1: float = 0.0  # FTRL only
+    beta1: float = 0.9  # Adam
+    beta2: float = 0.999  # Adam
+    eps: float = 1e-8
+    initial_accumulator: float = 0.0  # Adagrad / FTRL n0
+
+    @property
+    def state_floats_per_dim(self) -> int:
+        return STATE_FLOATS_PER_DIM[self.kind]
+
+
+@dataclass(frozen=True)
+class InitializerSpec:
+    kind: InitializerKind = InitializerKind.NORMAL
+    scale: float = 0.01  # std for normal kinds, half-width for uniform
+
+
+@dataclass(frozen=True)
+class SlotSpec:
+    name: str
+    slot_id: int  # the 15-bit slot of the fid layout
+    kind: SlotKind
+    source: tuple[str, ...]  # impression field(s); for a cross: the slots it crosses
+    dim: int
+    expire_after_ms: int | None  # None: rows of this slot never expire
+    min_count: int  # occurrences before a fid gets a row (1: no filter)
+    initializer: InitializerSpec
+    optimizer: OptimizerSpec
+    boundaries: tuple[float, ...] = ()  # bucketized only: sorted bucket edges
+    missing: MissingPolicy = MissingPolicy.DEFAULT
+
+    @property
+    def bytes_per_row(self) -> int:
+        """Estimated table bytes per row: fp32 embedding + optimiser state + metadata."""
+        floats = self.dim * (1 + self.optimizer.state_floats_per_dim)
+        return 4 * floats + ROW_METADATA_BYTES
+
+
+@dataclass(frozen=True)
+class DenseFeatureSpec:
+    name: str
+    source: str
+    normalization: Normalization = Normalization.NONE
+    mean: float = 0.0
+    std: float = 1.0
+    min: float = 0.0
+    max: float = 1.0
+    default: float = 0.0  # used when the value is missing (null)
+
+
+@dataclass(frozen=True)
+class EventsSpec:
+    impression: str = "impression"  # built-in schema name or .avsc path
+    action: str = "action"
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    actions: tuple[str, ...]  # action types that become labels
+    target: str  # the one the model is trained on
+
+
+@dataclass(frozen=True)
+class JoinSpec:
+    window_ms: int = 30 * 60_000  # how long an impression waits for its actions (event time)
+    emit_positive_early: bool = False  # emit as soon as the first target action joins
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    negative_rate: float = 1.0  # r: probability of keeping a negative; positives are always kept
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    kind: ModelKind = ModelKind.DEEPFM
+    hidden_units: tuple[int, ...] = (400, 400, 400)
+    dropout: float = 0.0
+    cross_layers: int = 3  # DCN / DCNv2
+
+
+@dataclass(frozen=True)
+class CowClipSpec:
+    """Adaptive per-id clipping: clip_j = cnt_j * max(ratio * ||w_j||, min_clip)."""
+
+    enabled: bool = False
+    ratio: float = 1.0
+    min_clip: float = 1e-5
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    batch_size: int = 1024
+    dense_optimizer: OptimizerSpec = OptimizerSpec(kind=OptimizerKind.ADAM, lr=0.001)
+    cowclip: CowClipSpec = CowClipSpec()
+    warmup_steps: int = 0
+
+
+@dataclass(frozen=True)
+class SyncSpec:
+    sparse_every_ms: int = 60_000  # touched rows to serving
+    dense_every_ms: int = 86_400_000  # dense weights to serving
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    every_ms: int = 86_400_000
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    name: str
+    events: EventsSpec
+    slots: tuple[SlotSpec, ...]
+    dense: tuple[DenseFeatureSpec, ...]
+    labels: LabelSpec
+    join: JoinSpec
+    sampling: SamplingSpec
+    model: ModelSpec
+    training: TrainingSpec
+    sync: SyncSpec
+    snapshot: SnapshotSpec
+    store: str | None = None  # URI of an external row store; None: in memory
+
+    def slot(self, name: str) -> SlotSpec:
+        for slot in self.slots:
+            if slot.name == name:
+                return slot
+        raise KeyError(f"spec {self.name!r} has no slot {name!r}")
+
+    @property
+    def bytes_per_row_by_slot(self) -> dict[str, int]:
+        return {slot.name: slot.bytes_per_row for slot in self.slots}
+
+    def summary(self) -> str:
+        """A human-readable table of the spec (what ``streamrec validate`` prints)."""
+        lines = [
+            f"spec {self.name!r}: impressions {self.events.impression!r}, actions {self.events.action!r}",
+            f"  labels {list(self.labels.actions)} (target {self.labels.target!r}); "
+            f"join window {format_duration_ms(self.join.window_ms)}; "
+            f"negatives kept at rate {self.sampling.negative_rate:g}",
+            f"  model {self.model.kind.value} {list(self.model.hidden_units)}; "
+            f"batch {self.training.batch_size}; cowclip {'on' if self.training.cowclip.enabled else 'off'}",
+            f"  {len(self.slots)} slots, {len(self.dense)} dense features",
+            f"  {'slot':<20} {'id':>5} {'kind':<13} {'source':<28} {'dim':>4} {'expire':>7} "
+            f"{'min':>4} {'optimizer':<9} {'B/row':>6}",
+        ]
+        for s in self.slots:
+            expire = format_duration_ms(s.expire_after_ms) if s.expire_after_ms else "never"
+            lines.append(
+                f"  {s.name:<20} {s.slot_id:>5} {s.kind.value:<13} {' x '.join(s.source):<28} {s.dim:>4} "
+                f"{expire:>7} {s.min_count:>4} {s.optimizer.kind.value:<9} {s.bytes_per_row:>6}"
+            )
+        for d in self.dense:
+            lines.append(f"  dense {d.name:<14} from {d.source!r}, {d.normalization.value}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+_CATEGORICAL_TYPES = {"string", "int", "long", "boolean"}
+_NUMERIC_TYPES = {"int", "long", "float", "double"}
+
+
+def builtin_spec_names() -> list[str]:
+    return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
+
+
+def spec_path(name_or_path: str | Path) -> Path:
+    """A built-in spec name (``movielens``) or a YAML path."""
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        return candidate
+    builtin = SPEC_DIR / f"{name_or_path}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise SpecError(str(name_or_path), [f"no spec file and no built-in spec of that name {builtin_spec_names()}"])
+
+
+def load_spec(name_or_path: str | Path) -> FeatureSpec:
+    """Load and validate a spec; raises SpecError listing every problem."""
+    path = spec_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(str(path), ["file does not exist"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), [f"not valid YAML: {exc}"]) from None
+    base_dir = path.parent
+    return parse_spec(raw, source=str(path), base_dir=base_dir)
+
+
+def parse_spec(raw: Any, source: str = "<spec>", base_dir: Path | None = None) -> FeatureSpec:
+    """Validate a spec given as plain data (what the YAML holds)."""
+    return _SpecParser(source, base_dir).parse(raw)
+
+
+class _SpecParser:
+    """Collects every error instead of stopping at the first."""
+
+    def __init__(self, source: str, base_dir: Path | None):
+        self.source = source
+        self.base_dir = base_dir
+        self.errors: list[str] = []
+
+    def error(self, message: str) -> None:
+        self.errors.append(message)
+
+    # -- small typed readers ------------------------------------------------------------------
+    def _mapping(self, value: Any, where: str) -> dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(f"{where}: expected a mapping, got {value!r}")
+            return {}
+        return value
+
+    def _unknown_keys(self, data: dict, allowed: set[str], where: str) -> None:
+        for key in sorted(set(data) - allowed):
+            self.error(f"{where}: unknown key {key!r} (allowed: {sorted(allowed)})")
+
+    def _duration(self, value: Any, where: str, default: int | None) -> int | None:
+        if value is None:
+            return default
+        try:
+            ms = parse_duration_ms(value)
+        except ValueError as exc:
+            self.error(f"{where}: {exc}")
+            return default
+        if ms <= 0:
+            self.error(f"{where}: must be > 0, got {value!r}")
+            return default
+        return ms
+
+    def _number(self, value: Any, where: str, default: float, *, minimum: float | None = None,
+                integer: bool = False, exclusive: bool = False) -> Any:
+        if value is None:
+            return default
+        ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            self.error(f"{where}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+            return default
+        if minimum is not None and (value <= minimum if exclusive else value < minimum):
+            self.error(f"{where}: must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+            return default
+        return value
+
+    def _enum(self, enum_type: type[Enum], value: Any, where: str, default: Enum) -> Any:
+        if value is None:
+            return default
+        try:
+            return enum_type(value)
+        except ValueError:
+            self.error(f"{where}: {value!r} is not one of {[e.value for e in enum_type]}")
+            return default
+
+    def _schema(self, value: str, role: str) -> tuple[str, dict | None]:
+        name = str(value)
+        if name.endswith(".avsc") and self.base_dir is not None and not Path(name).is_absolute():
+            name = str(self.base_dir / name)
+        try:
+            return name, load_schema(name)
+        except SchemaError as exc:
+            self.error(f"events.{role}: {exc}")
+            return name, None
+
+    # -- sections ------------------------------------------------------------------------------
+    def parse(self, raw: Any) -> FeatureSpec:
+        top = self._mapping(raw, "spec")
+        allowed = {"name", "events", "defaults", "slots", "dense", "labels", "join", "sampling",
+                   "model", "training", "sync", "snapshot", "store"}
+        self._unknown_keys(top, allowed, "spec")
+        name = top.get("name")
+        if not isinstance(name, str) or not name:
+            self.error(f"name: expected a non-empty string, got {name!r}")
+            name = "<unnamed>"
+
+        events_raw = self._mapping(top.get("events"), "events")
+        self._unknown_keys(events_raw, {"impression", "action"}, "events")
+        events = EventsSpec(**{k: str(v) for k, v in events_raw.items() if k in ("impression", "action")})
+        events_impression, impression_schema = self._schema(events.impression, "impression")
+        events_action, action_schema = self._schema(events.action, "action")
+        events = EventsSpec(impression=events_impression, action=events_action)
+        if impression_schema is not None:
+            try:
+                check_impression_schema(impression_schema)
+            except SchemaError as exc:
+                self.error(f"events.impression: {exc}")
+        impression_fields = field_types(impression_schema) if impression_schema else None
+
+        defaults = self._mapping(top.get("defaults"), "defaults")
+        self._unknown_keys(defaults, {"dim", "expire_after", "min_count", "initializer", "optimizer", "missing"},
+                           "defaults")
+        slots = self._slots(top.get("slots"), defaults, impression_fields)
+        dense = self._dense(top.get("dense"), impression_fields)
+        labels = self._labels(top.get("labels"), action_schema)
+        join = self._join(top.get("join"))
+        sampling = self._sampling(top.get("sampling"))
+        model = self._model(top.get("model"), slots)
+        training = self._training(top.get("training"))
+        sync = self._sync(top.get("sync"))
+        snapshot_raw = self._mapping(top.get("snapshot"), "snapshot")
+        self._unknown_keys(snapshot_raw, {"every"}, "snapshot")
+        snapshot = SnapshotSpec(every_ms=self._duration(snapshot_raw.get("every"), "snapshot.every",
+                                                        SnapshotSpec.every_ms))
+        store = top.get("store")
+        if store is not None and not isinstance(store, str):
+            self.error(f"store: expected a URI string, got {store!r}")
+            store = None
+        if self.errors:
+            raise SpecError(self.source, self.errors)
+        return FeatureSpec(name=name, events=events, slots=slots, dense=dense, labels=labels, join=join,
+                           sampling=sampling, model=model, training=training, sync=sync,
+                           snapshot=snapshot, store=store)
+
+    def _optimizer(self, raw: Any, where: str, base: OptimizerSpec) -> OptimizerSpec:
+        data = self._mapping(raw, where)
+        names = {f.name for f in dataclasses.fields(OptimizerSpec)}
+        self._unknown_keys(data, names, where)
+        values = {}
+        for key, value in data.items():
+            if key == "kind":
+                values["kind"] = self._enum(OptimizerKind, value, f"{where}.kind", base.kind)
+            elif key in names:
+                values[key] = self._number(value, f"{where}.{key}", getattr(base, key), minimum=0.0)
+        return dataclasses.replace(base, **values)
+
+    def _initializer(self, raw: Any, where: str, base: InitializerSpec) -> InitializerSpec:
+        data = self._mapping(raw, where)
+        self._unknown_keys(data, {"kind", "scale"}, where)
+        return InitializerSpec(
+            kind=self._enum(InitializerKind, data.get("kind"), f"{where}.kind", base.kind),
+            scale=self._number(data.get("scale"), f"{where}.scale", base.scale, minimum=0.0),
+        )
+
+    def _slots(self, raw: Any, defaults: dict, fields: dict | None) -> tuple[SlotSpec, ...]:
+        if not isinstance(raw, list) or not raw:
+            self.error(f"slots: expected a non-empty list of slots, got {raw!r}")
+            return ()
+        if len(raw) > MAX_SLOT_ID:
+            self.error(f"slots: {len(raw)} slots, but the fid layout (15-bit slot id) allows at most {MAX_SLOT_ID}")
+        default_dim = self._number(defaults.get("dim"), "defaults.dim", 16, minimum=0, integer=True, exclusive=True)
+        default_expire = (None if defaults.get("expire_after") in (None, "never")
+                          else self._duration(defaults.get("expire_after"), "defaults.expire_after", None))
+        default_min = self._number(defaults.get("min_count"), "defaults.min_count", 1, minimum=1, integer=True)
+        default_init = self._initializer(defaults.get("initializer"), "defaults.initializer", InitializerSpec())
+        default_opt = self._optimizer(defaults.get("optimizer"), "defaults.optimizer", OptimizerSpec())
+        default_missing = self._enum(MissingPolicy, defaults.get("missing"), "defaults.missing", MissingPolicy.DEFAULT)
+
+        slots: list[SlotSpec] = []
+        seen_names: set[str] = set()
+        seen_ids: dict[int, str] = {}
+        allowed = {"name", "id", "kind", "source", "cross", "dim", "expire_after", "min_count", "initializer",
+                   "optimizer", "boundaries", "missing"}
+        for index, entry in enumerate(raw):
+            data = self._mapping(entry, f"slots[{index}]")
+            name = data.get("name")
+            if not isinstance(name, str) or not name:
+                self.error(f"slots[{index}]: expected a non-empty 'name', got {name!r}")
+                continue
+            where = f"slot {name!r}"
+            self._unknown_keys(data, allowed, where)
+            if name in seen_names:
+                self.error(f"{where}: duplicate slot name")
+                continue
+            seen_names.add(name)
+            slot_id = self._number(data.get("id"), f"{where}: id", index + 1, minimum=1, integer=True)
+            if slot_id > MAX_SLOT_ID:
+                self.error(f"{where}: id {slot_id} does not fit the fid layout's 15-bit slot (max {MAX_SLOT_ID})")
+            if slot_id in seen_ids:
+                self.error(f"{where}: id {slot_id} already used by slot {seen_ids[slot_id]!r}")
+            seen_ids[slot_id] = name
+            kind = self._enum(SlotKind, data.get("kind"), f"{where}: kind", SlotKind.CATEGORICAL)
+            dim = data.get("dim", default_dim)
+            if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
+                self.error(f"{where}: dim must be an integer > 0, got {dim!r}")
+                dim = default_dim
+            expire_raw = data.get("expire_after")
+            expire = (default_expire if expire_raw is None else None if expire_raw == "never"
+                      else self._duration(expire_raw, f"{where}: expire_after", default_expire))
+            min_count = self._number(data.get("min_count"), f"{where}: min_count", default_min, minimum=1,
+                                     integer=True)
+            boundaries: tuple[float, ...] = ()
+            if kind is SlotKind.CROSS:
+                crossed = data.get("cross")
+                if not isinstance(crossed, list) or len(crossed) < 2:
+                    self.error(f"{where}: a cross needs 'cross: [slot, slot, ...]' with two or more slots, "
+                               f"got {crossed!r}")
+                    crossed = []
+                source = tuple(str(c) for c in crossed)
+            else:
+                src = data.get("source")
+                if not isinstance(src, str) or not src:
+                    self.error(f"{where}: expected a 'source' field name, got {src!r}")
+                    src = ""
+                source = (src,)
+                if src and fields is not None:
+                    self._check_source(where, kind, src, fields)
+            if kind is SlotKind.BUCKETIZED:
+                raw_edges = data.get("boundaries")
+                if (not isinstance(raw_edges, list) or not raw_edges
+                        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in raw_edges)):
+                    self.error(f"{where}: a bucketized slot needs a list of numeric 'boundaries', got {raw_edges!r}")
+                elif list(raw_edges) != sorted(set(raw_edges)):
+                    self.error(f"{where}: boundaries must be strictly increasing, got {raw_edges!r}")
+                else:
+                    boundaries = tuple(float(b) for b in raw_edges)
+            slots.append(SlotSpec(
+                name=name, slot_id=slot_id, kind=kind, source=source, dim=dim, expire_after_ms=expire,
+                min_count=min_count,
+                initializer=self._initializer(data.get("initializer"), f"{where}: initializer", default_init),
+                optimizer=self._optimizer(data.get("optimizer"), f"{where}: optimizer", default_opt),
+                boundaries=boundaries,
+                missing=self._enum(MissingPolicy, data.get("missing"), f"{where}: missing", default_missing),
+            ))
+        by_name = {s.name: s for s in slots}
+        for slot in slots:
+            if slot.kind is SlotKind.CROSS:
+                for crossed in slot.source:
+                    if crossed == slot.name:
+                        self.error(f"slot {slot.name!r}: a cross cannot include itself")
+                    elif crossed not in by_name:
+                        self.error(f"slot {slot.name!r}: crosses unknown slot {crossed!r}")
+                    elif by_name[crossed].kind is SlotKind.CROSS:
+                        self.error(f"slot {slot.name!r}: crosses slot {crossed!r}, which is itself a cross")
+        return tuple(slots)
+
+    def _check_source(self, where: str, kind: SlotKind, src: str, fields: dict) -> None:
+        if src not in fields:
+            self.error(f"{where}: source field {src!r} is not in the impression schema (fields: {sorted(fields)})")
+            return
+        avro_type, _ = base_type(fields[src])
+        type_name = avro_type if isinstance(avro_type, str) else avro_type.get("type")
+        if kind is SlotKind.MULTI_VALUED:
+            ok = isinstance(avro_type, dict) and avro_type.get("type") == "array" and (
+                avro_type["items"] in _CATEGORICAL_TYPES)
+            expected = "an array of strings or integers"
+        elif kind is SlotKind.BUCKETIZED:
+            ok = type_name in _NUMERIC_TYPES
+            expected = "a numeric field"
+        else:
+            ok = type_name in _CATEGORICAL_TYPES or type_name == "enum"
+            expected = "a string, integer, boolean or enum field"
+        if not ok:
+            self.error(f"{where}: source field {src!r} has type {avro_type!r}, a {kind.value} slot needs {expected}")
+
+    def _dense(self, raw: Any, fields: dict | None) -> tuple[DenseFeatureSpec, ...]:
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            self.error(f"dense: expected a list, got {raw!r}")
+            return ()
+        features = []
+        seen: set[str] = set()
+        for index, entry in enumerate(raw):
+            data = self._mapping(entry, f"dense[{index}]")
+            name = data.get("name")
+            if not isinstance(name, str) or not name:
+                self.error(f"dense[{index}]: expected a non-empty 'name', got {name!r}")
+                continue
+            where = f"dense feature {name!r}"
+            if name in seen:
+                self.error(f"{where}: duplicate dense feature name")
+            seen.add(name)
+            self._unknown_keys(data, {"name", "source", "normalization", "mean", "std", "min", "max", "default"},
+                               where)
+            source = data.get("source", name)
+            if fields is not None:
+                if source not in fields:
+                    self.error(f"{where}: source field {source!r} is not in the impression schema")
+                elif not isinstance(base_type(fields[source])[0], str) or base_type(fields[source])[0] not in _NUMERIC_TYPES:
+                    self.error(f"{where}: source field {source!r} has type {fields[source]!r}, needs a numeric field")
+            norm = self._enum(Normalization, data.get("normalization"), f"{where}: normalization", Normalization.NONE)
+            feature = DenseFeatureSpec(
+                name=name, source=source, normalization=norm,
+                mean=self._number(data.get("mean"), f"{where}: mean", 0.0),
+                std=self._number(data.get("std"), f"{where}: std", 1.0, minimum=0.0, exclusive=True),
+                min=self._number(data.get("min"), f"{where}: min", 0.0),
+                max=self._number(data.get("max"), f"{where}: max", 1.0),
+                default=self._number(data.get("default"), f"{where}: default", 0.0),
+            )
+            if norm is Normalization.MINMAX and feature.max <= feature.min:
+                self.error(f"{where}: minmax needs max > min, got min={feature.min} max={feature.max}")
+            features.append(feature)
+        return tuple(features)
+
+    def _labels(self, raw: Any, action_schema: dict | None) -> LabelSpec:
+        data = self._mapping(raw, "labels")
+        self._unknown_keys(data, {"actions", "target"}, "labels")
+        actions = data.get("actions")
+        if not isinstance(actions, list) or not actions or not all(isinstance(a, str) for a in actions):
+            self.error(f"labels.actions: expected a non-empty list of action types, got {actions!r}")
+            actions = []
+        if action_schema is not None:
+            symbols = self._action_symbols(action_schema)
+            for action in actions:
+                if symbols is not None and action not in symbols:
+                    self.error(f"labels.actions: {action!r} is not an action type of the action schema {symbols}")
+        target = data.get("target", actions[0] if actions else None)
+        if target not in actions:
+            self.error(f"labels.target: {target!r} must be one of labels.actions {actions}")
+        return LabelSpec(actions=tuple(actions), target=str(target))
+
+    @staticmethod
+    def _action_symbols(action_schema: dict) -> list[str] | None:
+        avro_type = field_types(action_schema).get("action_type")
+        if isinstance(avro_type, dict) and avro_type.get("type") == "enum":
+            return [s for s in avro_type["symbols"] if s != "UNKNOWN"]
+        return None
+
+    def _join(self, raw: Any) -> JoinSpec:
+        data = self._mapping(raw, "join")
+        self._unknown_keys(data, {"window", "emit_positive_early"}, "join")
+        early = data.get("emit_positive_early", False)
+        if not isinstance(early, bool):
+            self.error(f"join.emit_positive_early: expected true or false, got {early!r}")
+            early = False
+        return JoinSpec(window_ms=self._duration(data.get("window"), "join.window", JoinSpec.window_ms),
+                        emit_positive_early=early)
+
+    def _sampling(self, raw: Any) -> SamplingSpec:
+        data = self._mapping(raw, "sampling")
+        self._unknown_keys(data, {"negative_rate", "seed"}, "sampling")
+        rate = self._number(data.get("negative_rate"), "sampling.negative_rate", 1.0, minimum=0.0, exclusive=True)
+        if rate > 1.0:
+            self.error(f"sampling.negative_rate: must be in (0, 1], got {rate!r}")
+            rate = 1.0
+        return SamplingSpec(negative_rate=float(rate),
+                            seed=self._number(data.get("seed"), "sampling.seed", 0, minimum=0, integer=True))
+
+    def _model(self, raw: Any, slots: tuple[SlotSpec, ...]) -> ModelSpec:
+        data = self._mapping(raw, "model")
+        self._unknown_keys(data, {"kind", "hidden_units", "dropout", "cross_layers"}, "model")
+        kind = self._enum(ModelKind, data.get("kind"), "model.kind", ModelKind.DEEPFM)
+        hidden = data.get("hidden_units", list(ModelSpec.hidden_units))
+        if not isinstance(hidden, list) or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
+                                                   for h in hidden):
+            self.error(f"model.hidden_units: expected a list of positive integers, got {hidden!r}")
+            hidden = list(ModelSpec.hidden_units)
+        dropout = self._number(data.get("dropout"), "model.dropout", 0.0, minimum=0.0)
+        if dropout >= 1.0:
+            self.error(f"model.dropout: must be in [0, 1), got {dropout!r}")
+        if kind is ModelKind.DEEPFM and len({s.dim for s in slots}) > 1:
+            dims = {s.name: s.dim for s in slots}
+            self.error(f"model.kind: deepfm's factorisation machine needs one dim for every slot, got {dims}")
+        return ModelSpec(kind=kind, hidden_units=tuple(hidden), dropout=float(dropout),
+                         cross_layers=self._number(data.get("cross_layers"), "model.cross_layers", 3, minimum=1,
+                                                   integer=True))
+
+    def _training(self, raw: Any) -> TrainingSpec:
+        data = self._mapping(raw, "training")
+        self._unknown_keys(data, {"batch_size", "dense_optimizer", "cowclip", "warmup_steps"}, "training")
+        cow = self._mapping(data.get("cowclip"), "training.cowclip")
+        self._unknown_keys(cow, {"enabled", "ratio", "min_clip"}, "training.cowclip")
+        cowclip = CowClipSpec(
+            enabled=bool(cow.get("enabled", bool(cow))),
+            ratio=self._number(cow.get("ratio"), "training.cowclip.ratio", 1.0, minimum=0.0, exclusive=True),
+            min_clip=self._number(cow.get("min_clip"), "training.cowclip.min_clip", 1e-5, minimum=0.0),
+        )
+        return TrainingSpec(
+            batch_size=self._number(data.get("batch_size"), "training.batch_size", 1024, minimum=1, integer=True),
+            dense_optimizer=self._optimizer(data.get("dense_optimizer"), "training.dense_optimizer",
+                                            TrainingSpec.dense_optimizer),
+            cowclip=cowclip,
+            warmup_steps=self._number(data.get("warmup_steps"), "training.warmup_steps", 0, minimum=0, integer=True),
+        )
+
+    def _sync(self, raw: Any) -> SyncSpec:
+        data = self._mapping(raw, "sync")
+        self._unknown_keys(data, {"sparse_every", "dense_every"}, "sync")
+        return SyncSpec(
+            sparse_every_ms=self._duration(data.get("sparse_every"), "sync.sparse_every", SyncSpec.sparse_every_ms),
+            dense_every_ms=self._duration(data.get("dense_every"), "sync.dense_every", SyncSpec.dense_every_ms),
+        )

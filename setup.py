@@ -1,0 +1,35 @@
+"""streamrec: real-time recommendation training as a Beam / Flink streaming job."""
+from setuptools import find_packages, setup
+
+LAYERS = ["schemas", "datasets", "transforms", "trainer", "serving", "pipelines", "runners", "bench"]
+
+setup(
+    name="streamrec",
+    version="0.1.0",
+    description="Monolith-style online training (collisionless embeddings, streaming join, "
+    "parameter sync) and CowClip large-batch CTR training on Apache Beam and Apache Flink.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=[f"{layer}*" for layer in LAYERS]),
+    package_data={"schemas": ["avro/*.avsc", "specs/*.yaml"]},
+    install_requires=[
+        # The streaming engines. apache-flink 2.3.0 pins apache-beam 2.61.0 and with it
+        # numpy < 2.2, pyarrow < 17 and protobuf 5: the one set that installs side by side.
+        "apache-flink==2.3.0",
+        "apache-beam==2.61.0",
+        # Embedding table, models and optimizers (the same code on CPU and CUDA).
+        "torch==2.13.0",
+        # Event logs (Avro) and columnar outputs / snapshots (Arrow, Parquet).
+        "fastavro>=1.9",
+        "pyarrow>=14,<17",
+        "numpy>=1.24,<2.2",
+        # Feature specs.
+        "PyYAML>=6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["streamrec=runners.cli:main"]},
+)

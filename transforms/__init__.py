@@ -1,0 +1,1 @@
+"""Pure, engine-free stream logic: join state machine, negative sampler, feature extraction."""
