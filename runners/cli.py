@@ -5,6 +5,7 @@
     streamrec data obd --out DIR [--policy random|bts] [--campaign all|men|women]
     streamrec data synthetic --out DIR --events N --seed S
     streamrec logs check DIR --spec SPEC
+    streamrec table-stats SNAPSHOT
 
 Commands print a human summary and, as their last line, a JSON object with the figures.
 Exit codes: 0 success, 1 invalid input (spec errors, dead letters in checked logs), 2 usage.
@@ -115,6 +116,23 @@ def cmd_logs_check(args: argparse.Namespace) -> int:
     return 1 if dead.total or figures["impressions_out_of_order"] or figures["actions_out_of_order"] else 0
 
 
+def cmd_table_stats(args: argparse.Namespace) -> int:
+    from trainer.table_snapshot import SnapshotError, snapshot_stats
+
+    try:
+        stats = snapshot_stats(args.snapshot)
+    except SnapshotError as exc:
+        print(f"streamrec table-stats: {exc}", file=sys.stderr)
+        return 1
+    print(f"{stats['rows']} rows of dim {stats['dim']} (+{stats['state_width']} optimiser floats), "
+          f"{len(stats['rows_by_slot'])} slots, data time {stats['data_time_ms']} ms; "
+          f"{stats['bytes_per_entry']:.1f} B per entry in memory at load {stats['load_factor']:.2f} "
+          f"({stats['bytes_per_entry_ratio']}x the {stats['payload_bytes_per_entry']} B of payload); "
+          f"file {stats['file_bytes']:,} B")
+    _print_json(stats)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamrec", description="Real-time recommendation training on Beam/Flink.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--spec", required=True, help="spec whose event schemas the logs must fit")
     check.add_argument("--dead-letters", type=Path, default=None, help="write dead letters here (JSON lines)")
     check.set_defaults(handler=cmd_logs_check)
+
+    table_stats = commands.add_parser("table-stats", help="rows, slots and memory figures of a table snapshot")
+    table_stats.add_argument("snapshot", type=Path, help="an embedding-table snapshot (Arrow IPC)")
+    table_stats.set_defaults(handler=cmd_table_stats)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Training: the collisionless embedding table and its stores, optimizers, models, the online trainer."""
