@@ -17,7 +17,7 @@ import pyarrow.csv as pa_csv
 
 from datasets.fetch import package_files
 from schemas.events import load_schema
-from schemas.logs import DAY_MS, write_log, write_manifest
+from schemas.logs import DAY_MS, write_event_logs
 
 REQUIREMENT = "recbole==1.2.1"
 MEMBER_DIR = "recbole/dataset_example/ml-100k"
@@ -97,22 +97,7 @@ def build_tables(files: dict[str, Path], seed: int = 0) -> tuple[pa.Table, pa.Ta
 def convert(out_dir: str | Path, seed: int = 0, fmt: str = "avro") -> dict:
     """Write MovieLens-100K logs under ``out_dir``; returns the manifest."""
     impressions, actions = build_tables(source_files(), seed)
-    impression_files = write_log(impressions, out_dir, "impressions", load_schema("movielens_impression"), fmt,
-                                 span_ms=DAY_MS)
-    action_files = write_log(actions, out_dir, "actions", load_schema("action"), fmt, span_ms=DAY_MS)
-    manifest = {
-        "dataset": "movielens-100k",
-        "source": REQUIREMENT,
-        "spec": "movielens",
-        "seed": seed,
-        "format": fmt,
-        "impressions": impressions.num_rows,
-        "actions": {"like": actions.num_rows},
-        "files": {"impressions": len(impression_files), "actions": len(action_files)},
-        "like_rule": f"rating >= {LIKE_THRESHOLD:g}",
-        "action_delay": f"exponential, mean {LIKE_DELAY_MEAN_S:g} s",
-        "event_time_ms": [int(pc.min(impressions["event_time_ms"]).as_py()),
-                          int(pc.max(impressions["event_time_ms"]).as_py())],
-    }
-    write_manifest(out_dir, manifest)
-    return manifest
+    return write_event_logs(
+        out_dir, impressions, actions, load_schema("movielens_impression"), load_schema("action"), fmt, DAY_MS,
+        dataset="movielens-100k", source=REQUIREMENT, spec="movielens", seed=seed,
+        like_rule=f"rating >= {LIKE_THRESHOLD:g}", action_delay=f"exponential, mean {LIKE_DELAY_MEAN_S:g} s")

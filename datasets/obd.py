@@ -19,7 +19,7 @@ import pyarrow.csv as pa_csv
 
 from datasets.fetch import package_files
 from schemas.events import load_schema
-from schemas.logs import HOUR_MS, write_log, write_manifest
+from schemas.logs import HOUR_MS, write_event_logs
 
 REQUIREMENT = "obp==0.5.7"
 POLICIES = ("random", "bts")
@@ -94,20 +94,7 @@ def convert(out_dir: str | Path, policy: str = "random", campaign: str = "all", 
             fmt: str = "avro") -> dict:
     """Write one OBD (policy, campaign) log under ``out_dir``; returns the manifest."""
     impressions, actions = build_tables(source_files(policy, campaign), policy, campaign, seed)
-    impression_files = write_log(impressions, out_dir, "impressions", load_schema("obd_impression"), fmt, HOUR_MS)
-    action_files = write_log(actions, out_dir, "actions", load_schema("action"), fmt, HOUR_MS)
-    manifest = {
-        "dataset": f"open-bandit-dataset/{policy}/{campaign}",
-        "source": REQUIREMENT,
-        "spec": "obd",
-        "seed": seed,
-        "format": fmt,
-        "impressions": impressions.num_rows,
-        "actions": {"click": actions.num_rows},
-        "files": {"impressions": len(impression_files), "actions": len(action_files)},
-        "action_delay": f"exponential, mean {CLICK_DELAY_MEAN_S:g} s",
-        "event_time_ms": [int(pc.min(impressions["event_time_ms"]).as_py()),
-                          int(pc.max(impressions["event_time_ms"]).as_py())],
-    }
-    write_manifest(out_dir, manifest)
-    return manifest
+    return write_event_logs(
+        out_dir, impressions, actions, load_schema("obd_impression"), load_schema("action"), fmt, HOUR_MS,
+        dataset=f"open-bandit-dataset/{policy}/{campaign}", source=REQUIREMENT, spec="obd", seed=seed,
+        action_delay=f"exponential, mean {CLICK_DELAY_MEAN_S:g} s")

@@ -22,7 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import fastavro
 import fastavro.validation
@@ -171,6 +171,25 @@ def write_log(table: pa.Table, log_dir: str | Path, kind: str, schema: dict, fmt
     writer = SpanWriter(log_dir, kind, schema, fmt, span_ms)
     writer.add(table)
     return writer.close()
+
+
+def write_event_logs(log_dir: str | Path, impressions: pa.Table, actions: pa.Table, impression_schema: dict,
+                     action_schema: dict, fmt: str, span_ms: int, **about) -> dict:
+    """Write impression and action logs plus a manifest (counts, files, time range, ``about``)."""
+    impression_files = write_log(impressions, log_dir, "impressions", impression_schema, fmt, span_ms)
+    action_files = write_log(actions, log_dir, "actions", action_schema, fmt, span_ms)
+    types, counts = np.unique(actions.column("action_type").to_numpy(zero_copy_only=False), return_counts=True)
+    times = impressions.column("event_time_ms").to_numpy()
+    manifest = {
+        **about,
+        "format": fmt,
+        "impressions": impressions.num_rows,
+        "actions": {str(t): int(c) for t, c in zip(types, counts)},
+        "files": {"impressions": len(impression_files), "actions": len(action_files)},
+        "event_time_ms": [int(times.min()), int(times.max())] if len(times) else [],
+    }
+    write_manifest(log_dir, manifest)
+    return manifest
 
 
 def write_manifest(log_dir: str | Path, manifest: dict) -> None:

@@ -11,7 +11,7 @@ Durations carry units (``30m``, ``7d``); they are held as integer milliseconds (
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
