@@ -290,7 +290,7 @@ class EmbeddingTable:
         """Insert absent, unique keys; returns the (keys, rows) that found no place (to grow for)."""
         b1, f = self._hash(keys)
         target = b1
-        for round_ in range(self.config.max_kick_rounds):
+        for _ in range(self.config.max_kick_rounds):
             if len(keys) == 0:
                 break
             placed = self._fill_free(keys, rows, target)
@@ -308,7 +308,11 @@ class EmbeddingTable:
             rank = self._rank_within_groups(target)
             kick = rank < SLOTS_PER_BUCKET
             kick_buckets = target[kick]
-            kick_slots = (rank[kick] + round_) % SLOTS_PER_BUCKET
+            # One random offset per bucket, plus the rank: a bucket's kickers take distinct slots,
+            # and the displacement is a random walk (a fixed choice can cycle).
+            offset = torch.randint(0, SLOTS_PER_BUCKET, (len(keys),), generator=self.generator, device=self.device)
+            group_offset = offset[torch.arange(len(keys), device=self.device) - rank]
+            kick_slots = (rank[kick] + group_offset[kick]) % SLOTS_PER_BUCKET
             victim_keys = self.index_keys[kick_buckets, kick_slots]
             victim_rows = self.index_rows[kick_buckets, kick_slots].long()
             self._set(kick_buckets, kick_slots, keys[kick], rows[kick])
@@ -347,9 +351,10 @@ class EmbeddingTable:
     def _insert_index(self, keys: torch.Tensor, rows: torch.Tensor) -> None:
         needed = self.size + len(keys)
         if needed > self.config.max_load * self.num_buckets * SLOTS_PER_BUCKET:
-            buckets = self.num_buckets
-            while needed > self.config.max_load * buckets * SLOTS_PER_BUCKET:
-                buckets = int(buckets * self.config.growth) + 1
+            # Grow to a load of max_load / growth: room for the next inserts, few kicks.
+            target_load = self.config.max_load / self.config.growth
+            buckets = max(int(self.num_buckets * self.config.growth) + 1,
+                          int(needed / (target_load * SLOTS_PER_BUCKET)) + 1)
             self._rebuild(buckets, keys, rows)
         else:
             left_keys, left_rows = self._place(keys, rows)
