@@ -5,6 +5,8 @@
     streamrec data obd --out DIR [--policy random|bts] [--campaign all|men|women]
     streamrec data synthetic --out DIR --events N --seed S
     streamrec logs check DIR --spec SPEC
+    streamrec join --spec SPEC --logs DIR --out DIR [--streaming]
+    streamrec backfill --spec SPEC --logs DIR --out DIR
     streamrec table-stats SNAPSHOT
 
 Commands print a human summary and, as their last line, a JSON object with the figures.
@@ -108,6 +110,43 @@ def cmd_logs_check(args: argparse.Namespace) -> int:
     return 1 if dead.total or figures["impressions_out_of_order"] or figures["actions_out_of_order"] else 0
 
 
+def _examples_summary(out_dir: Path, spec) -> dict:
+    import pyarrow.parquet as pq
+
+    files = sorted((out_dir / "examples").glob("*.parquet"))
+    table = pq.read_table(files) if files else None
+    examples = table.num_rows if table is not None else 0
+    positives = 0
+    if table is not None:
+        import pyarrow.compute as pc
+
+        labels = table.column("labels").combine_chunks()
+        is_target = pc.equal(labels.keys, spec.labels.target)
+        positives = int(pc.sum(pc.filter(labels.items, is_target)).as_py() or 0)
+    return {"examples": examples, "positives": positives}
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    from runners.beam_runner import run_join
+    from schemas.spec import load_spec
+
+    spec = load_spec(args.spec)
+    streaming = getattr(args, "streaming", False)
+    summary = run_join(spec, args.logs, args.out, streaming=streaming)
+    summary.update(_examples_summary(Path(args.out), spec))
+    from schemas.logs import read_manifest
+
+    manifest = read_manifest(args.logs)
+    events = manifest.get("impressions", 0) + sum(manifest.get("actions", {}).values())
+    if events:
+        summary["events"] = events
+        summary["events_per_s"] = round(events / summary["seconds"])
+    print(f"{summary['mode']}: {summary['examples']} examples ({summary['positives']} positive) in "
+          f"{summary['seconds']} s to {args.out}/examples; dead letters {summary['dead_letters'] or 'none'}")
+    _print_json(summary)
+    return 0
+
+
 def cmd_table_stats(args: argparse.Namespace) -> int:
     from trainer.table_snapshot import SnapshotError, snapshot_stats
 
@@ -160,6 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--spec", required=True, help="spec whose event schemas the logs must fit")
     check.add_argument("--dead-letters", type=Path, default=None, help="write dead letters here (JSON lines)")
     check.set_defaults(handler=cmd_logs_check)
+
+    for name, text in (("join", "join, sample and extract features from event logs on Beam's DirectRunner"),
+                       ("backfill", "replay event logs in batch mode through the same transforms")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--spec", required=True, help="a spec YAML path or a built-in spec name")
+        sub.add_argument("--logs", required=True, type=Path, help="log directory (impressions/, actions/)")
+        sub.add_argument("--out", required=True, type=Path, help="output directory (examples/, dead_letters/)")
+        if name == "join":
+            sub.add_argument("--streaming", action="store_true",
+                             help="run as a streaming job, replaying the logs in event-time order")
+        sub.set_defaults(handler=cmd_join)
 
     table_stats = commands.add_parser("table-stats", help="rows, slots and memory figures of a table snapshot")
     table_stats.add_argument("snapshot", type=Path, help="an embedding-table snapshot (Arrow IPC)")

@@ -1,0 +1,1 @@
+"""Job graphs: thin Beam (and, later, PyFlink) adapters around the pure logic in transforms/ and trainer/."""

@@ -1,0 +1,124 @@
+"""The Beam job: TestStream with hand-driven watermarks, backfill == streaming, real logs end to end."""
+import json
+import math
+import shutil
+
+import apache_beam as beam
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
+from apache_beam.transforms.window import TimestampedValue
+from apache_beam.utils.timestamp import Timestamp
+
+from pipelines.beam_join import DEAD, JoinImpressionsWithActions
+from runners.cli import main
+from schemas.logs import log_files
+from transforms.join import JoinConfig
+
+CONFIG = JoinConfig(window_ms=1_000, label_actions=("click",), target="click")
+
+
+def _ms(t_ms):
+    return Timestamp(micros=t_ms * 1000)
+
+
+def _imp(request_id, t_ms):
+    return TimestampedValue(("impression", {"request_id": request_id, "item_id": "i", "event_time_ms": t_ms}),
+                            _ms(t_ms))
+
+
+def _act(request_id, t_ms):
+    return TimestampedValue(("action", {"request_id": request_id, "item_id": "i", "action_type": "click",
+                                        "event_time_ms": t_ms}), _ms(t_ms))
+
+
+def test_stateful_join_with_hand_driven_watermarks():
+    stream = (TestStream()
+              .add_elements([_imp("a", 0), _imp("b", 200), _act("a", 500)])
+              .advance_watermark_to(_ms(1_002))  # past a's window end (1000 ms) and its timer (1001 ms)
+              .add_elements([_act("a", 900)])  # arrives after a's window closed: late
+              .add_elements([_act("c", 1_500)])  # never gets an impression: orphan
+              .advance_watermark_to(_ms(1_202))  # past b's window
+              .add_elements([_act("b", 1_200)])  # exactly at b's window end, but after it closed: late
+              .advance_watermark_to(_ms(2_600))  # past c's orphan timer (1500 + 1000 + 1)
+              .advance_watermark_to_infinity())
+    options = PipelineOptions()
+    options.view_as(StandardOptions).streaming = True
+    with beam.Pipeline(options=options) as pipeline:
+        result = pipeline | stream | JoinImpressionsWithActions(CONFIG)
+        labels = result["joined"] | "Labels" >> beam.Map(lambda j: (j.impression["request_id"], j.labels["click"]))
+        reasons = result[DEAD] | "Reasons" >> beam.Map(lambda d: (d.reason, json.loads(d.record.replace("'", '"'))
+                                                                   ["request_id"] if d.record else ""))
+        assert_that(labels, equal_to([("a", 1), ("b", 0)]), label="joined")
+        assert_that(reasons, equal_to([("late_action", "a"), ("late_action", "b"), ("orphan_action", "c")]),
+                    label="dead")
+
+
+@pytest.fixture(scope="module")
+def obd_runs(obd_logs, tmp_path_factory):
+    from runners.beam_runner import run_join
+    from schemas.spec import load_spec
+
+    logs, manifest = obd_logs
+    spec = load_spec("obd")
+    out = tmp_path_factory.mktemp("obd_join")
+    runs = {}
+    for mode in ("backfill", "streaming"):
+        summary = run_join(spec, logs, out / mode, streaming=mode == "streaming")
+        runs[mode] = (summary, pq.read_table(sorted((out / mode / "examples").glob("*.parquet"))))
+    return runs, manifest
+
+
+def _example_set(table):
+    return sorted((r["request_id"], r["item_id"], tuple(sorted(r["labels"])), r["sample_rate"], tuple(r["fids"]),
+                   tuple(round(x, 6) for x in r["dense"])) for r in table.to_pylist())
+
+
+def test_backfill_equals_streaming(obd_runs):
+    runs, _ = obd_runs
+    backfill, streaming = runs["backfill"][1], runs["streaming"][1]
+    assert backfill.num_rows > 0
+    assert _example_set(backfill) == _example_set(streaming)
+    assert runs["backfill"][0]["dead_letters"] == runs["streaming"][0]["dead_letters"]
+
+
+def test_obd_positives_and_sampled_negatives(obd_runs):
+    runs, manifest = obd_runs
+    table = runs["backfill"][1]
+    labels = [dict(r)["click"] for r in table.column("labels").to_pylist()]
+    positives = sum(labels)
+    assert positives == manifest["actions"]["click"]  # 30 s mean delay: every click within the 10 m window
+    negatives_in_source = manifest["impressions"] - positives
+    kept = len(labels) - positives
+    rate = 0.1
+    assert abs(kept - rate * negatives_in_source) <= 4 * math.sqrt(negatives_in_source * rate * (1 - rate))
+    rates = table.column("sample_rate").to_numpy()
+    assert set(np.round(rates, 6)) == {1.0, 0.1}
+
+
+def test_movielens_backfill_end_to_end(movielens_logs, tmp_path, capsys):
+    logs, manifest = movielens_logs
+    assert main(["backfill", "--spec", "movielens", "--logs", str(logs), "--out", str(tmp_path)]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Every like arrives within the 30 min window (exponential delay, mean 120 s): all are positives.
+    assert figures["examples"] == 100_000 and figures["positives"] == manifest["actions"]["like"]
+    assert figures["dead_letters"] == {}
+
+
+def test_bad_records_go_to_dead_letters_and_the_job_completes(obd_logs, tmp_path, capsys):
+    logs, manifest = obd_logs
+    copy = tmp_path / "logs"
+    shutil.copytree(logs, copy)
+    victim = log_files(copy, "impressions")[3]
+    victim.write_bytes(victim.read_bytes()[:200])  # truncated mid-file
+    assert main(["backfill", "--spec", "obd", "--logs", str(copy), "--out", str(tmp_path / "out")]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["dead_letters"].get("corrupt_file") == 1
+    # the clicks of the lost impressions have no impression now: orphans, reported
+    assert figures["examples"] > 0
+    letters = [json.loads(line) for f in (tmp_path / "out" / "dead_letters").glob("*.jsonl")
+               for line in f.read_text().splitlines()]
+    assert any(letter["reason"] == "corrupt_file" and victim.name in letter["detail"] for letter in letters)
