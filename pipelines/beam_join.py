@@ -2,10 +2,12 @@
 
 Each stage is a small composite transform around the pure logic of ``transforms/``:
 
-* ``ReadEventLogs``: log files -> records stamped with their event time (bad records -> dead letters);
-* ``JoinImpressionsWithActions``: a stateful DoFn keyed by (request_id, item_id) that drives
-  ``transforms.join.KeyJoin`` with one event-time timer per key and clears its state when done;
-* ``ToExamples``: batches of joined impressions -> ``transforms.examples.ExampleBuilder``.
+* streaming - ``JoinImpressionsWithActions``: a stateful DoFn keyed by (request_id, item_id)
+  that drives ``transforms.join.KeyJoin`` with one event-time timer per key and clears its state
+  when done; ``ToExamples``: batches of joined impressions -> ``ExampleBuilder``;
+* backfill - ``BackfillJoin``: log files -> Arrow tables split into join-key shards
+  (``ReadLogTableShards``) -> a GroupByKey -> ``JoinShardDoFn``, the columnar join of
+  ``transforms.batch_join`` in event-time micro-batches, then ``ExampleBuilder`` on columns.
 
 Dead letters of every stage leave on the ``dead_letters`` output with their reason; a
 ``Metrics`` counter per reason counts them.
@@ -24,10 +26,15 @@ from apache_beam.utils.timestamp import Timestamp
 
 from schemas.dead_letters import DeadLetter, DeadLetterSink
 from schemas.events import load_schema
-from schemas.logs import read_log_file
+import pyarrow as pa
+
+from schemas.events import arrow_schema
+from schemas.logs import read_log_table
 from schemas.spec import FeatureSpec
+from transforms.batch_join import join_keys, join_tables
 from transforms.examples import ExampleBuilder
-from transforms.join import JoinConfig, Joined, KeyJoin, KeyState, join_key_events
+from transforms.sampling import fnv1a64
+from transforms.join import JoinConfig, Joined, KeyJoin, KeyState
 
 DEAD = "dead_letters"
 NAMESPACE = "streamrec"
@@ -40,43 +47,6 @@ def _count_dead(letter: DeadLetter) -> None:
 def event_key(record: dict) -> str:
     """The join key: request id and item id (a string, so any runner can encode it)."""
     return f"{record['request_id']}\x1f{record['item_id']}"
-
-
-class ReadLogFile(beam.DoFn):
-    """A log file path -> its records, timestamped by event time; bad records -> dead letters."""
-
-    def __init__(self, schema_name: str, kind: str):
-        self.schema_name, self.kind = schema_name, kind
-
-    def setup(self):
-        self.schema = load_schema(self.schema_name)
-
-    def process(self, path: str):
-        sink = DeadLetterSink(keep=None)
-        for record in read_log_file(path, self.schema, sink):
-            yield beam.window.TimestampedValue((self.kind, record), Timestamp(micros=record["event_time_ms"] * 1000))
-        for letter in sink.letters:
-            _count_dead(letter)
-            yield beam.pvalue.TaggedOutput(DEAD, letter)
-
-
-class ReadEventLogs(beam.PTransform):
-    """Impression and action log files -> ("impression" | "action", record), event-time stamped."""
-
-    def __init__(self, spec: FeatureSpec, impression_files: list[str], action_files: list[str]):
-        super().__init__()
-        self.spec, self.impression_files, self.action_files = spec, impression_files, action_files
-
-    def expand(self, pbegin):
-        impressions = (pbegin | "ImpressionFiles" >> beam.Create(self.impression_files)
-                       | "ReadImpressions" >> beam.ParDo(ReadLogFile(self.spec.events.impression, "impression"))
-                       .with_outputs(DEAD, main="events"))
-        actions = (pbegin | "ActionFiles" >> beam.Create(self.action_files)
-                   | "ReadActions" >> beam.ParDo(ReadLogFile(self.spec.events.action, "action"))
-                   .with_outputs(DEAD, main="events"))
-        events = (impressions.events, actions.events) | "MergeEvents" >> beam.Flatten()
-        dead = (impressions[DEAD], actions[DEAD]) | "MergeReadDeadLetters" >> beam.Flatten()
-        return {"events": events, DEAD: dead}
 
 
 class JoinDoFn(beam.DoFn):
@@ -129,34 +99,18 @@ class JoinDoFn(beam.DoFn):
         yield from self._emit(outputs)
 
 
-class JoinGroupedDoFn(JoinDoFn):
-    """Backfill: one key's events at once (after a GroupByKey), through the same KeyJoin."""
-
-    def process(self, element):
-        _, events = element
-        flat = [(kind, record.get("action_type"), record["event_time_ms"], record) for kind, record in events]
-        yield from self._emit(join_key_events(self.config, flat))
-
-
 class JoinImpressionsWithActions(beam.PTransform):
-    """("impression" | "action", record) -> Joined, with dead letters on the side.
+    """("impression" | "action", record) -> Joined, with dead letters on the side (streaming:
+    a stateful DoFn per (request_id, item_id) with an event-time timer)."""
 
-    Streaming: a stateful DoFn with event-time timers. Backfill (``batch=True``): a GroupByKey
-    and the same per-key logic, which is much faster on a bounded input.
-    """
-
-    def __init__(self, config: JoinConfig, batch: bool = False):
+    def __init__(self, config: JoinConfig):
         super().__init__()
-        self.config, self.batch = config, batch
+        self.config = config
 
     def expand(self, events):
         keyed = events | "KeyByRequestAndItem" >> beam.Map(lambda event: (event_key(event[1]), event)).with_output_types(
             beam.typehints.Tuple[str, beam.typehints.Any])
-        if self.batch:
-            joined = (keyed | "GroupByKey" >> beam.GroupByKey()
-                      | "Join" >> beam.ParDo(JoinGroupedDoFn(self.config)).with_outputs(DEAD, main="joined"))
-        else:
-            joined = keyed | "Join" >> beam.ParDo(JoinDoFn(self.config)).with_outputs(DEAD, main="joined")
+        joined = keyed | "Join" >> beam.ParDo(JoinDoFn(self.config)).with_outputs(DEAD, main="joined")
         return {"joined": joined.joined, DEAD: joined[DEAD]}
 
 
@@ -190,18 +144,91 @@ class ToExamples(beam.PTransform):
 
 
 class JoinSampleExtract(beam.PTransform):
-    """The whole first half of the job: events -> Examples, all dead letters merged."""
+    """The whole first half of the streaming job: events -> Examples, all dead letters merged."""
 
-    def __init__(self, spec: FeatureSpec, batch: bool = False):
+    def __init__(self, spec: FeatureSpec):
         super().__init__()
-        self.spec, self.batch = spec, batch
+        self.spec = spec
 
     def expand(self, events):
-        joined = events | "JoinImpressionsWithActions" >> JoinImpressionsWithActions(
-            JoinConfig.from_spec(self.spec), batch=self.batch)
+        joined = events | "JoinImpressionsWithActions" >> JoinImpressionsWithActions(JoinConfig.from_spec(self.spec))
         examples = joined["joined"] | "ToExamples" >> ToExamples(self.spec)
         dead = (joined[DEAD], examples[DEAD]) | "MergeDeadLetters" >> beam.Flatten()
         return {"examples": examples["examples"], DEAD: dead}
+
+
+class ReadLogTableShards(beam.DoFn):
+    """A log file -> (shard, (kind, Arrow table)) per join-key shard; bad records -> dead letters."""
+
+    def __init__(self, schema_name: str, kind: str, shards: int):
+        self.schema_name, self.kind, self.shards = schema_name, kind, shards
+
+    def setup(self):
+        self.schema = load_schema(self.schema_name)
+
+    def process(self, path: str):
+        import numpy as np
+
+        sink = DeadLetterSink(keep=None)
+        table = read_log_table(path, self.schema, sink)
+        if table.num_rows:
+            keys = join_keys(table.column("request_id"), table.column("item_id"))
+            shard_of_row = (fnv1a64(keys) % np.uint64(self.shards)).astype(np.int64)
+            for shard in np.unique(shard_of_row).tolist():
+                yield shard, (self.kind, table.filter(pa.array(shard_of_row == shard)))
+        for letter in sink.letters:
+            _count_dead(letter)
+            yield beam.pvalue.TaggedOutput(DEAD, letter)
+
+
+class JoinShardDoFn(beam.DoFn):
+    """Backfill: all events of one shard, joined in event-time micro-batches (columnar), then
+    sampled and feature-extracted; yields Example tables."""
+
+    def __init__(self, spec: FeatureSpec):
+        self.spec = spec
+
+    def setup(self):
+        self.builder = ExampleBuilder(self.spec)
+        self.impression_schema = arrow_schema(load_schema(self.spec.events.impression))
+        self.action_schema = arrow_schema(load_schema(self.spec.events.action))
+
+    def process(self, element):
+        _, parts = element
+        impressions = pa.concat_tables([t for kind, t in parts if kind == "impression"] or
+                                       [self.impression_schema.empty_table()])
+        actions = pa.concat_tables([t for kind, t in parts if kind == "action"] or [self.action_schema.empty_table()])
+        batches = join_tables(JoinConfig.from_spec(self.spec), impressions, actions)
+        ordered = next(batches)
+        for closed, letters in batches:
+            table, feature_letters = self.builder.build_closed(ordered, closed)
+            for letter in letters + feature_letters:
+                _count_dead(letter)
+                yield beam.pvalue.TaggedOutput(DEAD, letter)
+            if table.num_rows:
+                yield table
+
+
+class BackfillJoin(beam.PTransform):
+    """Bounded logs -> Example tables, through the same join, sampling and features, in batches."""
+
+    def __init__(self, spec: FeatureSpec, impression_files: list[str], action_files: list[str], shards: int = 8):
+        super().__init__()
+        self.spec, self.shards = spec, shards
+        self.impression_files, self.action_files = impression_files, action_files
+
+    def expand(self, pbegin):
+        reads = []
+        for kind, files, schema in (("impression", self.impression_files, self.spec.events.impression),
+                                    ("action", self.action_files, self.spec.events.action)):
+            reads.append(pbegin | f"List{kind}s" >> beam.Create(files)
+                         | f"Read{kind}s" >> beam.ParDo(ReadLogTableShards(schema, kind, self.shards))
+                         .with_outputs(DEAD, main="tables"))
+        joined = ((reads[0].tables, reads[1].tables) | "MergeShards" >> beam.Flatten()
+                  | "GroupByShard" >> beam.GroupByKey()
+                  | "JoinSampleExtract" >> beam.ParDo(JoinShardDoFn(self.spec)).with_outputs(DEAD, main="examples"))
+        dead = (reads[0][DEAD], reads[1][DEAD], joined[DEAD]) | "MergeDeadLetters" >> beam.Flatten()
+        return {"examples": joined.examples, DEAD: dead}
 
 
 def log_file_names(log_dir: str | Path) -> tuple[list[str], list[str]]:
@@ -213,8 +240,8 @@ def log_file_names(log_dir: str | Path) -> tuple[list[str], list[str]]:
 class WriteBundles(beam.DoFn):
     """Writes each bundle's elements to one new file under ``directory`` (atomic rename).
 
-    Works the same in batch and streaming (no windowed file sink needed): examples go to
-    Parquet in the Example schema, dead letters to JSON lines.
+    Works the same in batch and streaming (no windowed file sink needed): examples (records or
+    Arrow tables) go to Parquet in the Example schema, dead letters to JSON lines.
     """
 
     def __init__(self, directory: str, kind: str):
@@ -240,7 +267,9 @@ class WriteBundles(beam.DoFn):
 
         name = f"part-{uuid.uuid4().hex}"
         if self.kind == "examples":
-            table = pa.Table.from_pylist(self.buffer, schema=EXAMPLE_SCHEMA)
+            tables = [t for t in self.buffer if isinstance(t, pa.Table)]
+            rows = [r for r in self.buffer if not isinstance(r, pa.Table)]
+            table = pa.concat_tables(tables + ([pa.Table.from_pylist(rows, schema=EXAMPLE_SCHEMA)] if rows else []))
             with atomic_write(Path(self.directory) / f"{name}.parquet") as out:
                 pq.write_table(table, out)
         else:

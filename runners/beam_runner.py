@@ -1,6 +1,8 @@
 """Runs the join job on Beam's DirectRunner (the embedded default): backfill or streaming replay.
 
-* backfill (batch): every log file is read, the join fires all windows when input ends;
+* backfill (batch): log files are read as Arrow tables, split into join-key shards, and each
+  shard is joined in event-time micro-batches by the columnar join (``transforms.batch_join``),
+  sampled and feature-extracted - the same decisions as the streaming path, in bulk;
 * streaming: the logs are replayed in event-time order through a ``TestStream`` on the
   streaming DirectRunner, the watermark advancing with the events, so windows close, late and
   orphan actions are judged, and state is freed while the stream runs - as in a live job.
@@ -20,8 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import Timestamp
 
-from pipelines.beam_join import (DEAD, NAMESPACE, JoinSampleExtract, ReadEventLogs, WriteBundles,
-                                 log_file_names)
+from pipelines.beam_join import DEAD, NAMESPACE, BackfillJoin, JoinSampleExtract, WriteBundles, log_file_names
 from schemas.dead_letters import DeadLetterSink
 from schemas.events import load_schema
 from schemas.logs import read_log
@@ -61,12 +62,11 @@ def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, stream
         if streaming:
             events = pipeline | "ReplayLogs" >> replay_stream(spec, log_dir, dead_letters=read_dead)
             read_dead_letters = pipeline | "ReadDeadLetters" >> beam.Create(read_dead.letters)
+            result = events | "JoinSampleExtract" >> JoinSampleExtract(spec)
+            dead = (read_dead_letters, result[DEAD]) | "AllDeadLetters" >> beam.Flatten()
         else:
-            impression_files, action_files = log_file_names(log_dir)
-            read = pipeline | "ReadEventLogs" >> ReadEventLogs(spec, impression_files, action_files)
-            events, read_dead_letters = read["events"], read[DEAD]
-        result = events | "JoinSampleExtract" >> JoinSampleExtract(spec, batch=not streaming)
-        dead = (read_dead_letters, result[DEAD]) | "AllDeadLetters" >> beam.Flatten()
+            result = pipeline | "Backfill" >> BackfillJoin(spec, *log_file_names(log_dir))
+            dead = result[DEAD]
         result["examples"] | "WriteExamples" >> beam.ParDo(WriteBundles(str(out_dir / "examples"), "examples"))
         dead | "WriteDeadLetters" >> beam.ParDo(WriteBundles(str(out_dir / "dead_letters"), "dead_letters"))
     elapsed = time.perf_counter() - started

@@ -269,7 +269,9 @@ def _iter_avro(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, str
                 yield raw_index, record, str(exc)
 
 
-def _iter_parquet(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, str | None]]:
+def _parquet_table(path: Path, schema: dict) -> tuple[pa.Table, np.ndarray]:
+    """A Parquet log fitted to ``schema`` (defaults filled, types cast) and the rows whose
+    required fields are null (as a bool mask)."""
     table = pq.read_table(path)
     want = arrow_schema(schema)
     fill = defaults(schema)
@@ -288,14 +290,42 @@ def _iter_parquet(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, 
         else:
             raise ValueError(f"missing required field {target.name!r}")
         columns.append(column)
-    rows = pa.table(columns, schema=want).to_pylist() if columns else []
+    fitted = pa.table(columns, schema=want)
+    bad = np.zeros(table.num_rows, dtype=bool)
+    for field in schema["fields"]:
+        if not base_type(field["type"])[1] and fitted.column(field["name"]).null_count:
+            bad |= fitted.column(field["name"]).is_null().to_numpy(zero_copy_only=False)
+    return fitted, bad
+
+
+def _iter_parquet(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, str | None]]:
+    table, bad = _parquet_table(path, schema)
     required = [f["name"] for f in schema["fields"] if not base_type(f["type"])[1]]
-    for index, row in enumerate(rows):
-        nulls = [name for name in required if row[name] is None]
-        if nulls:
+    for index, row in enumerate(table.to_pylist()):
+        if bad[index]:
+            nulls = [name for name in required if row[name] is None]
             yield index, row, f"required field {nulls[0]!r} is null"
         else:
             yield index, row, None
+
+
+def read_log_table(path: str | Path, schema: dict, dead_letters: DeadLetterSink,
+                   stage: str = "read") -> pa.Table:
+    """One log file as an Arrow table in ``schema``; bad records (or the unreadable rest of the
+    file) go to ``dead_letters`` exactly as ``read_log_file`` reports them. Parquet stays columnar."""
+    path = Path(path)
+    if path.suffix == ".parquet":
+        try:
+            table, bad = _parquet_table(path, schema)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            dead_letters.add(DeadLetter(stage, "corrupt_file", f"{path}: unreadable from the file header on "
+                                        f"({type(exc).__name__}: {exc})", str(path)))
+            return arrow_schema(schema).empty_table()
+        if bad.any():
+            list(read_log_file(path, schema, dead_letters, stage))  # the per-record report of the bad rows
+            table = table.filter(pa.array(~bad))
+        return table
+    return pa.Table.from_pylist(list(read_log_file(path, schema, dead_letters, stage)), schema=arrow_schema(schema))
 
 
 def read_log_file(path: str | Path, schema: dict, dead_letters: DeadLetterSink | None = None,

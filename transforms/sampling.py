@@ -1,8 +1,9 @@
 """Negative sampling with log-odds correction.
 
 Positives (target label 1) are always kept; a negative is kept iff ``u < r`` where
-``u = blake2b(seed | request_id | item_id)`` read as a uniform number in [0, 1) - deterministic
-across processes, runs and machines (Python's ``hash()`` is salted per process, so never that).
+``u = splitmix64(fnv1a64(request_id \x1f item_id) ^ seed) / 2**64`` - deterministic across
+processes, runs and machines (Python's ``hash()`` is salted per process, so never that), and
+computed for a whole Arrow column at once (``uniform_for_keys``).
 The kept example carries ``sample_rate`` (1 for positives, ``r`` for negatives) so training can
 use ``logit - log(sample_rate)`` and serving can undo the sampling:
 ``p = p' / (p' + (1 - p') / r)``.
@@ -15,14 +16,44 @@ True
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
+import numpy as np
+import pyarrow as pa
 
-def stable_uniform(seed: int, *parts: str) -> float:
-    """A uniform number in [0, 1) from a 64-bit blake2b digest of ``seed`` and ``parts``."""
-    digest = hashlib.blake2b("|".join((str(seed), *parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2.0**64
+from transforms.features import splitmix64
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+def fnv1a64(strings: pa.Array) -> np.ndarray:
+    """FNV-1a (64-bit) of each string's UTF-8 bytes, vectorised over the column (one pass per byte position)."""
+    strings = pa.array(strings, pa.string()) if not isinstance(strings, pa.Array) else strings
+    if isinstance(strings, pa.ChunkedArray):
+        strings = strings.combine_chunks()
+    n = len(strings)
+    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int32)[strings.offset:strings.offset + n + 1]
+    data = np.frombuffer(strings.buffers()[2], dtype=np.uint8) if n and strings.buffers()[2] is not None \
+        else np.zeros(0, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    hashes = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for position in range(int(lengths.max(initial=0))):
+            rows = np.flatnonzero(lengths > position)
+            hashes[rows] = (hashes[rows] ^ data[starts[rows] + position].astype(np.uint64)) * _FNV_PRIME
+    return hashes
+
+
+def uniform_for_keys(seed: int, keys: pa.Array) -> np.ndarray:
+    """A uniform number in [0, 1) per join key (``request_id \x1f item_id``), stable everywhere."""
+    mixed = splitmix64(fnv1a64(keys) ^ np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
+    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def stable_uniform(seed: int, request_id: str, item_id: str) -> float:
+    """``uniform_for_keys`` for one example."""
+    return float(uniform_for_keys(seed, pa.array([f"{request_id}\x1f{item_id}"]))[0])
 
 
 def corrected_probability(p_sampled: float, rate: float) -> float:
@@ -54,6 +85,18 @@ class NegativeSampler:
             return True, self.rate
         self.dropped_negatives += 1
         return False, self.rate
+
+    def decide_many(self, keys: pa.Array, positive: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(keep mask, sample rates) for a column of join keys; the same decisions as ``decide``."""
+        positive = np.asarray(positive, bool)
+        if self.rate >= 1.0:
+            keep = np.ones(len(positive), bool)
+        else:
+            keep = positive | (uniform_for_keys(self.seed, keys) < self.rate)
+        self.positives += int(positive.sum())
+        self.kept_negatives += int((keep & ~positive).sum())
+        self.dropped_negatives += int((~keep).sum())
+        return keep, np.where(positive, 1.0, self.rate)
 
     @property
     def counts(self) -> dict[str, int]:

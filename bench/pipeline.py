@@ -1,0 +1,129 @@
+"""Join + negative sampling + feature extraction throughput on the same synthetic logs.
+
+* ``pure_events_per_s``: the pure logic (transforms/) in a plain loop over micro-batches: the
+  columnar join (``BatchJoiner``), sampling, features extracted on Arrow batches;
+* ``naive_events_per_s`` (baseline): the same job written the obvious way - records as dicts,
+  a dict join, and every feature value hashed one by one;
+* ``beam_batch_events_per_s``: ``streamrec backfill`` on Beam's DirectRunner (reading included);
+* ``beam_stream_events_per_s``: ``streamrec join --streaming`` (replay on the streaming DirectRunner).
+
+Events = impressions + actions. Reading the logs is outside the pure/naive timings.
+
+    python -m bench.pipeline [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+
+from datasets.synthetic import SyntheticConfig, generate
+from schemas.events import arrow_schema, load_schema
+from schemas.logs import log_files, read_log_file
+from schemas.spec import load_spec
+from transforms.examples import ExampleBuilder
+from transforms.batch_join import join_tables
+from transforms.join import JoinConfig
+from transforms.sampling import NegativeSampler
+
+BATCH = 8_192
+
+
+def load_events(spec, logs: Path) -> tuple[pa.Table, pa.Table]:
+    """Both logs as Arrow tables (impressions in time order, as the log files hold them)."""
+    tables = {}
+    for kind, schema_name in (("impressions", spec.events.impression), ("actions", spec.events.action)):
+        schema = load_schema(schema_name)
+        tables[kind] = pa.Table.from_pylist([r for f in log_files(logs, kind) for r in read_log_file(f, schema)],
+                                            schema=arrow_schema(schema))
+    return tables["impressions"], tables["actions"]
+
+
+def pure(spec, impressions: pa.Table, actions: pa.Table) -> tuple[float, int]:
+    """Micro-batches of impressions (and the actions up to the next batch) through the columnar
+    join (``join_tables``), then sampling and feature extraction on the closed impressions."""
+    started = time.perf_counter()
+    builder = ExampleBuilder(spec)
+    batches = join_tables(JoinConfig.from_spec(spec), impressions, actions, BATCH)
+    ordered = next(batches)
+    examples = 0
+    for closed, _ in batches:
+        table, _ = builder.build_closed(ordered, closed)
+        examples += table.num_rows
+    return time.perf_counter() - started, examples
+
+
+def naive(spec, impressions: pa.Table, actions: pa.Table) -> tuple[float, int]:
+    """The obvious version: dict records, dict join at the end, per-value hashing."""
+    started = time.perf_counter()
+    records = impressions.to_pylist()
+    actions = actions.to_pylist()
+    clicks: dict[tuple, int] = {}
+    for a in actions:
+        clicks.setdefault((a["request_id"], a["item_id"]), a["event_time_ms"])
+    sampler = NegativeSampler(spec.sampling.negative_rate, spec.sampling.seed)
+    window = spec.join.window_ms
+    examples = 0
+    for record in records:
+        t_action = clicks.get((record["request_id"], record["item_id"]))
+        positive = t_action is not None and t_action - record["event_time_ms"] <= window
+        keep, _ = sampler.decide(record["request_id"], record["item_id"], positive)
+        if not keep:
+            continue
+        fids = []
+        for slot in spec.slots:
+            value = record.get(slot.source[0])
+            digest = hashlib.blake2b(str(value).encode(), digest_size=8).digest()
+            fids.append((slot.slot_id << 48) | (int.from_bytes(digest, "little") & ((1 << 48) - 1)))
+        examples += 1
+    return time.perf_counter() - started, examples
+
+
+def beam_run(spec, logs: Path, out: Path, streaming: bool) -> float:
+    from runners.beam_runner import run_join
+
+    started = time.perf_counter()
+    run_join(spec, logs, out, streaming=streaming)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="60k impressions (under a minute)")
+    args = parser.parse_args(argv)
+    logging.getLogger("apache_beam").setLevel(logging.ERROR)
+    n = 60_000 if args.quick else 300_000
+    spec = load_spec("synthetic")
+    with tempfile.TemporaryDirectory() as tmp:
+        logs = Path(tmp) / "logs"
+        manifest = generate(logs, SyntheticConfig(events=n, seed=4, span_hours=2))
+        events = manifest["impressions"] + manifest["actions"]["click"]
+        impressions, actions = load_events(spec, logs)
+        pure_s, pure_examples = pure(spec, impressions, actions)
+        naive_s, naive_examples = naive(spec, impressions, actions)
+        batch_s = beam_run(spec, logs, Path(tmp) / "batch", streaming=False)
+        stream_s = beam_run(spec, logs, Path(tmp) / "stream", streaming=True)
+    figures = {
+        "benchmark": "pipeline",
+        "events": events,
+        "examples": pure_examples,
+        "pure_events_per_s": round(events / pure_s),
+        "naive_events_per_s": round(events / naive_s),
+        "pure_vs_naive": round(naive_s / pure_s, 2),
+        "beam_batch_events_per_s": round(events / batch_s),
+        "beam_stream_events_per_s": round(events / stream_s),
+    }
+    print(f"pure {figures['pure_events_per_s']:,} events/s ({figures['pure_vs_naive']}x the naive loop), "
+          f"Beam batch {figures['beam_batch_events_per_s']:,}/s, Beam streaming {figures['beam_stream_events_per_s']:,}/s")
+    print(json.dumps(figures))
+    return figures
+
+
+if __name__ == "__main__":
+    main()
