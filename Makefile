@@ -16,11 +16,12 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install --quiet -e '.[test]' --config-settings editable_mode=compat
 	touch $(STAMP)
 
-# The main job on the embedded default: real MovieLens-100K logs -> validated logs.
+# The main job on the embedded default: real MovieLens-100K logs -> validated logs -> examples.
 run: $(STAMP)
 	$(BIN)/streamrec data movielens --out $(OUT)/movielens
 	$(BIN)/streamrec validate movielens
 	$(BIN)/streamrec logs check $(OUT)/movielens --spec movielens
+	$(BIN)/streamrec backfill --spec movielens --logs $(OUT)/movielens --out $(OUT)/movielens-examples
 
 # pytest exits 5 when it collected no test: make fails on it, so an empty run never passes.
 test: $(STAMP)

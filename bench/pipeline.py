@@ -32,7 +32,7 @@ from transforms.batch_join import join_tables
 from transforms.join import JoinConfig
 from transforms.sampling import NegativeSampler
 
-BATCH = 8_192
+BATCH = 32_768  # micro-batch rows: per-batch work grows with the open window, so bigger batches amortise it
 
 
 def load_events(spec, logs: Path) -> tuple[pa.Table, pa.Table]:

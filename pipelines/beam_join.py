@@ -209,6 +209,121 @@ class JoinShardDoFn(beam.DoFn):
                 yield table
 
 
+class SplitToShards(beam.DoFn):
+    """(impressions table, actions table) -> (shard, (impressions, actions)) by join-key hash."""
+
+    def __init__(self, shards: int):
+        self.shards = shards
+
+    def process(self, element):
+        import numpy as np
+
+        impressions, actions = element
+        parts: dict[int, list] = {}
+        for position, table in enumerate((impressions, actions)):
+            if table.num_rows == 0:
+                continue
+            keys = join_keys(table.column("request_id"), table.column("item_id"))
+            shard_of_row = (fnv1a64(keys) % np.uint64(self.shards)).astype(np.int64)
+            for shard in np.unique(shard_of_row).tolist():
+                parts.setdefault(shard, [impressions.schema.empty_table(), actions.schema.empty_table()])
+                parts[shard][position] = table.filter(pa.array(shard_of_row == shard))
+        for shard, (shard_impressions, shard_actions) in parts.items():
+            yield shard, (shard_impressions, shard_actions)
+
+
+class JoinShardStreamDoFn(beam.DoFn):
+    """Streaming, in batches: per join-key shard, the columnar BatchJoiner held in Beam state
+    (with the open impressions' rows), one event-time timer for its next due time."""
+
+    STATE = ReadModifyWriteStateSpec("shard_join", PickleCoder())
+    DUE = TimerSpec("due", TimeDomain.WATERMARK)
+
+    def __init__(self, spec: FeatureSpec):
+        self.spec = spec
+
+    def setup(self):
+        self.builder = ExampleBuilder(self.spec)
+        self.config = JoinConfig.from_spec(self.spec)
+
+    def _new_state(self, impression_schema: pa.Schema) -> dict:
+        from transforms.batch_join import BatchJoiner
+
+        return {"joiner": BatchJoiner(self.config), "next_ref": 0,
+                "pending": impression_schema.append(pa.field("_ref", pa.int64())).empty_table()}
+
+    def _dead(self, letters):
+        for letter in letters:
+            _count_dead(letter)
+            yield beam.pvalue.TaggedOutput(DEAD, letter)
+
+    def _save(self, state_cell, timer, state):
+        """Persist the state; the timer goes to the next due time rounded up to a whole window.
+
+        A firing at T advances the join to T, closing everything due by then: rounding bounds
+        the firings by (event-time span / window) - each costs a state round trip - and only
+        delays emission (decisions are on event time, so the output is the same).
+        """
+        state_cell.write(state)
+        due = state["joiner"].next_due()
+        if due is None:
+            timer.clear()
+        else:
+            window = self.config.window_ms
+            timer.set(Timestamp(micros=(-(-due // window) * window) * 1000))
+
+    def process(self, element, state_cell=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(DUE)):
+        import numpy as np
+
+        _, (impressions, actions) = element
+        state = state_cell.read() or self._new_state(impressions.schema)
+        refs = np.arange(state["next_ref"], state["next_ref"] + impressions.num_rows)
+        state["next_ref"] += impressions.num_rows
+        state["pending"] = pa.concat_tables([state["pending"], impressions.append_column("_ref", pa.array(refs))])
+        _, letters = state["joiner"].add(
+            join_keys(impressions.column("request_id"), impressions.column("item_id")),
+            impressions.column("event_time_ms").to_numpy(), refs,
+            join_keys(actions.column("request_id"), actions.column("item_id")),
+            actions.column("action_type").to_pylist(), actions.column("event_time_ms").to_numpy(),
+            actions.to_pylist(), -(1 << 62))  # the watermark moves only through the timer
+        self._save(state_cell, timer, state)
+        yield from self._dead(letters)
+
+    @on_timer(DUE)
+    def due(self, fired_at=beam.DoFn.TimestampParam, state_cell=beam.DoFn.StateParam(STATE),
+            timer=beam.DoFn.TimerParam(DUE)):
+        import pyarrow.compute as pc
+
+        state = state_cell.read()
+        if state is None:
+            return
+        closed, letters = state["joiner"].advance(fired_at.micros // 1000)
+        yield from self._dead(letters)
+        if len(closed):
+            pending = state["pending"]
+            rows = pc.index_in(pa.array(closed.refs), value_set=pending.column("_ref"))
+            table, feature_letters = self.builder.build_columns(pending.take(rows).drop_columns(["_ref"]),
+                                                                closed.times, closed.label_times)
+            state["pending"] = pending.filter(pc.invert(pc.is_in(pending.column("_ref"), value_set=pa.array(closed.refs))))
+            yield from self._dead(feature_letters)
+            if table.num_rows:
+                yield table
+        self._save(state_cell, timer, state)
+
+
+class StreamingJoin(beam.PTransform):
+    """Micro-batches (impressions table, actions table) -> Example tables, in shards, streaming."""
+
+    def __init__(self, spec: FeatureSpec, shards: int = 4):
+        super().__init__()
+        self.spec, self.shards = spec, shards
+
+    def expand(self, batches):
+        joined = (batches | "SplitToShards" >> beam.ParDo(SplitToShards(self.shards))
+                  | "JoinShards" >> beam.ParDo(JoinShardStreamDoFn(self.spec)).with_outputs(DEAD, main="examples"))
+        return {"examples": joined.examples, DEAD: joined[DEAD]}
+
+
 class BackfillJoin(beam.PTransform):
     """Bounded logs -> Example tables, through the same join, sampling and features, in batches."""
 

@@ -3,9 +3,11 @@
 * backfill (batch): log files are read as Arrow tables, split into join-key shards, and each
   shard is joined in event-time micro-batches by the columnar join (``transforms.batch_join``),
   sampled and feature-extracted - the same decisions as the streaming path, in bulk;
-* streaming: the logs are replayed in event-time order through a ``TestStream`` on the
-  streaming DirectRunner, the watermark advancing with the events, so windows close, late and
-  orphan actions are judged, and state is freed while the stream runs - as in a live job.
+* streaming: the logs are replayed in event-time order as micro-batches through a
+  ``TestStream`` on the streaming DirectRunner, the watermark advancing with the events; a
+  stateful DoFn per join-key shard holds the columnar join in Beam state with one event-time
+  timer, so windows close, late and orphan actions are judged and state is freed while the
+  stream runs - as in a live job.
 
 Both write ``OUT/examples/*.parquet`` (Example schema), ``OUT/dead_letters/*.jsonl`` and
 return a summary with the counts.
@@ -22,30 +24,61 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import Timestamp
 
-from pipelines.beam_join import DEAD, NAMESPACE, BackfillJoin, JoinSampleExtract, WriteBundles, log_file_names
+import numpy as np
+import pyarrow as pa
+
+from pipelines.beam_join import DEAD, NAMESPACE, BackfillJoin, StreamingJoin, WriteBundles, log_file_names
 from schemas.dead_letters import DeadLetterSink
-from schemas.events import load_schema
-from schemas.logs import read_log
+from schemas.events import arrow_schema, load_schema
+from schemas.logs import log_files, read_log_table
 from schemas.spec import FeatureSpec
 
 
-def replay_stream(spec: FeatureSpec, log_dir: str | Path, events_per_step: int = 2_000,
+def _spill(table: pa.Table, path: Path) -> str:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return str(path)
+
+
+def load_replay_batch(paths: tuple[str, str]) -> tuple[pa.Table, pa.Table]:
+    """(impressions, actions) of one spilled micro-batch."""
+    return tuple(pa.ipc.open_file(pa.memory_map(path)).read_all() for path in paths)
+
+
+def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, events_per_step: int = 4_096,
                   dead_letters: DeadLetterSink | None = None) -> TestStream:
-    """The logs as a TestStream in event-time order; every ``events_per_step`` events the watermark
-    advances to the next event's time (nothing earlier follows). Each advance is a round of the
-    DirectRunner, so steps are counted in events, not in event time.
-    """
-    events = [("impression", r) for r in read_log(log_dir, "impressions", load_schema(spec.events.impression),
-                                                  dead_letters)]
-    events += [("action", r) for r in read_log(log_dir, "actions", load_schema(spec.events.action), dead_letters)]
-    events.sort(key=lambda event: event[1]["event_time_ms"])
+    """The logs as a TestStream of micro-batches in event-time order; after each batch the
+    watermark advances to the next batch's first event time (nothing earlier follows).
+
+    Batches are spilled to Arrow IPC files under ``spill_dir`` and the stream carries their
+    paths (a TestStream's payload is pickled and compressed at pipeline construction, so data
+    must not ride in it). Each advance is a round of the DirectRunner: steps count events."""
+    sink = dead_letters if dead_letters is not None else DeadLetterSink(keep=None)
+    tables = {}
+    for kind, schema_name in (("impressions", spec.events.impression), ("actions", spec.events.action)):
+        schema = load_schema(schema_name)
+        parts = [read_log_table(path, schema, sink) for path in log_files(log_dir, kind)]
+        tables[kind] = (pa.concat_tables(parts) if parts else arrow_schema(schema).empty_table()).sort_by(
+            "event_time_ms")
+    impressions, actions = tables["impressions"], tables["actions"]
+    times = np.concatenate([impressions.column("event_time_ms").to_numpy(), actions.column("event_time_ms").to_numpy()])
+    times.sort()
     stream = TestStream()
-    for start in range(0, len(events), events_per_step):
-        chunk = events[start:start + events_per_step]
-        stream.add_elements([beam.window.TimestampedValue(e, Timestamp(micros=e[1]["event_time_ms"] * 1000))
-                             for e in chunk])
-        if start + events_per_step < len(events):
-            stream.advance_watermark_to(Timestamp(micros=events[start + events_per_step][1]["event_time_ms"] * 1000))
+    impression_times = impressions.column("event_time_ms").to_numpy()
+    action_times = actions.column("event_time_ms").to_numpy()
+    bounds = [int(t) for t in times[::events_per_step][1:]] + [None]
+    imp_start = act_start = 0
+    first = int(times[0]) if len(times) else 0
+    for step, bound in enumerate(bounds):
+        imp_end = len(impression_times) if bound is None else int(np.searchsorted(impression_times, bound, "left"))
+        act_end = len(action_times) if bound is None else int(np.searchsorted(action_times, bound, "left"))
+        batch = (_spill(impressions.slice(imp_start, imp_end - imp_start), spill_dir / f"{step:06d}-impressions.arrow"),
+                 _spill(actions.slice(act_start, act_end - act_start), spill_dir / f"{step:06d}-actions.arrow"))
+        stream.add_elements([beam.window.TimestampedValue(batch, Timestamp(micros=first * 1000))])
+        if bound is not None:
+            stream.advance_watermark_to(Timestamp(micros=bound * 1000))
+            first = bound
+        imp_start, act_start = imp_end, act_end
     return stream.advance_watermark_to_infinity()
 
 
@@ -60,9 +93,13 @@ def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, stream
     started = time.perf_counter()
     with beam.Pipeline(options=options) as pipeline:
         if streaming:
-            events = pipeline | "ReplayLogs" >> replay_stream(spec, log_dir, dead_letters=read_dead)
+            spill_dir = out_dir / ".replay"
+            shutil.rmtree(spill_dir, ignore_errors=True)
+            spill_dir.mkdir()
+            batches = (pipeline | "ReplayLogs" >> replay_stream(spec, log_dir, spill_dir, dead_letters=read_dead)
+                       | "LoadBatches" >> beam.Map(load_replay_batch))
             read_dead_letters = pipeline | "ReadDeadLetters" >> beam.Create(read_dead.letters)
-            result = events | "JoinSampleExtract" >> JoinSampleExtract(spec)
+            result = batches | "StreamingJoin" >> StreamingJoin(spec)
             dead = (read_dead_letters, result[DEAD]) | "AllDeadLetters" >> beam.Flatten()
         else:
             result = pipeline | "Backfill" >> BackfillJoin(spec, *log_file_names(log_dir))
@@ -70,6 +107,7 @@ def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, stream
         result["examples"] | "WriteExamples" >> beam.ParDo(WriteBundles(str(out_dir / "examples"), "examples"))
         dead | "WriteDeadLetters" >> beam.ParDo(WriteBundles(str(out_dir / "dead_letters"), "dead_letters"))
     elapsed = time.perf_counter() - started
+    shutil.rmtree(out_dir / ".replay", ignore_errors=True)
     counters = pipeline.result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
     dead_counts: dict[str, int] = {}
     for counter in counters:

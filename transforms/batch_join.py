@@ -64,6 +64,13 @@ class ClosedImpressions:
         return out
 
 
+def _flat(keys) -> pa.Array:
+    """One contiguous string array (Arrow table columns come chunked)."""
+    if isinstance(keys, pa.ChunkedArray):
+        return keys.combine_chunks() if keys.num_chunks else pa.array([], pa.string())
+    return keys
+
+
 def _concat(a: pa.Array, b: pa.Array) -> pa.Array:
     return pa.concat_arrays([a, b]) if len(a) else b
 
@@ -98,6 +105,7 @@ class BatchJoiner:
             action_keys: pa.Array, action_types: list[str], action_times: np.ndarray, action_refs: list,
             watermark_ms: int) -> tuple[ClosedImpressions, list[DeadLetter]]:
         """One micro-batch, then advance the watermark; returns (closed impressions, dead letters)."""
+        impression_keys, action_keys = _flat(impression_keys), _flat(action_keys)
         letters: list[DeadLetter] = []
         window = self.config.window_ms
         # -- impressions: duplicates within the batch and against what is open or closed
@@ -216,6 +224,18 @@ class BatchJoiner:
             self.seen, self.seen_times = self.seen.take(pa.array(keep)), self.seen_times[keep]
         return joined, letters
 
+    def next_due(self) -> int | None:
+        """The watermark (ms) at which ``advance`` next has something to do; None when idle."""
+        window = self.config.window_ms
+        candidates = [times.min() + extra for times, extra in ((self.open.times, window + 1),
+                                                                (self.tomb_times, 2 * window + 1),
+                                                                (self.held_times, window + 1)) if len(times)]
+        return int(min(candidates)) if candidates else None
+
+    def advance(self, watermark_ms: int) -> tuple[ClosedImpressions, list[DeadLetter]]:
+        """Close windows, free tombstones and report orphans up to ``watermark_ms``."""
+        return self._advance(watermark_ms, [])
+
     def flush(self) -> tuple[ClosedImpressions, list[DeadLetter]]:
         return self._advance(1 << 62, [])
 
@@ -228,7 +248,7 @@ def _positions(keys: pa.Array, value_set: pa.Array) -> np.ndarray:
 
 
 def join_tables(config: JoinConfig, impressions: pa.Table, actions: pa.Table,
-                batch_rows: int = 8_192) -> Iterator[tuple[ClosedImpressions, list[DeadLetter]]]:
+                batch_rows: int = 32_768) -> Iterator[tuple[ClosedImpressions, list[DeadLetter]]]:
     """Join two bounded tables in event-time micro-batches of ``batch_rows`` impressions.
 
     ``ClosedImpressions.refs`` are row numbers of the *time-sorted* ``impressions`` (the first
