@@ -112,14 +112,7 @@ class BatchJoiner:
         impression_times = np.asarray(impression_times, np.int64)
         impression_refs = np.asarray(impression_refs, np.int64)
         if len(impression_keys):
-            known = _concat(self.open.keys, self.tomb_keys)
-            seen_before = pc.is_in(impression_keys, value_set=known).to_numpy(zero_copy_only=False) \
-                if len(known) else np.zeros(len(impression_keys), bool)
-            first = pc.index_in(impression_keys, value_set=pc.unique(impression_keys)).to_numpy()
-            _, first_index = np.unique(first, return_index=True)
-            is_first = np.zeros(len(impression_keys), bool)
-            is_first[first_index] = True
-            duplicate = seen_before | ~is_first
+            duplicate = _repeats(impression_keys, _concat(self.open.keys, self.tomb_keys))
             if duplicate.any():
                 index = np.flatnonzero(duplicate)
                 letters += self._letters("duplicate_impression", impression_keys.take(pa.array(index)),
@@ -146,13 +139,7 @@ class BatchJoiner:
         if len(codes):
             ids = pc.binary_join_element_wise(action_keys, pa.array(codes.astype(str)),
                                               pa.array(action_times.astype(str)), "|")
-            repeated = (pc.is_in(ids, value_set=self.seen).to_numpy(zero_copy_only=False) if len(self.seen)
-                        else np.zeros(len(ids), bool))
-            first = pc.index_in(ids, value_set=pc.unique(ids)).to_numpy()
-            _, first_index = np.unique(first, return_index=True)
-            is_first = np.zeros(len(ids), bool)
-            is_first[first_index] = True
-            duplicate = repeated | ~is_first
+            duplicate = _repeats(ids, self.seen)
             if duplicate.any():
                 index = np.flatnonzero(duplicate)
                 letters += self._letters("duplicate_action", action_keys.take(pa.array(index)),
@@ -238,6 +225,16 @@ class BatchJoiner:
 
     def flush(self) -> tuple[ClosedImpressions, list[DeadLetter]]:
         return self._advance(1 << 62, [])
+
+
+def _repeats(keys: pa.Array, earlier: pa.Array) -> np.ndarray:
+    """True where a key is in ``earlier`` or repeats one before it in ``keys``."""
+    seen_before = (pc.is_in(keys, value_set=earlier).to_numpy(zero_copy_only=False) if len(earlier)
+                   else np.zeros(len(keys), bool))
+    _, first_index = np.unique(pc.index_in(keys, value_set=pc.unique(keys)).to_numpy(), return_index=True)
+    is_first = np.zeros(len(keys), bool)
+    is_first[first_index] = True
+    return seen_before | ~is_first
 
 
 def _positions(keys: pa.Array, value_set: pa.Array) -> np.ndarray:
