@@ -2,9 +2,13 @@
 
 Each stage is a small composite transform around the pure logic of ``transforms/``:
 
-* streaming - ``JoinImpressionsWithActions``: a stateful DoFn keyed by (request_id, item_id)
-  that drives ``transforms.join.KeyJoin`` with one event-time timer per key and clears its state
-  when done; ``ToExamples``: batches of joined impressions -> ``ExampleBuilder``;
+* record level - ``JoinSampleExtract`` for any PCollection of ("impression" | "action", record),
+  e.g. from a Kafka source: ``JoinImpressionsWithActions``, a stateful DoFn keyed by
+  (request_id, item_id) that drives ``transforms.join.KeyJoin`` with one event-time timer per
+  key and clears its state when done, then ``ToExamples`` (batches -> ``ExampleBuilder``);
+* streaming in micro-batches (what ``streamrec join --streaming`` runs) - ``StreamingJoin``:
+  (impressions table, actions table) batches split by join-key shard, the columnar join of
+  ``transforms.batch_join`` held per shard in Beam state with one event-time timer;
 * backfill - ``BackfillJoin``: log files -> Arrow tables split into join-key shards
   (``ReadLogTableShards``) -> a GroupByKey -> ``JoinShardDoFn``, the columnar join of
   ``transforms.batch_join`` in event-time micro-batches, then ``ExampleBuilder`` on columns.

@@ -122,3 +122,26 @@ def test_bad_records_go_to_dead_letters_and_the_job_completes(obd_logs, tmp_path
     letters = [json.loads(line) for f in (tmp_path / "out" / "dead_letters").glob("*.jsonl")
                for line in f.read_text().splitlines()]
     assert any(letter["reason"] == "corrupt_file" and victim.name in letter["detail"] for letter in letters)
+
+
+def test_record_level_stage_on_created_records():
+    """JoinSampleExtract takes any PCollection of ("impression" | "action", record): here beam.Create."""
+    from pipelines.beam_join import JoinSampleExtract
+    from schemas.spec import load_spec
+
+    def impression(request_id, t_ms, user):
+        return ("impression", {"request_id": request_id, "user_id": user, "item_id": "m1", "event_time_ms": t_ms,
+                               "position": 0, "age": 30, "gender": "F", "occupation": "writer", "zip_code": "1",
+                               "release_year": 1990, "genres": ["Drama"]})
+
+    events = [impression("r1", 0, "u1"), impression("r2", 10, "u2"),
+              ("action", {"request_id": "r1", "item_id": "m1", "action_type": "like", "event_time_ms": 60_000}),
+              ("action", {"request_id": "zz", "item_id": "m1", "action_type": "like", "event_time_ms": 5})]
+    with beam.Pipeline() as pipeline:
+        stamped = (pipeline | beam.Create(events)
+                   | beam.Map(lambda e: TimestampedValue(e, _ms(e[1]["event_time_ms"]))))
+        result = stamped | JoinSampleExtract(load_spec("movielens"))
+        labelled = result["examples"] | "Labels" >> beam.Map(lambda ex: (ex["request_id"], dict(ex["labels"])["like"],
+                                                                         len(ex["fids"]) > 0))
+        assert_that(labelled, equal_to([("r1", 1, True), ("r2", 0, True)]), label="examples")
+        assert_that(result[DEAD] | beam.Map(lambda d: d.reason), equal_to(["orphan_action"]), label="dead")
