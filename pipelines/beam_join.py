@@ -395,3 +395,56 @@ class WriteBundles(beam.DoFn):
             with atomic_write(Path(self.directory) / f"{name}.jsonl", "w") as out:
                 out.writelines(letter.to_json() + "\n" for letter in self.buffer)
         self.buffer = []
+
+
+class LoadLogFile(beam.DoFn):
+    """("impressions" | "actions", path) -> (impressions table, actions table) micro-batch."""
+
+    def __init__(self, spec: FeatureSpec):
+        self.spec = spec
+
+    def setup(self):
+        self.schemas = {"impressions": load_schema(self.spec.events.impression),
+                        "actions": load_schema(self.spec.events.action)}
+
+    def process(self, element):
+        kind, path = element
+        sink = DeadLetterSink(keep=None)
+        table = read_log_table(path, self.schemas[kind], sink)
+        empty = {k: arrow_schema(s).empty_table() for k, s in self.schemas.items()}
+        empty[kind] = table
+        yield empty["impressions"], empty["actions"]
+        for letter in sink.letters:
+            _count_dead(letter)
+            yield beam.pvalue.TaggedOutput(DEAD, letter)
+
+
+class WatchLogDirectory(beam.PTransform):
+    """Live input: new files under LOGS/impressions and LOGS/actions become micro-batches.
+
+    Files are matched every ``interval_s`` seconds (``fileio.MatchContinuously``), so the
+    watermark follows processing time: meant for live logs whose event times are near now (a
+    replay of old logs belongs to ``streamrec backfill`` or ``join --streaming``). Writers must
+    create files atomically (temporary name, then rename), as ``schemas.logs`` does.
+    """
+
+    def __init__(self, spec: FeatureSpec, log_dir: str, interval_s: float, stop_after_s: float | None):
+        super().__init__()
+        self.spec, self.log_dir, self.interval_s, self.stop_after_s = spec, log_dir, interval_s, stop_after_s
+
+    def expand(self, pbegin):
+        from apache_beam.io.fileio import MatchContinuously
+        from apache_beam.utils.timestamp import MAX_TIMESTAMP
+
+        start = Timestamp.now()
+        stop = MAX_TIMESTAMP if self.stop_after_s is None else start + self.stop_after_s
+        matched = []
+        for kind in ("impressions", "actions"):
+            for extension in ("avro", "parquet"):
+                pattern = str(Path(self.log_dir) / kind / f"*.{extension}")
+                matched.append(pbegin | f"Watch{kind}{extension}" >> MatchContinuously(
+                    pattern, interval=self.interval_s, start_timestamp=start, stop_timestamp=stop)
+                    | f"Tag{kind}{extension}" >> beam.Map(lambda meta, kind=kind: (kind, meta.path)))
+        loaded = (matched | "NewFiles" >> beam.Flatten()
+                  | "LoadFiles" >> beam.ParDo(LoadLogFile(self.spec)).with_outputs(DEAD, main="batches"))
+        return {"batches": loaded.batches, DEAD: loaded[DEAD]}

@@ -27,7 +27,8 @@ from apache_beam.utils.timestamp import Timestamp
 import numpy as np
 import pyarrow as pa
 
-from pipelines.beam_join import DEAD, NAMESPACE, BackfillJoin, StreamingJoin, WriteBundles, log_file_names
+from pipelines.beam_join import (DEAD, NAMESPACE, BackfillJoin, StreamingJoin, WatchLogDirectory, WriteBundles,
+                                 log_file_names)
 from schemas.dead_letters import DeadLetterSink
 from schemas.events import arrow_schema, load_schema
 from schemas.logs import log_files, read_log_table
@@ -82,17 +83,24 @@ def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, event
     return stream.advance_watermark_to_infinity()
 
 
-def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streaming: bool = False) -> dict:
+def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streaming: bool = False,
+             watch_interval_s: float | None = None, stop_after_s: float | None = None) -> dict:
+    """Backfill (default), streaming replay (``streaming``), or live (``watch_interval_s``: watch
+    the log directory for new files, until ``stop_after_s`` if given)."""
     out_dir = Path(out_dir)
     for sub in ("examples", "dead_letters"):
         shutil.rmtree(out_dir / sub, ignore_errors=True)
         (out_dir / sub).mkdir(parents=True)
     options = PipelineOptions(runner="DirectRunner")
-    options.view_as(StandardOptions).streaming = streaming
+    options.view_as(StandardOptions).streaming = streaming or watch_interval_s is not None
     read_dead = DeadLetterSink(keep=None)
     started = time.perf_counter()
     with beam.Pipeline(options=options) as pipeline:
-        if streaming:
+        if watch_interval_s is not None:
+            live = pipeline | "WatchLogs" >> WatchLogDirectory(spec, str(log_dir), watch_interval_s, stop_after_s)
+            result = live["batches"] | "StreamingJoin" >> StreamingJoin(spec)
+            dead = (live[DEAD], result[DEAD]) | "AllDeadLetters" >> beam.Flatten()
+        elif streaming:
             spill_dir = out_dir / ".replay"
             shutil.rmtree(spill_dir, ignore_errors=True)
             spill_dir.mkdir()
@@ -115,5 +123,6 @@ def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, stream
         dead_counts[reason] = dead_counts.get(reason, 0) + counter.committed
     for letter in read_dead.letters:  # read before the pipeline in streaming replay
         dead_counts[letter.reason] = dead_counts.get(letter.reason, 0) + 1
-    return {"mode": "streaming" if streaming else "backfill", "seconds": round(elapsed, 2),
+    mode = "live" if watch_interval_s is not None else "streaming" if streaming else "backfill"
+    return {"mode": mode, "seconds": round(elapsed, 2),
             "dead_letters": dead_counts}

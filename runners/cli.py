@@ -5,7 +5,7 @@
     streamrec data obd --out DIR [--policy random|bts] [--campaign all|men|women]
     streamrec data synthetic --out DIR --events N --seed S
     streamrec logs check DIR --spec SPEC
-    streamrec join --spec SPEC --logs DIR --out DIR [--streaming]
+    streamrec join --spec SPEC --logs DIR --out DIR [--streaming | --watch SECONDS [--stop-after SECONDS]]
     streamrec backfill --spec SPEC --logs DIR --out DIR
     streamrec table-stats SNAPSHOT
 
@@ -132,7 +132,8 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     streaming = getattr(args, "streaming", False)
-    summary = run_join(spec, args.logs, args.out, streaming=streaming)
+    summary = run_join(spec, args.logs, args.out, streaming=streaming, watch_interval_s=getattr(args, "watch", None),
+                       stop_after_s=getattr(args, "stop_after", None))
     summary.update(_examples_summary(Path(args.out), spec))
     from schemas.logs import read_manifest
 
@@ -209,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "join":
             sub.add_argument("--streaming", action="store_true",
                              help="run as a streaming job, replaying the logs in event-time order")
+            sub.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                             help="live: watch the log directory for new files every SECONDS")
+            sub.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                             help="with --watch: stop watching after SECONDS (default: run until killed)")
         sub.set_defaults(handler=cmd_join)
 
     table_stats = commands.add_parser("table-stats", help="rows, slots and memory figures of a table snapshot")

@@ -145,3 +145,44 @@ def test_record_level_stage_on_created_records():
                                                                          len(ex["fids"]) > 0))
         assert_that(labelled, equal_to([("r1", 1, True), ("r2", 0, True)]), label="examples")
         assert_that(result[DEAD] | beam.Map(lambda d: d.reason), equal_to(["orphan_action"]), label="dead")
+
+
+def test_live_mode_picks_up_new_files_in_the_watched_directory(tmp_path):
+    import threading
+    import time
+
+    import pyarrow as pa
+    import yaml
+
+    from runners.beam_runner import run_join
+    from schemas.events import load_schema
+    from schemas.logs import write_log
+    from schemas.spec import parse_spec, spec_path
+
+    raw = yaml.safe_load(spec_path("movielens").read_text())
+    raw["join"]["window"] = "30s"
+    spec = parse_spec(raw)
+    logs = tmp_path / "logs"
+    for kind in ("impressions", "actions"):
+        (logs / kind).mkdir(parents=True)
+    now = int(time.time() * 1000)
+    impressions = pa.Table.from_pylist(
+        [{"request_id": r, "user_id": "u", "item_id": "m", "event_time_ms": now + i, "position": 0, "age": 30,
+          "gender": "F", "occupation": "x", "zip_code": "1", "release_year": 1990, "genres": ["Drama"]}
+         for i, r in enumerate(["r1", "r2"])])
+    actions = pa.Table.from_pylist([{"request_id": "r1", "item_id": "m", "user_id": "u", "action_type": "like",
+                                     "event_time_ms": now + 500, "value": 1.0}])
+
+    def producer():  # files appear while the job runs
+        time.sleep(1.0)
+        write_log(impressions, logs, "impressions", load_schema("movielens_impression"), "parquet")
+        time.sleep(1.0)
+        write_log(actions, logs, "actions", load_schema("action"), "avro")
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    summary = run_join(spec, logs, tmp_path / "out", watch_interval_s=0.5, stop_after_s=5)
+    thread.join()
+    assert summary["mode"] == "live" and summary["dead_letters"] == {}
+    table = pq.read_table(sorted((tmp_path / "out" / "examples").glob("*.parquet")))
+    assert sorted((r["request_id"], dict(r["labels"])["like"]) for r in table.to_pylist()) == [("r1", 1), ("r2", 0)]
