@@ -29,7 +29,8 @@ setup(
         "PyYAML>=6",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # scikit-learn is the reference the metric tests compare against.
+        "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["streamrec=runners.cli:main"]},
 )

@@ -1,0 +1,68 @@
+"""Progressive-validation metrics: each batch is scored before it is trained on.
+
+Streaming and bounded in memory: scores are binned on the logit scale (``bins`` bins over
+``[-logit_range, logit_range]``; resolution 2 * 20 / 65536 ~ 6e-4 in logit), so the AUC is
+that of the binned scores (ties within a bin count half), within ~1e-4 of the exact AUC on
+real data (tested against scikit-learn). Every example carries a weight: negatives kept at
+sampling rate ``r`` weigh ``1 / r``, so the figures describe unsampled traffic.
+
+* AUC: sum over bins of ``pos(b) * (neg(< b) + neg(b) / 2)`` / (total pos * total neg), weighted;
+* logloss: weighted mean of ``-(y log p + (1 - y) log(1 - p))``;
+* calibration: weighted predicted CTR / weighted observed CTR (1 is perfect).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class ProgressiveMetrics:
+    def __init__(self, bins: int = 1 << 16, logit_range: float = 20.0):
+        self.bins, self.logit_range = bins, logit_range
+        self.reset()
+
+    def reset(self) -> None:
+        self.positive = np.zeros(self.bins)
+        self.negative = np.zeros(self.bins)
+        self.loss_sum = 0.0
+        self.weight_sum = 0.0
+        self.predicted_sum = 0.0
+        self.observed_sum = 0.0
+        self.examples = 0
+
+    def update(self, logits, labels, weights=None) -> None:
+        """Add a batch: ``logits`` (calibrated to unsampled traffic), labels 0/1, example weights."""
+        logits = np.asarray(logits, dtype=np.float64).reshape(-1)
+        labels = np.asarray(labels, dtype=np.float64).reshape(-1)
+        weights = np.ones_like(logits) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        clipped = np.clip(logits, -self.logit_range, self.logit_range)
+        index = ((clipped + self.logit_range) / (2 * self.logit_range) * (self.bins - 1)).round().astype(np.int64)
+        np.add.at(self.positive, index, weights * labels)
+        np.add.at(self.negative, index, weights * (1 - labels))
+        # log(sigmoid(x)) and log(1 - sigmoid(x)) computed stably
+        log_p = -np.logaddexp(0.0, -logits)
+        log_not_p = -np.logaddexp(0.0, logits)
+        self.loss_sum += float(-(weights * (labels * log_p + (1 - labels) * log_not_p)).sum())
+        self.weight_sum += float(weights.sum())
+        self.predicted_sum += float((weights * np.exp(log_p)).sum())
+        self.observed_sum += float((weights * labels).sum())
+        self.examples += len(logits)
+
+    @property
+    def auc(self) -> float:
+        total_pos, total_neg = self.positive.sum(), self.negative.sum()
+        if total_pos == 0 or total_neg == 0:
+            return float("nan")
+        negatives_below = np.cumsum(self.negative) - self.negative
+        return float((self.positive * (negatives_below + self.negative / 2)).sum() / (total_pos * total_neg))
+
+    @property
+    def logloss(self) -> float:
+        return self.loss_sum / self.weight_sum if self.weight_sum else float("nan")
+
+    @property
+    def calibration(self) -> float:
+        return self.predicted_sum / self.observed_sum if self.observed_sum else float("nan")
+
+    def summary(self) -> dict:
+        return {"examples": self.examples, "auc": round(self.auc, 5), "logloss": round(self.logloss, 5),
+                "calibration": round(self.calibration, 4)}
