@@ -4,13 +4,15 @@ Positives (target label 1) are always kept; a negative is kept iff ``u < r`` whe
 ``u = splitmix64(fnv1a64(request_id \x1f item_id) ^ seed) / 2**64`` - deterministic across
 processes, runs and machines (Python's ``hash()`` is salted per process, so never that), and
 computed for a whole Arrow column at once (``uniform_for_keys``).
-The kept example carries ``sample_rate`` (1 for positives, ``r`` for negatives) so training can
-use ``logit - log(sample_rate)`` and serving can undo the sampling:
+Every kept example carries ``sample_rate = r``, the negative rate in effect when it was drawn
+(positives too: sampling shifts the odds of the whole stream, so the sampled-data logit of any
+example is ``logit - log(r)``). Training fits ``logit - log(sample_rate)``; metrics weigh a
+negative by ``1 / r`` and a positive by 1; serving undoes the sampling:
 ``p = p' / (p' + (1 - p') / r)``.
 
 >>> sampler = NegativeSampler(rate=0.5, seed=7)
 >>> sampler.decide("req-1", "item-9", positive=True)
-(True, 1.0)
+(True, 0.5)
 >>> [sampler.decide(f"r{i}", "x", positive=False)[0] for i in range(8)].count(True) in range(1, 8)
 True
 """
@@ -79,7 +81,7 @@ class NegativeSampler:
         """(keep, sample_rate) for one example."""
         if positive:
             self.positives += 1
-            return True, 1.0
+            return True, self.rate
         if self.rate >= 1.0 or stable_uniform(self.seed, request_id, item_id) < self.rate:
             self.kept_negatives += 1
             return True, self.rate
@@ -96,7 +98,7 @@ class NegativeSampler:
         self.positives += int(positive.sum())
         self.kept_negatives += int((keep & ~positive).sum())
         self.dropped_negatives += int((~keep).sum())
-        return keep, np.where(positive, 1.0, self.rate)
+        return keep, np.full(len(positive), self.rate)
 
     @property
     def counts(self) -> dict[str, int]:
