@@ -34,6 +34,10 @@ class ProgressiveMetrics:
         logits = np.asarray(logits, dtype=np.float64).reshape(-1)
         labels = np.asarray(labels, dtype=np.float64).reshape(-1)
         weights = np.ones_like(logits) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+        if not np.isfinite(logits).all():
+            bad = int((~np.isfinite(logits)).sum())
+            raise ValueError(f"{bad} of {len(logits)} logits are not finite (after {self.examples} examples): "
+                             f"training diverged; lower the learning rates")
         clipped = np.clip(logits, -self.logit_range, self.logit_range)
         index = ((clipped + self.logit_range) / (2 * self.logit_range) * (self.bins - 1)).round().astype(np.int64)
         np.add.at(self.positive, index, weights * labels)

@@ -1,0 +1,83 @@
+"""The online trainer end to end on real and synthetic examples."""
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from schemas.dead_letters import DeadLetterSink
+from schemas.events import load_schema
+from schemas.logs import log_files, read_log_table
+from schemas.spec import load_spec, parse_spec
+from transforms.batch_join import join_tables
+from transforms.examples import EXAMPLE_SCHEMA, ExampleBuilder
+from transforms.join import JoinConfig
+from trainer.online import OnlineTrainer
+
+
+def _examples_from_logs(spec, logs):
+    sink = DeadLetterSink()
+    tables = [pa.concat_tables([read_log_table(p, load_schema(schema), sink) for p in log_files(logs, kind)])
+              for kind, schema in (("impressions", spec.events.impression), ("actions", spec.events.action))]
+    builder = ExampleBuilder(spec)
+    batches = join_tables(JoinConfig.from_spec(spec), *tables)
+    ordered = next(batches)
+    return pa.concat_tables([builder.build_closed(ordered, closed)[0] for closed, _ in batches]) \
+        .sort_by("impression_time_ms")
+
+
+def test_deepfm_online_on_movielens_beats_logistic_regression(movielens_logs):
+    logs, _ = movielens_logs
+    spec = load_spec("movielens")
+    examples = _examples_from_logs(spec, logs)
+    metrics = OnlineTrainer(spec).train(examples)
+    # Reference: an online logistic regression (river, one-hot user/item/occupation, SGD 0.05) over
+    # the same ratings in time order scored a progressive AUC of 0.7365.
+    assert metrics["examples"] == 100_000
+    assert metrics["auc"] >= 0.74
+    assert metrics["calibration"] == pytest.approx(1.0, abs=0.02)
+
+
+def _spec(**slot):
+    return parse_spec({"name": "t", "events": {"impression": "movielens_impression", "action": "action"},
+                       "defaults": {"dim": 4, "optimizer": {"kind": "adagrad", "lr": 0.05}},
+                       "slots": [{"name": "item", "source": "item_id", **slot}],
+                       "labels": {"actions": ["click"]}, "model": {"kind": "dnn", "hidden_units": [4]},
+                       "training": {"batch_size": 64, "dense_optimizer": {"kind": "adam", "lr": 0.003}}})
+
+
+def _example_table(fids, labels, rate, start_ms=0):
+    n = len(labels)
+    return pa.table({
+        "request_id": pa.array([f"r{i}" for i in range(n)]), "user_id": pa.array(["u"] * n),
+        "item_id": pa.array(["i"] * n), "impression_time_ms": pa.array(np.arange(n) + start_ms, pa.int64()),
+        "position": pa.array(np.zeros(n, np.int32)),
+        "labels": pa.array([[("click", int(y))] for y in labels], EXAMPLE_SCHEMA.field("labels").type),
+        "label_times_ms": pa.array([[] for _ in labels], EXAMPLE_SCHEMA.field("label_times_ms").type),
+        "sample_rate": pa.array(np.full(n, rate)), "fids": pa.array([[f] for f in fids], pa.list_(pa.int64())),
+        "dense": pa.array([[] for _ in labels], pa.list_(pa.float32())),
+    }, schema=EXAMPLE_SCHEMA)
+
+
+def test_log_odds_correction_recovers_the_true_ctr():
+    """CTR 0.2; negatives kept at r = 0.1: the trained model serves ~0.2, not the sampled 0.71."""
+    rng = np.random.default_rng(0)
+    clicks = rng.random(60_000) < 0.2
+    kept = clicks | (rng.random(60_000) < 0.1)
+    labels = clicks[kept]
+    fid = (1 << 48) | 7
+    trainer = OnlineTrainer(_spec())
+    trainer.train(_example_table([fid] * len(labels), labels, 0.1))
+    served = 1 / (1 + np.exp(-trainer.predict_logits(_example_table([fid], [0], 0.1))))
+    assert labels.mean() > 0.6  # what a model trained without the correction would serve
+    # Tolerance 0.04: online noise of the last batches (an uncorrected model would be 0.5 away).
+    assert served[0] == pytest.approx(0.2, abs=0.04)
+
+
+def test_filtered_fids_get_no_row_and_no_update():
+    trainer = OnlineTrainer(_spec(min_count=3))
+    rare, common = (1 << 48) | 1, (1 << 48) | 2
+    trainer.train(_example_table([rare] + [common] * 5, [1, 0, 1, 0, 1, 0], 1.0))
+    table = trainer.groups[0].deep
+    assert table.lookup(torch.tensor([rare])).item() == -1  # seen once: below min_count, no row
+    assert table.lookup(torch.tensor([common])).item() >= 0
+    assert table.stats["filtered"] == 1

@@ -1,0 +1,191 @@
+"""The online trainer, engine-free: Example batches in, progressive metrics out.
+
+Per batch: fids -> unique per table -> lookup-or-insert (event time, counts; frequency filter and
+expiry on data time) -> pooled embeddings per slot (sum) and wide weights -> model -> the batch is
+scored first (progressive validation, negatives weighted 1/r) -> loss
+``BCE(logit - log(sample_rate), label)`` summed over the batch, so the logit stays calibrated to
+unsampled traffic and every example moves its rows by a full gradient ->
+backward -> CowClip on deep-embedding gradients (if enabled) -> sparse optimizer on touched rows
+only -> dense optimizer.
+
+Slots are grouped by optimizer: each group has a deep table (``dim``) and a wide table (dim 1).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from schemas.fids import HASH_BITS, MAX_SLOT_ID
+from schemas.spec import FeatureSpec, OptimizerKind, OptimizerSpec
+from trainer.cowclip import cowclip
+from trainer.embedding_table import EmbeddingTable, TableConfig
+from trainer.metrics import ProgressiveMetrics
+from trainer.models import CTRModel
+from trainer.sparse_optimizers import SparseOptimizer
+
+EXPIRE_EVERY_MS = 3_600_000  # expiry sweep every hour of data time
+
+
+@dataclass
+class _Group:
+    slot_ids: list[int]
+    deep: EmbeddingTable
+    wide: EmbeddingTable
+    deep_optimizer: SparseOptimizer
+    wide_optimizer: SparseOptimizer
+
+
+def _dense_optimizer(spec: OptimizerSpec, parameters) -> torch.optim.Optimizer:
+    if spec.kind is OptimizerKind.ADAM:
+        return torch.optim.Adam(parameters, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps,
+                                weight_decay=spec.l2)
+    if spec.kind is OptimizerKind.ADAGRAD:
+        return torch.optim.Adagrad(parameters, lr=spec.lr, weight_decay=spec.l2,
+                                   initial_accumulator_value=spec.initial_accumulator)
+    if spec.kind is OptimizerKind.SGD:
+        return torch.optim.SGD(parameters, lr=spec.lr, weight_decay=spec.l2)
+    raise ValueError(f"dense optimizer {spec.kind.value!r} is not supported (use adam, adagrad or sgd)")
+
+
+class OnlineTrainer:
+    def __init__(self, spec: FeatureSpec, device: str = "cpu", seed: int = 0):
+        self.spec, self.device = spec, torch.device(device)
+        torch.manual_seed(seed)
+        self.slot_position = np.full(MAX_SLOT_ID + 1, -1, dtype=np.int64)
+        for position, slot in enumerate(spec.slots):
+            self.slot_position[slot.slot_id] = position
+        by_optimizer: dict[OptimizerSpec, list] = {}
+        for slot in spec.slots:
+            by_optimizer.setdefault(slot.optimizer, []).append(slot)
+        self.groups = []
+        for index, (optimizer, slots) in enumerate(by_optimizer.items()):
+            deep_opt, wide_opt = SparseOptimizer(optimizer), SparseOptimizer(optimizer)
+            deep = EmbeddingTable(TableConfig.for_slots(
+                slots, state_width=SparseOptimizer.state_width(optimizer.kind, slots[0].dim),
+                state_init=deep_opt.state_init, device=device, seed=seed + 2 * index))
+            wide_config = TableConfig.for_slots(slots, state_width=SparseOptimizer.state_width(optimizer.kind, 1),
+                                                state_init=wide_opt.state_init, device=device, seed=seed + 2 * index + 1)
+            wide = EmbeddingTable(dataclasses.replace(wide_config, dim=1))
+            self.groups.append(_Group([s.slot_id for s in slots], deep, wide, deep_opt, wide_opt))
+        self.group_of_slot = np.full(MAX_SLOT_ID + 1, -1, dtype=np.int64)
+        for index, group in enumerate(self.groups):
+            self.group_of_slot[group.slot_ids] = index
+        self.model = CTRModel.from_spec(spec).to(self.device)
+        self.dense_optimizer = _dense_optimizer(spec.training.dense_optimizer, self.model.parameters())
+        self.metrics = ProgressiveMetrics()
+        self.target = spec.labels.target
+        self.dim = spec.slots[0].dim
+        self.num_slots = len(spec.slots)
+        self.batches = 0
+        self.data_time_ms = 0
+        self.last_expiry_ms = 0
+        self.unknown_slot_fids = 0
+
+    def _columns(self, examples: pa.Table):
+        fids = examples.column("fids").combine_chunks()
+        offsets = fids.offsets.to_numpy()
+        flat = fids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+        example_of = np.repeat(np.arange(examples.num_rows), np.diff(offsets))
+        labels_column = examples.column("labels").combine_chunks()
+        is_target = (labels_column.keys.to_numpy(zero_copy_only=False) == self.target)
+        label_offsets = labels_column.offsets.to_numpy()
+        label_rows = np.repeat(np.arange(examples.num_rows), np.diff(label_offsets))
+        labels = np.zeros(examples.num_rows)
+        labels[label_rows[is_target]] = labels_column.items.to_numpy(zero_copy_only=False)[is_target]
+        dense = examples.column("dense").combine_chunks()
+        dense_values = dense.values.to_numpy(zero_copy_only=False).reshape(examples.num_rows, -1)
+        times = examples.column("impression_time_ms").to_numpy()
+        rates = examples.column("sample_rate").to_numpy()
+        return flat, example_of, labels, dense_values, times, rates
+
+    def train_batch(self, examples: pa.Table) -> dict:
+        """Score the batch (progressive metrics), then train on it; returns the batch's loss."""
+        flat, example_of, labels, dense_values, times, rates = self._columns(examples)
+        n = examples.num_rows
+        slots = flat >> HASH_BITS
+        position = self.slot_position[slots]
+        known = position >= 0
+        self.unknown_slot_fids += int((~known).sum())
+        pooled = torch.zeros(n * self.num_slots, self.dim, device=self.device)
+        wide = torch.zeros(n, device=self.device)
+        used = []
+        group_index = self.group_of_slot[slots]
+        for index, group in enumerate(self.groups):
+            mask = known & (group_index == index)
+            if not mask.any():
+                continue
+            fids = torch.from_numpy(flat[mask]).to(self.device)
+            fid_times = torch.from_numpy(times[example_of[mask]]).to(self.device)
+            unique, inverse, counts = torch.unique(fids, return_inverse=True, return_counts=True)
+            unique_times = torch.zeros(len(unique), dtype=torch.int64, device=self.device).scatter_reduce_(
+                0, inverse, fid_times, reduce="amax", include_self=False)
+            deep_rows = group.deep.lookup_or_insert(unique, unique_times, counts)
+            wide_rows = group.wide.lookup_or_insert(unique, unique_times, counts)
+            deep_weights = group.deep.gather(deep_rows).requires_grad_()
+            wide_weights = group.wide.gather(wide_rows).requires_grad_()
+            target = torch.from_numpy(example_of[mask] * self.num_slots + position[mask]).to(self.device)
+            pooled = pooled.index_add(0, target, deep_weights[inverse])
+            wide = wide.index_add(0, torch.from_numpy(example_of[mask]).to(self.device), wide_weights[inverse, 0])
+            used.append((group, deep_rows, wide_rows, deep_weights, wide_weights, counts))
+        dense = torch.from_numpy(dense_values).to(self.device, torch.float32)
+        logits = self.model(pooled.view(n, self.num_slots, self.dim), wide, dense)
+        labels_t = torch.from_numpy(labels).to(self.device, torch.float32)
+        weights = np.where(labels > 0, 1.0, 1.0 / rates)
+        self.metrics.update(logits.detach().cpu().numpy(), labels, weights)
+        offset = torch.from_numpy(np.log(rates)).to(self.device, torch.float32)
+        # Summed, not averaged: each example moves its own embedding rows by a full gradient (as
+        # in per-example online learning); a mean would shrink sparse updates by the batch size.
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits - offset, labels_t, reduction="sum")
+        self.dense_optimizer.zero_grad()
+        loss.backward()
+        cow = self.spec.training.cowclip
+        for group, deep_rows, wide_rows, deep_weights, wide_weights, counts in used:
+            deep_grad = deep_weights.grad
+            if cow.enabled:
+                deep_grad = cowclip(deep_grad, deep_weights.detach(), counts, cow.ratio, cow.min_clip)
+            for optimizer, table, rows, grad in ((group.deep_optimizer, group.deep, deep_rows, deep_grad),
+                                                  (group.wide_optimizer, group.wide, wide_rows, wide_weights.grad)):
+                if grad is None:
+                    continue  # a model without a wide part (DNN, DCN, DCNv2) leaves the wide rows alone
+                admitted = rows >= 0  # filtered fids have no row and get no update
+                optimizer.step(table, rows[admitted], grad[admitted])
+        self.dense_optimizer.step()
+        self.batches += 1
+        self.data_time_ms = max(self.data_time_ms, int(times.max()) if len(times) else 0)
+        if self.data_time_ms - self.last_expiry_ms >= EXPIRE_EVERY_MS:
+            for group in self.groups:
+                group.deep.expire(self.data_time_ms)
+                group.wide.expire(self.data_time_ms)
+            self.last_expiry_ms = self.data_time_ms
+        return {"loss": float(loss.item()) / max(n, 1), "examples": n}
+
+    def train(self, examples: pa.Table, batch_size: int | None = None) -> dict:
+        """Train on ``examples`` in order, in batches; returns the progressive metrics so far."""
+        batch_size = batch_size or self.spec.training.batch_size
+        for start in range(0, examples.num_rows, batch_size):
+            self.train_batch(examples.slice(start, batch_size))
+        return self.metrics.summary()
+
+    @torch.no_grad()
+    def predict_logits(self, examples: pa.Table) -> np.ndarray:
+        """Logits calibrated to unsampled traffic, without inserting or updating anything."""
+        flat, example_of, _, dense_values, _, _ = self._columns(examples)
+        n = examples.num_rows
+        position = self.slot_position[flat >> HASH_BITS]
+        group_index = self.group_of_slot[flat >> HASH_BITS]
+        pooled = torch.zeros(n * self.num_slots, self.dim, device=self.device)
+        wide = torch.zeros(n, device=self.device)
+        for index, group in enumerate(self.groups):
+            mask = (position >= 0) & (group_index == index)
+            fids = torch.from_numpy(flat[mask]).to(self.device)
+            target = torch.from_numpy(example_of[mask] * self.num_slots + position[mask]).to(self.device)
+            pooled.index_add_(0, target, group.deep.gather(group.deep.lookup(fids)))
+            wide.index_add_(0, torch.from_numpy(example_of[mask]).to(self.device), group.wide.gather(
+                group.wide.lookup(fids))[:, 0])
+        dense = torch.from_numpy(dense_values).to(self.device, torch.float32)
+        return self.model(pooled.view(n, self.num_slots, self.dim), wide, dense).cpu().numpy()
+
