@@ -16,12 +16,11 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-# The main job on the embedded default: real MovieLens-100K logs -> validated logs -> examples.
+# The main job on the embedded default (Beam DirectRunner): real MovieLens-100K logs -> join ->
+# sampling -> features -> online DeepFM training with progressive metrics.
 run: $(STAMP)
-	$(BIN)/streamrec data movielens --out $(OUT)/movielens
 	$(BIN)/streamrec validate movielens
-	$(BIN)/streamrec logs check $(OUT)/movielens --spec movielens
-	$(BIN)/streamrec backfill --spec movielens --logs $(OUT)/movielens --out $(OUT)/movielens-examples
+	$(BIN)/streamrec run --out $(OUT)/movielens
 
 # pytest exits 5 when it collected no test: make fails on it, so an empty run never passes.
 test: $(STAMP)

@@ -448,3 +448,34 @@ class WatchLogDirectory(beam.PTransform):
         loaded = (matched | "NewFiles" >> beam.Flatten()
                   | "LoadFiles" >> beam.ParDo(LoadLogFile(self.spec)).with_outputs(DEAD, main="batches"))
         return {"batches": loaded.batches, DEAD: loaded[DEAD]}
+
+
+class TrainOnExamples(beam.DoFn):
+    """Backfill training: all Example tables of the run, in event-time order, through one
+    OnlineTrainer (one key, so one trainer); yields the final progressive metrics."""
+
+    def __init__(self, spec: FeatureSpec, device: str = "cpu", report_every: int = 20_000):
+        self.spec, self.device, self.report_every = spec, device, report_every
+
+    def process(self, element):
+        import sys
+        import time
+
+        from trainer.online import OnlineTrainer
+
+        _, tables = element
+        examples = pa.concat_tables(list(tables)).sort_by("impression_time_ms")
+        trainer = OnlineTrainer(self.spec, device=self.device)
+        batch = self.spec.training.batch_size
+        started, reported = time.perf_counter(), 0
+        for start in range(0, examples.num_rows, batch):
+            trainer.train_batch(examples.slice(start, batch))
+            if trainer.metrics.examples - reported >= self.report_every:
+                reported = trainer.metrics.examples
+                rate = reported / (time.perf_counter() - started)
+                print(f"trained {reported} examples: progressive {trainer.metrics.summary()}, {rate:.0f} examples/s",
+                      file=sys.stderr, flush=True)
+        summary = trainer.metrics.summary()
+        summary["train_seconds"] = round(time.perf_counter() - started, 2)
+        summary["examples_per_s"] = round(summary["examples"] / max(summary["train_seconds"], 1e-9))
+        yield summary

@@ -7,6 +7,7 @@
     streamrec logs check DIR --spec SPEC
     streamrec join --spec SPEC --logs DIR --out DIR [--streaming | --watch SECONDS [--stop-after SECONDS]]
     streamrec backfill --spec SPEC --logs DIR --out DIR
+    streamrec run [--spec SPEC --logs DIR] --out DIR [--device cpu|cuda]
     streamrec table-stats SNAPSHOT
 
 Commands print a human summary and, as their last line, a JSON object with the figures.
@@ -148,6 +149,28 @@ def cmd_join(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: logs -> join -> sample -> features -> online training (backfill mode)."""
+    from runners.beam_runner import run_training
+    from schemas.spec import load_spec
+
+    if args.logs is None:
+        if args.spec not in (None, "movielens"):
+            raise ValueError("--logs is required with a spec other than the built-in movielens")
+        from datasets import movielens
+
+        args.logs = args.out / "logs"
+        if not (args.logs / "manifest.json").is_file():
+            movielens.convert(args.logs)
+    spec = load_spec(args.spec or "movielens")
+    summary = run_training(spec, args.logs, args.out, device=args.device)
+    print(f"trained on {summary.get('examples', 0)} examples: progressive AUC {summary.get('auc')}, "
+          f"logloss {summary.get('logloss')}, calibration {summary.get('calibration')}; "
+          f"{summary.get('examples_per_s')} examples/s; dead letters {summary['dead_letters'] or 'none'}")
+    _print_json(summary)
+    return 0
+
+
 def cmd_table_stats(args: argparse.Namespace) -> int:
     from trainer.table_snapshot import SnapshotError, snapshot_stats
 
@@ -215,6 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
                              help="with --watch: stop watching after SECONDS (default: run until killed)")
         sub.set_defaults(handler=cmd_join)
+
+    run = commands.add_parser("run", help="the whole job: join, sample, extract, train online (backfill)")
+    run.add_argument("--spec", default=None, help="spec (default: the built-in movielens)")
+    run.add_argument("--logs", type=Path, default=None,
+                     help="log directory (default: obtain MovieLens-100K into OUT/logs)")
+    run.add_argument("--out", required=True, type=Path, help="output directory")
+    run.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where tables and model live")
+    run.set_defaults(handler=cmd_run)
 
     table_stats = commands.add_parser("table-stats", help="rows, slots and memory figures of a table snapshot")
     table_stats.add_argument("snapshot", type=Path, help="an embedding-table snapshot (Arrow IPC)")
