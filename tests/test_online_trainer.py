@@ -66,7 +66,7 @@ def test_filtered_fids_get_no_row_and_no_update():
     trainer = OnlineTrainer(_spec(min_count=3))
     rare, common = (1 << 48) | 1, (1 << 48) | 2
     trainer.train(_example_table([rare] + [common] * 5, [1, 0, 1, 0, 1, 0], 1.0))
-    table = trainer.groups[0].deep
+    table = trainer.groups[0].table
     assert table.lookup(torch.tensor([rare])).item() == -1  # seen once: below min_count, no row
     assert table.lookup(torch.tensor([common])).item() >= 0
     assert table.stats["filtered"] == 1

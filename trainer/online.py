@@ -8,7 +8,9 @@ unsampled traffic and every example moves its rows by a full gradient ->
 backward -> CowClip on deep-embedding gradients (if enabled) -> sparse optimizer on touched rows
 only -> dense optimizer.
 
-Slots are grouped by optimizer: each group has a deep table (``dim``) and a wide table (dim 1).
+Slots are grouped by optimizer; each group has one table whose rows hold the deep embedding
+(``dim`` floats) and the fid's wide weight (one more float), so one index lookup serves both.
+The optimizers are element-wise, so the two share a row; CowClip clips the deep part only.
 """
 from __future__ import annotations
 
@@ -33,10 +35,8 @@ EXPIRE_EVERY_MS = 3_600_000  # expiry sweep every hour of data time
 @dataclass
 class _Group:
     slot_ids: list[int]
-    deep: EmbeddingTable
-    wide: EmbeddingTable
-    deep_optimizer: SparseOptimizer
-    wide_optimizer: SparseOptimizer
+    table: EmbeddingTable  # rows: [deep embedding (dim) | wide weight (1)]
+    optimizer: SparseOptimizer
 
 
 def _dense_optimizer(spec: OptimizerSpec, parameters) -> torch.optim.Optimizer:
@@ -63,14 +63,12 @@ class OnlineTrainer:
             by_optimizer.setdefault(slot.optimizer, []).append(slot)
         self.groups = []
         for index, (optimizer, slots) in enumerate(by_optimizer.items()):
-            deep_opt, wide_opt = SparseOptimizer(optimizer), SparseOptimizer(optimizer)
-            deep = EmbeddingTable(TableConfig.for_slots(
-                slots, state_width=SparseOptimizer.state_width(optimizer.kind, slots[0].dim),
-                state_init=deep_opt.state_init, device=device, seed=seed + 2 * index))
-            wide_config = TableConfig.for_slots(slots, state_width=SparseOptimizer.state_width(optimizer.kind, 1),
-                                                state_init=wide_opt.state_init, device=device, seed=seed + 2 * index + 1)
-            wide = EmbeddingTable(dataclasses.replace(wide_config, dim=1))
-            self.groups.append(_Group([s.slot_id for s in slots], deep, wide, deep_opt, wide_opt))
+            sparse = SparseOptimizer(optimizer)
+            width = slots[0].dim + 1
+            config = TableConfig.for_slots(slots, state_width=SparseOptimizer.state_width(optimizer.kind, width),
+                                           state_init=sparse.state_init, device=device, seed=seed + index)
+            table = EmbeddingTable(dataclasses.replace(config, dim=width))
+            self.groups.append(_Group([s.slot_id for s in slots], table, sparse))
         self.group_of_slot = np.full(MAX_SLOT_ID + 1, -1, dtype=np.int64)
         for index, group in enumerate(self.groups):
             self.group_of_slot[group.slot_ids] = index
@@ -123,14 +121,12 @@ class OnlineTrainer:
             unique, inverse, counts = torch.unique(fids, return_inverse=True, return_counts=True)
             unique_times = torch.zeros(len(unique), dtype=torch.int64, device=self.device).scatter_reduce_(
                 0, inverse, fid_times, reduce="amax", include_self=False)
-            deep_rows = group.deep.lookup_or_insert(unique, unique_times, counts)
-            wide_rows = group.wide.lookup_or_insert(unique, unique_times, counts)
-            deep_weights = group.deep.gather(deep_rows).requires_grad_()
-            wide_weights = group.wide.gather(wide_rows).requires_grad_()
+            rows = group.table.lookup_or_insert(unique, unique_times, counts)
+            weights = group.table.gather(rows).requires_grad_()  # [unique, dim + 1]; zeros if filtered
             target = torch.from_numpy(example_of[mask] * self.num_slots + position[mask]).to(self.device)
-            pooled = pooled.index_add(0, target, deep_weights[inverse])
-            wide = wide.index_add(0, torch.from_numpy(example_of[mask]).to(self.device), wide_weights[inverse, 0])
-            used.append((group, deep_rows, wide_rows, deep_weights, wide_weights, counts))
+            pooled = pooled.index_add(0, target, weights[inverse, :self.dim])
+            wide = wide.index_add(0, torch.from_numpy(example_of[mask]).to(self.device), weights[inverse, self.dim])
+            used.append((group, rows, weights, counts))
         dense = torch.from_numpy(dense_values).to(self.device, torch.float32)
         logits = self.model(pooled.view(n, self.num_slots, self.dim), wide, dense)
         labels_t = torch.from_numpy(labels).to(self.device, torch.float32)
@@ -143,23 +139,21 @@ class OnlineTrainer:
         self.dense_optimizer.zero_grad()
         loss.backward()
         cow = self.spec.training.cowclip
-        for group, deep_rows, wide_rows, deep_weights, wide_weights, counts in used:
-            deep_grad = deep_weights.grad
-            if cow.enabled:
-                deep_grad = cowclip(deep_grad, deep_weights.detach(), counts, cow.ratio, cow.min_clip)
-            for optimizer, table, rows, grad in ((group.deep_optimizer, group.deep, deep_rows, deep_grad),
-                                                  (group.wide_optimizer, group.wide, wide_rows, wide_weights.grad)):
-                if grad is None:
-                    continue  # a model without a wide part (DNN, DCN, DCNv2) leaves the wide rows alone
-                admitted = rows >= 0  # filtered fids have no row and get no update
-                optimizer.step(table, rows[admitted], grad[admitted])
+        for group, rows, weights, counts in used:
+            grad = weights.grad
+            if grad is None:
+                continue
+            if cow.enabled:  # the deep part only: wide weights are not clipped
+                grad = torch.cat([cowclip(grad[:, :self.dim], weights.detach()[:, :self.dim], counts, cow.ratio,
+                                          cow.min_clip), grad[:, self.dim:]], dim=1)
+            admitted = rows >= 0  # filtered fids have no row and get no update
+            group.optimizer.step(group.table, rows[admitted], grad[admitted])
         self.dense_optimizer.step()
         self.batches += 1
         self.data_time_ms = max(self.data_time_ms, int(times.max()) if len(times) else 0)
         if self.data_time_ms - self.last_expiry_ms >= EXPIRE_EVERY_MS:
             for group in self.groups:
-                group.deep.expire(self.data_time_ms)
-                group.wide.expire(self.data_time_ms)
+                group.table.expire(self.data_time_ms)
             self.last_expiry_ms = self.data_time_ms
         return {"loss": float(loss.item()) / max(n, 1), "examples": n}
 
@@ -183,9 +177,9 @@ class OnlineTrainer:
             mask = (position >= 0) & (group_index == index)
             fids = torch.from_numpy(flat[mask]).to(self.device)
             target = torch.from_numpy(example_of[mask] * self.num_slots + position[mask]).to(self.device)
-            pooled.index_add_(0, target, group.deep.gather(group.deep.lookup(fids)))
-            wide.index_add_(0, torch.from_numpy(example_of[mask]).to(self.device), group.wide.gather(
-                group.wide.lookup(fids))[:, 0])
+            weights = group.table.gather(group.table.lookup(fids))
+            pooled.index_add_(0, target, weights[:, :self.dim])
+            wide.index_add_(0, torch.from_numpy(example_of[mask]).to(self.device), weights[:, self.dim])
         dense = torch.from_numpy(dense_values).to(self.device, torch.float32)
         return self.model(pooled.view(n, self.num_slots, self.dim), wide, dense).cpu().numpy()
 
