@@ -70,3 +70,21 @@ def test_filtered_fids_get_no_row_and_no_update():
     assert table.lookup(torch.tensor([rare])).item() == -1  # seen once: below min_count, no row
     assert table.lookup(torch.tensor([common])).item() >= 0
     assert table.stats["filtered"] == 1
+
+
+def test_expired_fids_are_freed_on_data_time_and_return_fresh():
+    trainer = OnlineTrainer(_spec(expire_after="1h"))
+    old, new = (1 << 48) | 11, (1 << 48) | 12
+    trainer.train(_example_table([old] * 4, [1, 0, 1, 0], 1.0, start_ms=0))
+    table = trainer.groups[0].table
+    first_row = table.lookup(torch.tensor([old])).item()
+    before = table.embeddings[first_row].clone()
+    assert first_row >= 0
+    # Two hours of *data time* later (not wall clock): the sweep frees the unseen fid.
+    trainer.train(_example_table([new] * 4, [0, 1, 0, 1], 1.0, start_ms=2 * 3_600_000))
+    assert table.lookup(torch.tensor([old])).item() == -1
+    assert table.stats["expired"] == 1
+    # It comes back as a fresh row (new initial embedding).
+    trainer.train(_example_table([old], [1], 1.0, start_ms=2 * 3_600_000 + 10))
+    row = table.lookup(torch.tensor([old])).item()
+    assert row >= 0 and not torch.equal(table.embeddings[row], before)
