@@ -44,8 +44,22 @@ DEAD = "dead_letters"
 NAMESPACE = "streamrec"
 
 
-def _count_dead(letter: DeadLetter) -> None:
-    Metrics.counter(NAMESPACE, f"dead_letters.{letter.stage}.{letter.reason}").inc()
+def dead_letter_outputs(letters: Iterable[DeadLetter]):
+    """Count each dead letter by stage and reason, and send it to the ``dead_letters`` output."""
+    for letter in letters:
+        Metrics.counter(NAMESPACE, f"dead_letters.{letter.stage}.{letter.reason}").inc()
+        yield beam.pvalue.TaggedOutput(DEAD, letter)
+
+
+def split_by_shard(table: pa.Table, shards: int) -> dict[int, pa.Table]:
+    """The rows of ``table`` per join-key shard: ``fnv1a64(request_id \x1f item_id) % shards``."""
+    if table.num_rows == 0:
+        return {}
+    import numpy as np
+
+    keys = join_keys(table.column("request_id"), table.column("item_id"))
+    shard_of_row = (fnv1a64(keys) % np.uint64(shards)).astype(np.int64)
+    return {shard: table.filter(pa.array(shard_of_row == shard)) for shard in np.unique(shard_of_row).tolist()}
 
 
 def event_key(record: dict) -> str:
@@ -66,12 +80,9 @@ class JoinDoFn(beam.DoFn):
         self.logic = KeyJoin(self.config)
 
     def _emit(self, outputs: Iterable):
-        for output in outputs:
-            if isinstance(output, DeadLetter):
-                _count_dead(output)
-                yield beam.pvalue.TaggedOutput(DEAD, output)
-            else:
-                yield output
+        outputs = list(outputs)
+        yield from (o for o in outputs if not isinstance(o, DeadLetter))
+        yield from dead_letter_outputs(o for o in outputs if isinstance(o, DeadLetter))
 
     def _store(self, state_cell, timer, state: KeyState | None):
         due = self.logic.next_timer(state) if state is not None else None
@@ -129,9 +140,7 @@ class BuildExamples(beam.DoFn):
 
     def process(self, batch: list[Joined]):
         table, letters = self.builder.build(batch)
-        for letter in letters:
-            _count_dead(letter)
-            yield beam.pvalue.TaggedOutput(DEAD, letter)
+        yield from dead_letter_outputs(letters)
         yield from table.to_pylist()
 
 
@@ -171,18 +180,10 @@ class ReadLogTableShards(beam.DoFn):
         self.schema = load_schema(self.schema_name)
 
     def process(self, path: str):
-        import numpy as np
-
         sink = DeadLetterSink(keep=None)
-        table = read_log_table(path, self.schema, sink)
-        if table.num_rows:
-            keys = join_keys(table.column("request_id"), table.column("item_id"))
-            shard_of_row = (fnv1a64(keys) % np.uint64(self.shards)).astype(np.int64)
-            for shard in np.unique(shard_of_row).tolist():
-                yield shard, (self.kind, table.filter(pa.array(shard_of_row == shard)))
-        for letter in sink.letters:
-            _count_dead(letter)
-            yield beam.pvalue.TaggedOutput(DEAD, letter)
+        for shard, part in split_by_shard(read_log_table(path, self.schema, sink), self.shards).items():
+            yield shard, (self.kind, part)
+        yield from dead_letter_outputs(sink.letters)
 
 
 class JoinShardDoFn(beam.DoFn):
@@ -206,9 +207,7 @@ class JoinShardDoFn(beam.DoFn):
         ordered = next(batches)
         for closed, letters in batches:
             table, feature_letters = self.builder.build_closed(ordered, closed)
-            for letter in letters + feature_letters:
-                _count_dead(letter)
-                yield beam.pvalue.TaggedOutput(DEAD, letter)
+            yield from dead_letter_outputs(letters + feature_letters)
             if table.num_rows:
                 yield table
 
@@ -220,20 +219,12 @@ class SplitToShards(beam.DoFn):
         self.shards = shards
 
     def process(self, element):
-        import numpy as np
-
         impressions, actions = element
-        parts: dict[int, list] = {}
-        for position, table in enumerate((impressions, actions)):
-            if table.num_rows == 0:
-                continue
-            keys = join_keys(table.column("request_id"), table.column("item_id"))
-            shard_of_row = (fnv1a64(keys) % np.uint64(self.shards)).astype(np.int64)
-            for shard in np.unique(shard_of_row).tolist():
-                parts.setdefault(shard, [impressions.schema.empty_table(), actions.schema.empty_table()])
-                parts[shard][position] = table.filter(pa.array(shard_of_row == shard))
-        for shard, (shard_impressions, shard_actions) in parts.items():
-            yield shard, (shard_impressions, shard_actions)
+        impression_parts = split_by_shard(impressions, self.shards)
+        action_parts = split_by_shard(actions, self.shards)
+        for shard in impression_parts.keys() | action_parts.keys():
+            yield shard, (impression_parts.get(shard, impressions.schema.empty_table()),
+                          action_parts.get(shard, actions.schema.empty_table()))
 
 
 class JoinShardStreamDoFn(beam.DoFn):
@@ -255,11 +246,6 @@ class JoinShardStreamDoFn(beam.DoFn):
 
         return {"joiner": BatchJoiner(self.config), "next_ref": 0,
                 "pending": impression_schema.append(pa.field("_ref", pa.int64())).empty_table()}
-
-    def _dead(self, letters):
-        for letter in letters:
-            _count_dead(letter)
-            yield beam.pvalue.TaggedOutput(DEAD, letter)
 
     def _save(self, state_cell, timer, state):
         """Persist the state; the timer goes to the next due time rounded up to a whole window.
@@ -291,7 +277,7 @@ class JoinShardStreamDoFn(beam.DoFn):
             actions.column("action_type").to_pylist(), actions.column("event_time_ms").to_numpy(),
             actions.to_pylist(), -(1 << 62))  # the watermark moves only through the timer
         self._save(state_cell, timer, state)
-        yield from self._dead(letters)
+        yield from dead_letter_outputs(letters)
 
     @on_timer(DUE)
     def due(self, fired_at=beam.DoFn.TimestampParam, state_cell=beam.DoFn.StateParam(STATE),
@@ -302,14 +288,14 @@ class JoinShardStreamDoFn(beam.DoFn):
         if state is None:
             return
         closed, letters = state["joiner"].advance(fired_at.micros // 1000)
-        yield from self._dead(letters)
+        yield from dead_letter_outputs(letters)
         if len(closed):
             pending = state["pending"]
             rows = pc.index_in(pa.array(closed.refs), value_set=pending.column("_ref"))
             table, feature_letters = self.builder.build_columns(pending.take(rows).drop_columns(["_ref"]),
                                                                 closed.times, closed.label_times)
             state["pending"] = pending.filter(pc.invert(pc.is_in(pending.column("_ref"), value_set=pa.array(closed.refs))))
-            yield from self._dead(feature_letters)
+            yield from dead_letter_outputs(feature_letters)
             if table.num_rows:
                 yield table
         self._save(state_cell, timer, state)
@@ -414,9 +400,7 @@ class LoadLogFile(beam.DoFn):
         empty = {k: arrow_schema(s).empty_table() for k, s in self.schemas.items()}
         empty[kind] = table
         yield empty["impressions"], empty["actions"]
-        for letter in sink.letters:
-            _count_dead(letter)
-            yield beam.pvalue.TaggedOutput(DEAD, letter)
+        yield from dead_letter_outputs(sink.letters)
 
 
 class WatchLogDirectory(beam.PTransform):

@@ -31,8 +31,8 @@ import pyarrow as pa
 from pipelines.beam_join import (DEAD, NAMESPACE, BackfillJoin, StreamingJoin, WatchLogDirectory, WriteBundles,
                                  log_file_names)
 from schemas.dead_letters import DeadLetterSink
-from schemas.events import arrow_schema, load_schema
-from schemas.logs import log_files, read_log_table
+from schemas.events import load_schema
+from schemas.logs import read_log_tables
 from schemas.spec import FeatureSpec
 
 
@@ -56,13 +56,9 @@ def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, event
     paths (a TestStream's payload is pickled and compressed at pipeline construction, so data
     must not ride in it). Each advance is a round of the DirectRunner: steps count events."""
     sink = dead_letters if dead_letters is not None else DeadLetterSink(keep=None)
-    tables = {}
-    for kind, schema_name in (("impressions", spec.events.impression), ("actions", spec.events.action)):
-        schema = load_schema(schema_name)
-        parts = [read_log_table(path, schema, sink) for path in log_files(log_dir, kind)]
-        tables[kind] = (pa.concat_tables(parts) if parts else arrow_schema(schema).empty_table()).sort_by(
-            "event_time_ms")
-    impressions, actions = tables["impressions"], tables["actions"]
+    impressions, actions = (read_log_tables(log_dir, kind, load_schema(schema), sink).sort_by("event_time_ms")
+                            for kind, schema in (("impressions", spec.events.impression),
+                                                 ("actions", spec.events.action)))
     times = np.concatenate([impressions.column("event_time_ms").to_numpy(), actions.column("event_time_ms").to_numpy()])
     times.sort()
     stream = TestStream()
@@ -84,14 +80,27 @@ def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, event
     return stream.advance_watermark_to_infinity()
 
 
+def _fresh_output_dirs(out_dir: Path) -> None:
+    for sub in ("examples", "dead_letters"):
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+        (out_dir / sub).mkdir(parents=True)
+
+
+def _dead_letter_counts(pipeline: beam.Pipeline) -> dict[str, int]:
+    """Dead letters by reason, from the pipeline's ``dead_letters.<stage>.<reason>`` counters."""
+    counts: dict[str, int] = {}
+    for counter in pipeline.result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+        reason = counter.key.metric.name.split(".")[-1]
+        counts[reason] = counts.get(reason, 0) + counter.committed
+    return counts
+
+
 def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streaming: bool = False,
              watch_interval_s: float | None = None, stop_after_s: float | None = None) -> dict:
     """Backfill (default), streaming replay (``streaming``), or live (``watch_interval_s``: watch
     the log directory for new files, until ``stop_after_s`` if given)."""
     out_dir = Path(out_dir)
-    for sub in ("examples", "dead_letters"):
-        shutil.rmtree(out_dir / sub, ignore_errors=True)
-        (out_dir / sub).mkdir(parents=True)
+    _fresh_output_dirs(out_dir)
     options = PipelineOptions(runner="DirectRunner")
     options.view_as(StandardOptions).streaming = streaming or watch_interval_s is not None
     read_dead = DeadLetterSink(keep=None)
@@ -117,11 +126,7 @@ def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, stream
         dead | "WriteDeadLetters" >> beam.ParDo(WriteBundles(str(out_dir / "dead_letters"), "dead_letters"))
     elapsed = time.perf_counter() - started
     shutil.rmtree(out_dir / ".replay", ignore_errors=True)
-    counters = pipeline.result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    dead_counts: dict[str, int] = {}
-    for counter in counters:
-        reason = counter.key.metric.name.split(".")[-1]
-        dead_counts[reason] = dead_counts.get(reason, 0) + counter.committed
+    dead_counts = _dead_letter_counts(pipeline)
     for letter in read_dead.letters:  # read before the pipeline in streaming replay
         dead_counts[letter.reason] = dead_counts.get(letter.reason, 0) + 1
     mode = "live" if watch_interval_s is not None else "streaming" if streaming else "backfill"
@@ -138,9 +143,7 @@ def run_training(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, de
     from pipelines.beam_join import TrainOnExamples
 
     out_dir = Path(out_dir)
-    for sub in ("examples", "dead_letters"):
-        shutil.rmtree(out_dir / sub, ignore_errors=True)
-        (out_dir / sub).mkdir(parents=True)
+    _fresh_output_dirs(out_dir)
     options = PipelineOptions(runner="DirectRunner")
     started = time.perf_counter()
     with beam.Pipeline(options=options) as pipeline:
@@ -152,11 +155,6 @@ def run_training(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, de
                    | "Train" >> beam.ParDo(TrainOnExamples(spec, device)))
         metrics | "WriteMetrics" >> beam.Map(lambda m: (out_dir / "metrics.json").write_text(json.dumps(m) + "\n"))
     summary = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
-    counters = pipeline.result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    dead_counts: dict[str, int] = {}
-    for counter in counters:
-        reason = counter.key.metric.name.split(".")[-1]
-        dead_counts[reason] = dead_counts.get(reason, 0) + counter.committed
     summary.update({"mode": "backfill", "seconds": round(time.perf_counter() - started, 2),
-                    "dead_letters": dead_counts})
+                    "dead_letters": _dead_letter_counts(pipeline)})
     return summary
