@@ -24,8 +24,9 @@ from pathlib import Path
 import pyarrow as pa
 
 from datasets.synthetic import SyntheticConfig, generate
-from schemas.events import arrow_schema, load_schema
-from schemas.logs import log_files, read_log_file
+from schemas.dead_letters import DeadLetterSink
+from schemas.events import load_schema
+from schemas.logs import read_log_tables
 from schemas.spec import load_spec
 from transforms.examples import ExampleBuilder
 from transforms.batch_join import join_tables
@@ -37,12 +38,9 @@ BATCH = 32_768  # micro-batch rows: per-batch work grows with the open window, s
 
 def load_events(spec, logs: Path) -> tuple[pa.Table, pa.Table]:
     """Both logs as Arrow tables (impressions in time order, as the log files hold them)."""
-    tables = {}
-    for kind, schema_name in (("impressions", spec.events.impression), ("actions", spec.events.action)):
-        schema = load_schema(schema_name)
-        tables[kind] = pa.Table.from_pylist([r for f in log_files(logs, kind) for r in read_log_file(f, schema)],
-                                            schema=arrow_schema(schema))
-    return tables["impressions"], tables["actions"]
+    sink = DeadLetterSink()
+    return tuple(read_log_tables(logs, kind, load_schema(schema), sink)
+                 for kind, schema in (("impressions", spec.events.impression), ("actions", spec.events.action)))
 
 
 def pure(spec, impressions: pa.Table, actions: pa.Table) -> tuple[float, int]:

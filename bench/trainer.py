@@ -21,9 +21,7 @@ import pyarrow as pa
 import torch
 
 from datasets.synthetic import SyntheticConfig, generate
-from schemas.dead_letters import DeadLetterSink
-from schemas.events import load_schema
-from schemas.logs import log_files, read_log_table
+from bench.pipeline import load_events
 from schemas.spec import load_spec
 from trainer.models import CTRModel
 from trainer.online import OnlineTrainer
@@ -35,9 +33,7 @@ from transforms.join import JoinConfig
 def synthetic_examples(spec, impressions: int, seed: int = 5) -> pa.Table:
     with tempfile.TemporaryDirectory() as tmp:
         generate(Path(tmp), SyntheticConfig(events=impressions, seed=seed, span_hours=2))
-        sink = DeadLetterSink()
-        tables = [pa.concat_tables([read_log_table(p, load_schema(schema), sink) for p in log_files(tmp, kind)])
-                  for kind, schema in (("impressions", spec.events.impression), ("actions", spec.events.action))]
+        tables = load_events(spec, Path(tmp))
     builder = ExampleBuilder(spec)
     batches = join_tables(JoinConfig.from_spec(spec), *tables)
     ordered = next(batches)

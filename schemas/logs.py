@@ -361,6 +361,12 @@ def read_log_file(path: str | Path, schema: dict, dead_letters: DeadLetterSink |
         dead_letters.add(DeadLetter(stage, "corrupt_file", message, str(path)))
 
 
+def read_log_tables(log_dir: str | Path, kind: str, schema: dict, dead_letters: DeadLetterSink) -> pa.Table:
+    """Every file of one kind as one Arrow table (file after file), bad records to ``dead_letters``."""
+    parts = [read_log_table(path, schema, dead_letters) for path in log_files(log_dir, kind)]
+    return pa.concat_tables(parts) if parts else arrow_schema(schema).empty_table()
+
+
 def read_log(log_dir: str | Path, kind: str, schema: dict,
              dead_letters: DeadLetterSink | None = None) -> Iterator[dict]:
     """Every record of one kind, file after file (each file in event-time order)."""
