@@ -561,13 +561,11 @@ class EmbeddingTable:
     def remove(self, fids: torch.Tensor) -> int:
         """Remove fids (here and in the store); returns how many were present here."""
         fids = torch.unique(fids.to(self.device))
-        rows, positions = self._find(fids, want_positions=True)
-        present = rows >= 0
-        self._free(positions[present], rows[present])
+        present = self.delete(fids)
         self._record_removed(fids)
         if self.store is not None:
             self.store.delete(fids)
-        return int(present.sum())
+        return present
 
     def expire(self, data_time_ms: int | None = None) -> int:
         """Free rows unseen for longer than their slot's ``expire_after_ms`` of data time.
@@ -651,11 +649,13 @@ class EmbeddingTable:
         if len(batch):
             self.data_time_ms = max(self.data_time_ms, int(batch.last_seen_ms.max()))
 
-    def delete(self, fids: torch.Tensor) -> None:
+    def delete(self, fids: torch.Tensor) -> int:
+        """Free the rows of ``fids`` (no delta bookkeeping); returns how many were present."""
         fids = torch.unique(fids.to(self.device))
         rows, positions = self._find(fids, want_positions=True)
         present = rows >= 0
         self._free(positions[present], rows[present])
+        return int(present.sum())
 
     # ---------------------------------------------------------------------------------------
     # memory accounting

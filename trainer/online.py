@@ -100,14 +100,18 @@ class OnlineTrainer:
         rates = examples.column("sample_rate").to_numpy()
         return flat, example_of, labels, dense_values, times, rates
 
-    def train_batch(self, examples: pa.Table) -> dict:
-        """Score the batch (progressive metrics), then train on it; returns the batch's loss."""
+    def _forward(self, examples: pa.Table, train: bool):
+        """Logits of a batch and, when training, the (group, rows, leaf weights, counts) to update.
+
+        Training inserts new fids (frequency filter, last-seen time, counts); prediction only reads.
+        """
         flat, example_of, labels, dense_values, times, rates = self._columns(examples)
         n = examples.num_rows
         slots = flat >> HASH_BITS
         position = self.slot_position[slots]
         known = position >= 0
-        self.unknown_slot_fids += int((~known).sum())
+        if train:
+            self.unknown_slot_fids += int((~known).sum())
         pooled = torch.zeros(n * self.num_slots, self.dim, device=self.device)
         wide = torch.zeros(n, device=self.device)
         used = []
@@ -117,18 +121,27 @@ class OnlineTrainer:
             if not mask.any():
                 continue
             fids = torch.from_numpy(flat[mask]).to(self.device)
-            fid_times = torch.from_numpy(times[example_of[mask]]).to(self.device)
             unique, inverse, counts = torch.unique(fids, return_inverse=True, return_counts=True)
-            unique_times = torch.zeros(len(unique), dtype=torch.int64, device=self.device).scatter_reduce_(
-                0, inverse, fid_times, reduce="amax", include_self=False)
-            rows = group.table.lookup_or_insert(unique, unique_times, counts)
-            weights = group.table.gather(rows).requires_grad_()  # [unique, dim + 1]; zeros if filtered
+            if train:
+                fid_times = torch.from_numpy(times[example_of[mask]]).to(self.device)
+                unique_times = torch.zeros(len(unique), dtype=torch.int64, device=self.device).scatter_reduce_(
+                    0, inverse, fid_times, reduce="amax", include_self=False)
+                rows = group.table.lookup_or_insert(unique, unique_times, counts)
+                weights = group.table.gather(rows).requires_grad_()  # [unique, dim + 1]; zeros if filtered
+                used.append((group, rows, weights, counts))
+            else:
+                weights = group.table.gather(group.table.lookup(unique))
             target = torch.from_numpy(example_of[mask] * self.num_slots + position[mask]).to(self.device)
             pooled = pooled.index_add(0, target, weights[inverse, :self.dim])
             wide = wide.index_add(0, torch.from_numpy(example_of[mask]).to(self.device), weights[inverse, self.dim])
-            used.append((group, rows, weights, counts))
         dense = torch.from_numpy(dense_values).to(self.device, torch.float32)
         logits = self.model(pooled.view(n, self.num_slots, self.dim), wide, dense)
+        return logits, labels, rates, times, used
+
+    def train_batch(self, examples: pa.Table) -> dict:
+        """Score the batch (progressive metrics), then train on it; returns the batch's loss."""
+        n = examples.num_rows
+        logits, labels, rates, times, used = self._forward(examples, train=True)
         labels_t = torch.from_numpy(labels).to(self.device, torch.float32)
         weights = np.where(labels > 0, 1.0, 1.0 / rates)
         self.metrics.update(logits.detach().cpu().numpy(), labels, weights)
@@ -167,19 +180,4 @@ class OnlineTrainer:
     @torch.no_grad()
     def predict_logits(self, examples: pa.Table) -> np.ndarray:
         """Logits calibrated to unsampled traffic, without inserting or updating anything."""
-        flat, example_of, _, dense_values, _, _ = self._columns(examples)
-        n = examples.num_rows
-        position = self.slot_position[flat >> HASH_BITS]
-        group_index = self.group_of_slot[flat >> HASH_BITS]
-        pooled = torch.zeros(n * self.num_slots, self.dim, device=self.device)
-        wide = torch.zeros(n, device=self.device)
-        for index, group in enumerate(self.groups):
-            mask = (position >= 0) & (group_index == index)
-            fids = torch.from_numpy(flat[mask]).to(self.device)
-            target = torch.from_numpy(example_of[mask] * self.num_slots + position[mask]).to(self.device)
-            weights = group.table.gather(group.table.lookup(fids))
-            pooled.index_add_(0, target, weights[:, :self.dim])
-            wide.index_add_(0, torch.from_numpy(example_of[mask]).to(self.device), weights[:, self.dim])
-        dense = torch.from_numpy(dense_values).to(self.device, torch.float32)
-        return self.model(pooled.view(n, self.num_slots, self.dim), wide, dense).cpu().numpy()
-
+        return self._forward(examples, train=False)[0].cpu().numpy()
