@@ -27,6 +27,9 @@ setup(
         "numpy>=1.24,<2.2",
         # Feature specs.
         "PyYAML>=6",
+        # Training reports: the metrics plot (PNG) and the progress bar.
+        "matplotlib>=3.7",
+        "tqdm>=4.60",
     ],
     extras_require={
         # scikit-learn is the reference the metric tests compare against.

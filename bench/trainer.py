@@ -30,10 +30,16 @@ from transforms.examples import ExampleBuilder
 from transforms.join import JoinConfig
 
 
-def synthetic_examples(spec, impressions: int, seed: int = 5) -> pa.Table:
+def synthetic_examples(spec, impressions: int, seed: int = 5, span_hours: float = 2) -> pa.Table:
     with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp), SyntheticConfig(events=impressions, seed=seed, span_hours=2))
-        tables = load_events(spec, Path(tmp))
+        generate(Path(tmp), SyntheticConfig(events=impressions, seed=seed, span_hours=span_hours))
+        return examples_from_logs(spec, Path(tmp))
+
+
+def examples_from_logs(spec, log_dir: Path) -> pa.Table:
+    """Joined, sampled, feature-extracted Examples of a log directory, in impression-time order
+    (the pure columnar path, without an engine)."""
+    tables = load_events(spec, log_dir)
     builder = ExampleBuilder(spec)
     batches = join_tables(JoinConfig.from_spec(spec), *tables)
     ordered = next(batches)
@@ -43,18 +49,21 @@ def synthetic_examples(spec, impressions: int, seed: int = 5) -> pa.Table:
 class StaticBaseline:
     """The same model over static hashed tables with sparse gradients (Adagrad) and Adam."""
 
-    def __init__(self, spec, rows: int):
-        self.rows, self.spec = rows, spec
+    def __init__(self, spec, rows: int, device: str = "cpu"):
+        self.rows, self.spec, self.device = rows, spec, torch.device(device)
         self.num_slots, self.dim = len(spec.slots), spec.slots[0].dim
         self.deep = torch.nn.Embedding(rows, self.dim, sparse=True)
         torch.nn.init.normal_(self.deep.weight, std=0.01)
         self.wide = torch.nn.Embedding(rows, 1, sparse=True)
         torch.nn.init.zeros_(self.wide.weight)
-        self.model = CTRModel.from_spec(spec)
+        self.deep, self.wide = self.deep.to(self.device), self.wide.to(self.device)
+        self.model = CTRModel.from_spec(spec).to(self.device)
         lr = spec.slots[0].optimizer.lr
         self.sparse_optimizer = torch.optim.Adagrad(list(self.deep.parameters()) + list(self.wide.parameters()), lr=lr)
         self.dense_optimizer = torch.optim.Adam(self.model.parameters(), lr=spec.training.dense_optimizer.lr)
-        self.slot_position = {s.slot_id: i for i, s in enumerate(spec.slots)}
+        self.slot_position = np.zeros(max(s.slot_id for s in spec.slots) + 1, dtype=np.int64)
+        for i, s in enumerate(spec.slots):
+            self.slot_position[s.slot_id] = i
 
     def train_batch(self, examples: pa.Table) -> None:
         fids = examples.column("fids").combine_chunks()
@@ -62,14 +71,17 @@ class StaticBaseline:
         flat = fids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
         n = examples.num_rows
         example_of = np.repeat(np.arange(n), np.diff(offsets))
-        positions = np.vectorize(self.slot_position.get)(flat >> 48)
-        index = torch.from_numpy(flat % self.rows)
-        pooled = torch.zeros(n * self.num_slots, self.dim).index_add(
-            0, torch.from_numpy(example_of * self.num_slots + positions), self.deep(index))
-        wide = torch.zeros(n).index_add(0, torch.from_numpy(example_of), self.wide(index)[:, 0])
+        positions = self.slot_position[flat >> 48]
+        device = self.device
+        index = torch.from_numpy(flat % self.rows).to(device)
+        pooled = torch.zeros(n * self.num_slots, self.dim, device=device).index_add(
+            0, torch.from_numpy(example_of * self.num_slots + positions).to(device), self.deep(index))
+        wide = torch.zeros(n, device=device).index_add(0, torch.from_numpy(example_of).to(device),
+                                                        self.wide(index)[:, 0])
         dense = examples.column("dense").combine_chunks()
-        dense_t = torch.from_numpy(dense.values.to_numpy(zero_copy_only=False).reshape(n, -1).copy())
-        labels = torch.tensor([dict(l)["click"] for l in examples.column("labels").to_pylist()], dtype=torch.float32)
+        dense_t = torch.tensor(dense.values.to_numpy(zero_copy_only=False).reshape(n, -1), device=device)
+        labels = torch.tensor([dict(l)["click"] for l in examples.column("labels").to_pylist()], dtype=torch.float32,
+                              device=device)
         logits = self.model(pooled.view(n, self.num_slots, self.dim), wide, dense_t)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
         self.sparse_optimizer.zero_grad()
@@ -82,27 +94,32 @@ class StaticBaseline:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="40k examples (under a minute)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where both trainers' tables and models live")
     args = parser.parse_args(argv)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     torch.manual_seed(0)
     spec = load_spec("synthetic")
     examples = synthetic_examples(spec, 40_000 if args.quick else 200_000)
     batch = spec.training.batch_size
     batches = [examples.slice(start, batch) for start in range(0, examples.num_rows, batch)]
-    ours = OnlineTrainer(spec)
-    baseline = StaticBaseline(spec, rows=1_000_000)
+    ours = OnlineTrainer(spec, device=args.device)
+    baseline = StaticBaseline(spec, rows=1_000_000, device=args.device)
     ours.train_batch(batches[0])  # warm up both (allocations, first-touch)
     baseline.train_batch(batches[0])
     ours_s = baseline_s = 0.0
     for part in batches[1:]:  # alternate, so the machine's noise hits both
         start = time.perf_counter()
         ours.train_batch(part)
+        sync()
         ours_s += time.perf_counter() - start
         start = time.perf_counter()
         baseline.train_batch(part)
+        sync()
         baseline_s += time.perf_counter() - start
     trained = sum(p.num_rows for p in batches[1:])
     figures = {
         "benchmark": "trainer",
+        "device": args.device,
         "examples": trained,
         "batch": batch,
         "examples_per_s": round(trained / ours_s),

@@ -18,6 +18,7 @@ Dead letters of every stage leave on the ``dead_letters`` output with their reas
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
@@ -234,12 +235,13 @@ class JoinShardStreamDoFn(beam.DoFn):
     STATE = ReadModifyWriteStateSpec("shard_join", PickleCoder())
     DUE = TimerSpec("due", TimeDomain.WATERMARK)
 
-    def __init__(self, spec: FeatureSpec):
-        self.spec = spec
+    def __init__(self, spec: FeatureSpec, emit_every_ms: int | None = None):
+        self.spec, self.emit_every_ms = spec, emit_every_ms
 
     def setup(self):
         self.builder = ExampleBuilder(self.spec)
         self.config = JoinConfig.from_spec(self.spec)
+        self.granularity = max(self.config.window_ms, self.emit_every_ms or 0)
 
     def _new_state(self, impression_schema: pa.Schema) -> dict:
         from transforms.batch_join import BatchJoiner
@@ -248,19 +250,21 @@ class JoinShardStreamDoFn(beam.DoFn):
                 "pending": impression_schema.append(pa.field("_ref", pa.int64())).empty_table()}
 
     def _save(self, state_cell, timer, state):
-        """Persist the state; the timer goes to the next due time rounded up to a whole window.
+        """Persist the state; the timer goes to the next due time rounded up to a whole
+        ``granularity`` (the join window, or ``emit_every_ms`` if longer).
 
         A firing at T advances the join to T, closing everything due by then: rounding bounds
-        the firings by (event-time span / window) - each costs a state round trip - and only
-        delays emission (decisions are on event time, so the output is the same).
+        the firings by (event-time span / granularity) - each costs a state round trip, and on
+        the DirectRunner a timer set behind the watermark waits for a round of its own - and
+        only delays emission (decisions are on event time, so the output is the same).
         """
         state_cell.write(state)
         due = state["joiner"].next_due()
         if due is None:
             timer.clear()
         else:
-            window = self.config.window_ms
-            timer.set(Timestamp(micros=(-(-due // window) * window) * 1000))
+            step = self.granularity
+            timer.set(Timestamp(micros=(-(-due // step) * step) * 1000))
 
     def process(self, element, state_cell=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(DUE)):
         import numpy as np
@@ -304,13 +308,14 @@ class JoinShardStreamDoFn(beam.DoFn):
 class StreamingJoin(beam.PTransform):
     """Micro-batches (impressions table, actions table) -> Example tables, in shards, streaming."""
 
-    def __init__(self, spec: FeatureSpec, shards: int = 4):
+    def __init__(self, spec: FeatureSpec, shards: int = 4, emit_every_ms: int | None = None):
         super().__init__()
-        self.spec, self.shards = spec, shards
+        self.spec, self.shards, self.emit_every_ms = spec, shards, emit_every_ms
 
     def expand(self, batches):
         joined = (batches | "SplitToShards" >> beam.ParDo(SplitToShards(self.shards))
-                  | "JoinShards" >> beam.ParDo(JoinShardStreamDoFn(self.spec)).with_outputs(DEAD, main="examples"))
+                  | "JoinShards" >> beam.ParDo(JoinShardStreamDoFn(self.spec, self.emit_every_ms))
+                  .with_outputs(DEAD, main="examples"))
         return {"examples": joined.examples, DEAD: joined[DEAD]}
 
 
@@ -346,7 +351,8 @@ class WriteBundles(beam.DoFn):
     """Writes each bundle's elements to one new file under ``directory`` (atomic rename).
 
     Works the same in batch and streaming (no windowed file sink needed): examples (records or
-    Arrow tables) go to Parquet in the Example schema, dead letters to JSON lines.
+    Arrow tables) go to Parquet in the Example schema, dead letters and dicts (metric rows) to
+    JSON lines.
     """
 
     def __init__(self, directory: str, kind: str):
@@ -379,7 +385,8 @@ class WriteBundles(beam.DoFn):
                 pq.write_table(table, out)
         else:
             with atomic_write(Path(self.directory) / f"{name}.jsonl", "w") as out:
-                out.writelines(letter.to_json() + "\n" for letter in self.buffer)
+                out.writelines((item.to_json() if hasattr(item, "to_json") else json.dumps(item)) + "\n"
+                               for item in self.buffer)
         self.buffer = []
 
 
@@ -432,34 +439,3 @@ class WatchLogDirectory(beam.PTransform):
         loaded = (matched | "NewFiles" >> beam.Flatten()
                   | "LoadFiles" >> beam.ParDo(LoadLogFile(self.spec)).with_outputs(DEAD, main="batches"))
         return {"batches": loaded.batches, DEAD: loaded[DEAD]}
-
-
-class TrainOnExamples(beam.DoFn):
-    """Backfill training: all Example tables of the run, in event-time order, through one
-    OnlineTrainer (one key, so one trainer); yields the final progressive metrics."""
-
-    def __init__(self, spec: FeatureSpec, device: str = "cpu", report_every: int = 20_000):
-        self.spec, self.device, self.report_every = spec, device, report_every
-
-    def process(self, element):
-        import sys
-        import time
-
-        from trainer.online import OnlineTrainer
-
-        _, tables = element
-        examples = pa.concat_tables(list(tables)).sort_by("impression_time_ms")
-        trainer = OnlineTrainer(self.spec, device=self.device)
-        batch = self.spec.training.batch_size
-        started, reported = time.perf_counter(), 0
-        for start in range(0, examples.num_rows, batch):
-            trainer.train_batch(examples.slice(start, batch))
-            if trainer.metrics.examples - reported >= self.report_every:
-                reported = trainer.metrics.examples
-                rate = reported / (time.perf_counter() - started)
-                print(f"trained {reported} examples: progressive {trainer.metrics.summary()}, {rate:.0f} examples/s",
-                      file=sys.stderr, flush=True)
-        summary = trainer.metrics.summary()
-        summary["train_seconds"] = round(time.perf_counter() - started, 2)
-        summary["examples_per_s"] = round(summary["examples"] / max(summary["train_seconds"], 1e-9))
-        yield summary

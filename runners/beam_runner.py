@@ -9,12 +9,13 @@
   timer, so windows close, late and orphan actions are judged and state is freed while the
   stream runs - as in a live job.
 
-Both write ``OUT/examples/*.parquet`` (Example schema), ``OUT/dead_letters/*.jsonl`` and
-return a summary with the counts.
+Every mode writes ``OUT/examples/*.parquet`` (Example schema) and ``OUT/dead_letters/*.jsonl``.
+With ``train``, the Example tables also go through ``pipelines.beam_train.TrainExamples`` (the
+online trainer as a stateful transform): progressive metrics per event-time window land in
+``OUT/metrics.jsonl`` with a plot ``OUT/metrics.png``, and the summary holds the final figures.
 """
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +31,8 @@ import pyarrow as pa
 
 from pipelines.beam_join import (DEAD, NAMESPACE, BackfillJoin, StreamingJoin, WatchLogDirectory, WriteBundles,
                                  log_file_names)
+from pipelines.beam_train import SUMMARY, TrainExamples, release_trainers
+from schemas.durations import format_duration_ms
 from schemas.dead_letters import DeadLetterSink
 from schemas.events import load_schema
 from schemas.logs import read_log_tables
@@ -48,9 +51,11 @@ def load_replay_batch(paths: tuple[str, str]) -> tuple[pa.Table, pa.Table]:
 
 
 def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, events_per_step: int = 4_096,
-                  dead_letters: DeadLetterSink | None = None) -> TestStream:
-    """The logs as a TestStream of micro-batches in event-time order; after each batch the
-    watermark advances to the next batch's first event time (nothing earlier follows).
+                  dead_letters: DeadLetterSink | None = None) -> tuple[TestStream, int]:
+    """The logs as a TestStream of micro-batches in event-time order, and the median event-time
+    span of a step (ms). After each batch the watermark advances to the next batch's first event
+    time (nothing earlier follows); after the last, to the last event time plus the join window
+    and one more step (so every window closes in event-time order), then to infinity.
 
     Batches are spilled to Arrow IPC files under ``spill_dir`` and the stream carries their
     paths (a TestStream's payload is pickled and compressed at pipeline construction, so data
@@ -77,11 +82,17 @@ def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, event
             stream.advance_watermark_to(Timestamp(micros=bound * 1000))
             first = bound
         imp_start, act_start = imp_end, act_end
-    return stream.advance_watermark_to_infinity()
+    step_ms = int(np.median(np.diff(times[::events_per_step]))) if len(times) > events_per_step else 0
+    if len(times):
+        stream.advance_watermark_to(Timestamp(micros=(int(times[-1]) + spec.join.window_ms + step_ms + 1) * 1000))
+    return stream.advance_watermark_to_infinity(), step_ms
+
+
+OUTPUTS = ("examples", "dead_letters", "metrics")
 
 
 def _fresh_output_dirs(out_dir: Path) -> None:
-    for sub in ("examples", "dead_letters"):
+    for sub in OUTPUTS:
         shutil.rmtree(out_dir / sub, ignore_errors=True)
         (out_dir / sub).mkdir(parents=True)
 
@@ -95,10 +106,33 @@ def _dead_letter_counts(pipeline: beam.Pipeline) -> dict[str, int]:
     return counts
 
 
-def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streaming: bool = False,
-             watch_interval_s: float | None = None, stop_after_s: float | None = None) -> dict:
-    """Backfill (default), streaming replay (``streaming``), or live (``watch_interval_s``: watch
-    the log directory for new files, until ``stop_after_s`` if given)."""
+def _finish_metrics(spec: FeatureSpec, out_dir: Path) -> dict:
+    """Merge the metric rows into ``metrics.jsonl`` + ``metrics.png``; returns the summary."""
+    from trainer.report import plot_metrics, read_metric_rows, write_metric_rows
+
+    summary, rows = {}, []
+    for part in sorted((out_dir / "metrics").glob("*.jsonl")):
+        for row in read_metric_rows(part):
+            if row.get("final"):  # a summary; the last one has the most examples
+                if row["examples"] >= summary.get("examples", -1):
+                    summary = {k: v for k, v in row.items() if k != "final"}
+            else:
+                rows.append(row)
+    shutil.rmtree(out_dir / "metrics", ignore_errors=True)
+    rows = write_metric_rows(rows, out_dir / "metrics.jsonl")
+    if rows:
+        plot_metrics(rows, out_dir / "metrics.png", f"{spec.name}: progressive validation per "
+                     f"{format_duration_ms(spec.training.metrics_window_ms)} of event time")
+    summary["metric_windows"] = len(rows)
+    return summary
+
+
+def run_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streaming: bool = False,
+            watch_interval_s: float | None = None, stop_after_s: float | None = None, train: bool = False,
+            device: str = "cpu", progress: bool = True) -> dict:
+    """The job on the DirectRunner: backfill (default), streaming replay (``streaming``), or live
+    (``watch_interval_s``: watch the log directory for new files, until ``stop_after_s`` if
+    given); join, sample and extract features, and with ``train`` train online on the Examples."""
     out_dir = Path(out_dir)
     _fresh_output_dirs(out_dir)
     options = PipelineOptions(runner="DirectRunner")
@@ -114,47 +148,41 @@ def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, stream
             spill_dir = out_dir / ".replay"
             shutil.rmtree(spill_dir, ignore_errors=True)
             spill_dir.mkdir()
-            batches = (pipeline | "ReplayLogs" >> replay_stream(spec, log_dir, spill_dir, dead_letters=read_dead)
-                       | "LoadBatches" >> beam.Map(load_replay_batch))
+            replay, step_ms = replay_stream(spec, log_dir, spill_dir, dead_letters=read_dead)
+            batches = pipeline | "ReplayLogs" >> replay | "LoadBatches" >> beam.Map(load_replay_batch)
             read_dead_letters = pipeline | "ReadDeadLetters" >> beam.Create(read_dead.letters)
-            result = batches | "StreamingJoin" >> StreamingJoin(spec)
+            # windows close at most once per replay step: a step spans step_ms of event time
+            result = batches | "StreamingJoin" >> StreamingJoin(spec, emit_every_ms=step_ms)
             dead = (read_dead_letters, result[DEAD]) | "AllDeadLetters" >> beam.Flatten()
         else:
             result = pipeline | "Backfill" >> BackfillJoin(spec, *log_file_names(log_dir))
             dead = result[DEAD]
         result["examples"] | "WriteExamples" >> beam.ParDo(WriteBundles(str(out_dir / "examples"), "examples"))
         dead | "WriteDeadLetters" >> beam.ParDo(WriteBundles(str(out_dir / "dead_letters"), "dead_letters"))
+        if train:
+            trained = result["examples"] | "Train" >> TrainExamples(
+                spec, device, at_end=not (streaming or watch_interval_s is not None), progress=progress)
+            final = trained[SUMMARY] | "MarkFinal" >> beam.Map(lambda summary: {**summary, "final": True})
+            ((trained["metrics"], final) | "AllMetrics" >> beam.Flatten()
+             | "WriteMetrics" >> beam.ParDo(WriteBundles(str(out_dir / "metrics"), "metrics")))
     elapsed = time.perf_counter() - started
+    release_trainers()
     shutil.rmtree(out_dir / ".replay", ignore_errors=True)
     dead_counts = _dead_letter_counts(pipeline)
     for letter in read_dead.letters:  # read before the pipeline in streaming replay
         dead_counts[letter.reason] = dead_counts.get(letter.reason, 0) + 1
+    summary = _finish_metrics(spec, out_dir) if train else {}
+    shutil.rmtree(out_dir / "metrics", ignore_errors=True)
     mode = "live" if watch_interval_s is not None else "streaming" if streaming else "backfill"
-    return {"mode": mode, "seconds": round(elapsed, 2),
-            "dead_letters": dead_counts}
-
-
-def run_training(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, device: str = "cpu") -> dict:
-    """Backfill end to end on the DirectRunner: logs -> join -> sample -> features -> online training.
-
-    Writes the examples and dead letters as ``run_join`` does and returns the progressive
-    metrics with the dead-letter counts.
-    """
-    from pipelines.beam_join import TrainOnExamples
-
-    out_dir = Path(out_dir)
-    _fresh_output_dirs(out_dir)
-    options = PipelineOptions(runner="DirectRunner")
-    started = time.perf_counter()
-    with beam.Pipeline(options=options) as pipeline:
-        result = pipeline | "Backfill" >> BackfillJoin(spec, *log_file_names(log_dir))
-        result["examples"] | "WriteExamples" >> beam.ParDo(WriteBundles(str(out_dir / "examples"), "examples"))
-        result[DEAD] | "WriteDeadLetters" >> beam.ParDo(WriteBundles(str(out_dir / "dead_letters"), "dead_letters"))
-        metrics = (result["examples"] | "OneTrainer" >> beam.Map(lambda table: (0, table))
-                   | "InTimeOrder" >> beam.GroupByKey()
-                   | "Train" >> beam.ParDo(TrainOnExamples(spec, device)))
-        metrics | "WriteMetrics" >> beam.Map(lambda m: (out_dir / "metrics.json").write_text(json.dumps(m) + "\n"))
-    summary = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").is_file() else {}
-    summary.update({"mode": "backfill", "seconds": round(time.perf_counter() - started, 2),
-                    "dead_letters": _dead_letter_counts(pipeline)})
+    summary.update({"mode": mode, "seconds": round(elapsed, 2), "dead_letters": dead_counts})
     return summary
+
+
+def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, **mode) -> dict:
+    """Join, sample and extract features only (``streamrec join`` / ``backfill``)."""
+    return run_job(spec, log_dir, out_dir, train=False, **mode)
+
+
+def run_training(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, **options) -> dict:
+    """The whole job: join, sample, extract, train online (``streamrec run``)."""
+    return run_job(spec, log_dir, out_dir, train=True, **options)

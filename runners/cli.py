@@ -132,9 +132,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     from schemas.spec import load_spec
 
     spec = load_spec(args.spec)
-    streaming = getattr(args, "streaming", False)
-    summary = run_join(spec, args.logs, args.out, streaming=streaming, watch_interval_s=getattr(args, "watch", None),
-                       stop_after_s=getattr(args, "stop_after", None))
+    summary = run_join(spec, args.logs, args.out, **_mode(args))
     summary.update(_examples_summary(Path(args.out), spec))
     from schemas.logs import read_manifest
 
@@ -150,7 +148,8 @@ def cmd_join(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """The main job: logs -> join -> sample -> features -> online training (backfill mode)."""
+    """The main job: logs -> join -> sample -> features -> online training (backfill, streaming
+    replay or live), with progressive metrics per event-time window."""
     from runners.beam_runner import run_training
     from schemas.spec import load_spec
 
@@ -163,10 +162,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not (args.logs / "manifest.json").is_file():
             movielens.convert(args.logs)
     spec = load_spec(args.spec or "movielens")
-    summary = run_training(spec, args.logs, args.out, device=args.device)
+    summary = run_training(spec, args.logs, args.out, device=args.device, progress=not args.no_progress,
+                           **_mode(args))
     print(f"trained on {summary.get('examples', 0)} examples: progressive AUC {summary.get('auc')}, "
           f"logloss {summary.get('logloss')}, calibration {summary.get('calibration')}; "
-          f"{summary.get('examples_per_s')} examples/s; dead letters {summary['dead_letters'] or 'none'}")
+          f"{summary.get('examples_per_s')} examples/s; dead letters {summary['dead_letters'] or 'none'}; "
+          f"metrics per window in {args.out}/metrics.jsonl and metrics.png")
     _print_json(summary)
     return 0
 
@@ -186,6 +187,20 @@ def cmd_table_stats(args: argparse.Namespace) -> int:
           f"file {stats['file_bytes']:,} B")
     _print_json(stats)
     return 0
+
+
+def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--streaming", action="store_true",
+                        help="run as a streaming job, replaying the logs in event-time order (default: backfill)")
+    parser.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                        help="live: watch the log directory for new files every SECONDS")
+    parser.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                        help="with --watch: stop watching after SECONDS (default: run until killed)")
+
+
+def _mode(args: argparse.Namespace) -> dict:
+    return {"streaming": getattr(args, "streaming", False), "watch_interval_s": getattr(args, "watch", None),
+            "stop_after_s": getattr(args, "stop_after", None)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,20 +246,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--logs", required=True, type=Path, help="log directory (impressions/, actions/)")
         sub.add_argument("--out", required=True, type=Path, help="output directory (examples/, dead_letters/)")
         if name == "join":
-            sub.add_argument("--streaming", action="store_true",
-                             help="run as a streaming job, replaying the logs in event-time order")
-            sub.add_argument("--watch", type=float, default=None, metavar="SECONDS",
-                             help="live: watch the log directory for new files every SECONDS")
-            sub.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
-                             help="with --watch: stop watching after SECONDS (default: run until killed)")
+            _add_mode_arguments(sub)
         sub.set_defaults(handler=cmd_join)
 
-    run = commands.add_parser("run", help="the whole job: join, sample, extract, train online (backfill)")
+    run = commands.add_parser("run", help="the whole job: join, sample, extract, train online")
     run.add_argument("--spec", default=None, help="spec (default: the built-in movielens)")
     run.add_argument("--logs", type=Path, default=None,
                      help="log directory (default: obtain MovieLens-100K into OUT/logs)")
     run.add_argument("--out", required=True, type=Path, help="output directory")
     run.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where tables and model live")
+    _add_mode_arguments(run)
+    run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     run.set_defaults(handler=cmd_run)
 
     table_stats = commands.add_parser("table-stats", help="rows, slots and memory figures of a table snapshot")

@@ -188,7 +188,8 @@ class TrainingSpec:
     batch_size: int = 1024
     dense_optimizer: OptimizerSpec = OptimizerSpec(kind=OptimizerKind.ADAM, lr=0.001)
     cowclip: CowClipSpec = CowClipSpec()
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # dense learning rate ramps linearly over this many batches
+    metrics_window_ms: int = 3_600_000  # progressive metrics are reported per window of event time
 
 
 @dataclass(frozen=True)
@@ -646,7 +647,7 @@ class _SpecParser:
 
     def _training(self, raw: Any) -> TrainingSpec:
         data = self._mapping(raw, "training")
-        self._unknown_keys(data, {"batch_size", "dense_optimizer", "cowclip", "warmup_steps"}, "training")
+        self._unknown_keys(data, {"batch_size", "dense_optimizer", "cowclip", "warmup_steps", "metrics_window"}, "training")
         cow = self._mapping(data.get("cowclip"), "training.cowclip")
         self._unknown_keys(cow, {"enabled", "ratio", "min_clip"}, "training.cowclip")
         cowclip = CowClipSpec(
@@ -660,6 +661,8 @@ class _SpecParser:
                                             TrainingSpec.dense_optimizer),
             cowclip=cowclip,
             warmup_steps=self._number(data.get("warmup_steps"), "training.warmup_steps", 0, minimum=0, integer=True),
+            metrics_window_ms=self._duration(data.get("metrics_window"), "training.metrics_window",
+                                             TrainingSpec.metrics_window_ms),
         )
 
     def _sync(self, raw: Any) -> SyncSpec:

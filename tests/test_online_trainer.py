@@ -24,6 +24,33 @@ def test_run_command_trains_deepfm_on_movielens_and_beats_logistic_regression(mo
     # the same ratings in time order scored a progressive AUC of 0.7365.
     assert figures["auc"] >= 0.74
     assert figures["calibration"] == pytest.approx(1.0, abs=0.02)
+    _check_metric_report(tmp_path, figures)
+
+
+def _check_metric_report(out, figures):
+    from trainer.report import read_metric_rows
+
+    rows = read_metric_rows(out / "metrics.jsonl")
+    assert len(rows) == figures["metric_windows"] > 20  # weekly windows over seven months
+    assert sum(row["examples"] for row in rows) + figures["late_metric_examples"] == figures["examples"]
+    starts = [row["window_start_ms"] for row in rows]
+    assert starts == sorted(starts) and all(start % rows[0]["window_ms"] == 0 for start in starts)
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_command_trains_in_streaming_mode_as_well_as_backfill(movielens_logs, tmp_path, capsys):
+    """The trainer as a stateful streaming transform: replayed logs, windows closing as the
+    watermark advances, training in event-time order; the same quality as the backfill."""
+    import json
+
+    from runners.cli import main
+
+    logs, _ = movielens_logs
+    assert main(["run", "--streaming", "--no-progress", "--logs", str(logs), "--out", str(tmp_path)]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["mode"] == "streaming" and figures["examples"] == 100_000
+    assert figures["auc"] >= 0.74
+    _check_metric_report(tmp_path, figures)
 
 
 def _spec(**slot):
@@ -88,3 +115,18 @@ def test_expired_fids_are_freed_on_data_time_and_return_fresh():
     trainer.train(_example_table([old], [1], 1.0, start_ms=2 * 3_600_000 + 10))
     row = table.lookup(torch.tensor([old])).item()
     assert row >= 0 and not torch.equal(table.embeddings[row], before)
+
+
+def test_dense_learning_rate_warms_up_linearly():
+    spec = parse_spec({"name": "t", "events": {"impression": "movielens_impression", "action": "action"},
+                       "defaults": {"dim": 4, "optimizer": {"kind": "adagrad", "lr": 0.05}},
+                       "slots": [{"name": "item", "source": "item_id"}],
+                       "labels": {"actions": ["click"]}, "model": {"kind": "dnn", "hidden_units": [4]},
+                       "training": {"batch_size": 8, "warmup_steps": 4,
+                                    "dense_optimizer": {"kind": "adam", "lr": 0.004}}})
+    trainer = OnlineTrainer(spec)
+    seen = []
+    for step in range(6):
+        trainer.train_batch(_example_table(np.arange(8) + 1, np.arange(8) % 2, 1.0, start_ms=step * 8))
+        seen.append(trainer.dense_optimizer.param_groups[0]["lr"])
+    assert seen == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.004, 0.004])

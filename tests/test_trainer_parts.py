@@ -139,3 +139,28 @@ def test_models_from_spec_learn_a_simple_rule(kind):
         optimizer.step()
     assert loss.item() < 0.5 * first
     assert model(emb, wide, dense).shape == (256,)
+
+
+def test_windowed_metrics_equal_progressive_metrics_per_window_and_count_late_examples():
+    from trainer.metrics import ProgressiveMetrics, WindowedMetrics
+
+    rng = np.random.default_rng(3)
+    times = np.sort(rng.integers(0, 10_000, 3_000))
+    labels = (rng.random(3_000) < 0.3).astype(float)
+    logits = rng.normal(size=3_000) + labels
+    weights = np.where(labels > 0, 1.0, 2.0)
+    windows = WindowedMetrics(window_ms=1_000)
+    rows = []
+    for start in range(0, 3_000, 250):  # batches in time order, rows closing as data time passes
+        part = slice(start, start + 250)
+        windows.update(logits[part], labels[part], weights[part], times[part])
+        rows += windows.close_until(int(times[part].max()))
+    windows.update(logits[:5], labels[:5], weights[:5], times[:5])  # window 0 closed long ago
+    rows += windows.flush()
+    assert windows.late_examples == 5
+    assert [row["window_start_ms"] for row in rows] == [w * 1_000 for w in range(10)]
+    for row in rows:
+        mask = (times // 1_000) == row["window_start_ms"] // 1_000
+        reference = ProgressiveMetrics(bins=1 << 12)
+        reference.update(logits[mask], labels[mask], weights[mask])
+        assert row == {"window_start_ms": row["window_start_ms"], "window_ms": 1_000, **reference.summary()}

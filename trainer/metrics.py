@@ -70,3 +70,48 @@ class ProgressiveMetrics:
     def summary(self) -> dict:
         return {"examples": self.examples, "auc": round(self.auc, 5), "logloss": round(self.logloss, 5),
                 "calibration": round(self.calibration, 4)}
+
+
+class WindowedMetrics:
+    """Progressive metrics per window of event time (``window_ms``), as rows for a report.
+
+    An example counts in the window of its impression time, ``floor(t / window_ms)``. A window
+    is closed (its row final) once the data time passes its end by one more window, allowing
+    that much disorder; ``flush`` closes the rest. Each open window keeps ``bins`` bins.
+    """
+
+    def __init__(self, window_ms: int, bins: int = 1 << 12):
+        if window_ms <= 0:
+            raise ValueError(f"metrics window must be positive, got {window_ms} ms")
+        self.window_ms, self.bins = window_ms, bins
+        self.open: dict[int, ProgressiveMetrics] = {}
+        self.late_examples = 0  # examples of a window already closed (not counted in a row)
+        self.closed_before = None  # windows below this index are closed
+
+    def update(self, logits, labels, weights, times_ms) -> None:
+        logits, labels, weights = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (logits, labels, weights))
+        index = np.asarray(times_ms, dtype=np.int64) // self.window_ms
+        for window in np.unique(index):
+            if self.closed_before is not None and window < self.closed_before:
+                self.late_examples += int((index == window).sum())
+                continue
+            mask = index == window
+            metrics = self.open.setdefault(int(window), ProgressiveMetrics(bins=self.bins))
+            metrics.update(logits[mask], labels[mask], weights[mask])
+
+    def close_until(self, data_time_ms: int) -> list[dict]:
+        """Rows of the windows that ended at least one window before ``data_time_ms``."""
+        limit = data_time_ms // self.window_ms - 1
+        return self._close([w for w in self.open if w < limit], limit)
+
+    def flush(self) -> list[dict]:
+        return self._close(list(self.open), max(self.open, default=-1) + 1)
+
+    def _close(self, windows: list[int], closed_before: int) -> list[dict]:
+        self.closed_before = max(closed_before, self.closed_before if self.closed_before is not None else closed_before)
+        rows = []
+        for window in sorted(windows):
+            metrics = self.open.pop(window)
+            rows.append({"window_start_ms": window * self.window_ms, "window_ms": self.window_ms,
+                         **metrics.summary()})
+        return rows

@@ -25,7 +25,7 @@ from schemas.fids import HASH_BITS, MAX_SLOT_ID
 from schemas.spec import FeatureSpec, OptimizerKind, OptimizerSpec
 from trainer.cowclip import cowclip
 from trainer.embedding_table import EmbeddingTable, TableConfig
-from trainer.metrics import ProgressiveMetrics
+from trainer.metrics import ProgressiveMetrics, WindowedMetrics
 from trainer.models import CTRModel
 from trainer.sparse_optimizers import SparseOptimizer
 
@@ -75,6 +75,8 @@ class OnlineTrainer:
         self.model = CTRModel.from_spec(spec).to(self.device)
         self.dense_optimizer = _dense_optimizer(spec.training.dense_optimizer, self.model.parameters())
         self.metrics = ProgressiveMetrics()
+        self.window_metrics = WindowedMetrics(spec.training.metrics_window_ms)
+        self.dense_lr = [group["lr"] for group in self.dense_optimizer.param_groups]
         self.target = spec.labels.target
         self.dim = spec.slots[0].dim
         self.num_slots = len(spec.slots)
@@ -134,7 +136,7 @@ class OnlineTrainer:
             target = torch.from_numpy(example_of[mask] * self.num_slots + position[mask]).to(self.device)
             pooled = pooled.index_add(0, target, weights[inverse, :self.dim])
             wide = wide.index_add(0, torch.from_numpy(example_of[mask]).to(self.device), weights[inverse, self.dim])
-        dense = torch.from_numpy(dense_values).to(self.device, torch.float32)
+        dense = torch.tensor(dense_values, dtype=torch.float32, device=self.device)
         logits = self.model(pooled.view(n, self.num_slots, self.dim), wide, dense)
         return logits, labels, rates, times, used
 
@@ -144,7 +146,9 @@ class OnlineTrainer:
         logits, labels, rates, times, used = self._forward(examples, train=True)
         labels_t = torch.from_numpy(labels).to(self.device, torch.float32)
         weights = np.where(labels > 0, 1.0, 1.0 / rates)
-        self.metrics.update(logits.detach().cpu().numpy(), labels, weights)
+        scores = logits.detach().cpu().numpy()
+        self.metrics.update(scores, labels, weights)
+        self.window_metrics.update(scores, labels, weights, times)
         offset = torch.from_numpy(np.log(rates)).to(self.device, torch.float32)
         # Summed, not averaged: each example moves its own embedding rows by a full gradient (as
         # in per-example online learning); a mean would shrink sparse updates by the batch size.
@@ -161,6 +165,10 @@ class OnlineTrainer:
                                           cow.min_clip), grad[:, self.dim:]], dim=1)
             admitted = rows >= 0  # filtered fids have no row and get no update
             group.optimizer.step(group.table, rows[admitted], grad[admitted])
+        warmup = self.spec.training.warmup_steps
+        if self.batches < warmup:  # linear warm-up of the dense learning rate
+            for group, lr in zip(self.dense_optimizer.param_groups, self.dense_lr):
+                group["lr"] = lr * (self.batches + 1) / warmup
         self.dense_optimizer.step()
         self.batches += 1
         self.data_time_ms = max(self.data_time_ms, int(times.max()) if len(times) else 0)
@@ -169,6 +177,10 @@ class OnlineTrainer:
                 group.table.expire(self.data_time_ms)
             self.last_expiry_ms = self.data_time_ms
         return {"loss": float(loss.item()) / max(n, 1), "examples": n}
+
+    def closed_windows(self, flush: bool = False) -> list[dict]:
+        """Rows of progressive metrics per event-time window that are now final (all if ``flush``)."""
+        return self.window_metrics.flush() if flush else self.window_metrics.close_until(self.data_time_ms)
 
     def train(self, examples: pa.Table, batch_size: int | None = None) -> dict:
         """Train on ``examples`` in order, in batches; returns the progressive metrics so far."""

@@ -1,0 +1,166 @@
+"""Model quality: AUCs that the papers' claims rest on, each beside its baseline in the same run.
+
+1. MovieLens-100K, DeepFM trained online (the shipped spec): progressive AUC.
+2. Monolith's collision experiment: the same training with a collisionless table vs a *hashed*
+   table with 1/10 as many rows - every fid mapped to ``slot << 48 | mix64(fid) % m_slot`` with
+   ``m_slot = ceil(distinct fids of the slot / 10)``, so ids collide as in a fixed-size table -
+   on MovieLens (progressive AUC) and on the synthetic Criteo-like logs.
+3. CowClip: synthetic Criteo-like logs, DeepFM; the first 80 % (in time order) trained for
+   ``epochs`` passes, AUC on the last 20 %. Batch 1K, 16K and 64K, with and without CowClip;
+   every run uses the scaling rule from base batch 1K (embedding lr kept, embedding L2 x s,
+   dense lr x sqrt(s), warm-up).
+
+``--quick`` shrinks the synthetic data and the MLP (and batches 128/2K/8K, the same 1:16:64
+ratios) to finish in about a minute; its CowClip figures are a smoke test, not the result.
+
+    python -m bench.quality [--quick] [--device cuda] [--skip-movielens]
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from bench.trainer import examples_from_logs, synthetic_examples
+from schemas.fids import HASH_BITS
+from schemas.spec import FeatureSpec, load_spec
+from trainer.cowclip import Hyperparameters, scale_hyperparameters
+from trainer.hashing import mix64
+from trainer.metrics import ProgressiveMetrics
+from trainer.online import OnlineTrainer
+
+
+def hashed_fids(examples: pa.Table, shrink: int = 10) -> pa.Table:
+    """``examples`` with every fid folded into ``ceil(distinct / shrink)`` buckets of its slot."""
+    fids = examples.column("fids").combine_chunks()
+    flat = fids.values.to_numpy(zero_copy_only=False)
+    slots = flat >> HASH_BITS
+    buckets = np.zeros_like(flat)
+    for slot in np.unique(slots):
+        mask = slots == slot
+        rows = max(1, math.ceil(len(np.unique(flat[mask])) / shrink))
+        hashed = mix64(torch.from_numpy(flat[mask])).numpy()
+        buckets[mask] = (slot << HASH_BITS) | (hashed & ((1 << 62) - 1)) % rows
+    folded = pa.ListArray.from_arrays(fids.offsets, pa.array(buckets, pa.int64()))
+    return examples.set_column(examples.schema.get_field_index("fids"), "fids", folded)
+
+
+def distinct_fids(examples: pa.Table) -> int:
+    return len(np.unique(examples.column("fids").combine_chunks().values.to_numpy(zero_copy_only=False)))
+
+
+def progressive_auc(spec: FeatureSpec, examples: pa.Table, device: str) -> dict:
+    trainer = OnlineTrainer(spec, device=device)
+    started = time.perf_counter()
+    summary = trainer.train(examples)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def with_hyperparameters(spec: FeatureSpec, hp: Hyperparameters, cowclip: bool) -> FeatureSpec:
+    slots = tuple(dataclasses.replace(s, optimizer=dataclasses.replace(s.optimizer, lr=hp.embedding_lr,
+                                                                       l2=hp.embedding_l2)) for s in spec.slots)
+    training = dataclasses.replace(
+        spec.training, batch_size=hp.batch_size, warmup_steps=hp.warmup_steps,
+        dense_optimizer=dataclasses.replace(spec.training.dense_optimizer, lr=hp.dense_lr),
+        cowclip=dataclasses.replace(spec.training.cowclip, enabled=cowclip))
+    return dataclasses.replace(spec, slots=slots, training=training)
+
+
+def train_test_auc(spec: FeatureSpec, train: pa.Table, test: pa.Table, epochs: int, device: str) -> dict:
+    trainer = OnlineTrainer(spec, device=device)
+    started = time.perf_counter()
+    for _ in range(epochs):
+        trainer.train(train)
+    seconds = time.perf_counter() - started
+    metrics = ProgressiveMetrics()
+    for start in range(0, test.num_rows, 65_536):
+        part = test.slice(start, 65_536)
+        logits = trainer.predict_logits(part)
+        labels = np.array([dict(l).get("click", 0) for l in part.column("labels").to_pylist()], dtype=float)
+        metrics.update(logits, labels)
+    return {"test_auc": round(metrics.auc, 5), "test_logloss": round(metrics.logloss, 5),
+            "steps": trainer.batches, "seconds": round(seconds, 1)}
+
+
+def movielens_figures(device: str) -> dict:
+    from datasets import movielens
+
+    spec = load_spec("movielens")
+    with tempfile.TemporaryDirectory() as tmp:
+        movielens.convert(Path(tmp))
+        examples = examples_from_logs(spec, Path(tmp))
+    hashed = hashed_fids(examples)
+    ours = progressive_auc(spec, examples, device)
+    collided = progressive_auc(spec, hashed, device)
+    return {"movielens_deepfm_auc": ours["auc"], "movielens_hashed_auc": collided["auc"],
+            "movielens_collisionless_minus_hashed": round(ours["auc"] - collided["auc"], 5),
+            "movielens_distinct_fids": distinct_fids(examples), "movielens_hashed_fids": distinct_fids(hashed)}
+
+
+def synthetic_figures(quick: bool, device: str, epochs: int) -> dict:
+    spec = load_spec("synthetic")
+    if quick:
+        spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, hidden_units=(128, 128)))
+    impressions = 60_000 if quick else 1_000_000
+    examples = synthetic_examples(spec, impressions, seed=11, span_hours=24)
+    cut = int(examples.num_rows * 0.8)
+    train, test = examples.slice(0, cut), examples.slice(cut)
+    figures = {"synthetic_examples": examples.num_rows, "epochs": epochs}
+
+    online = dataclasses.replace(spec, training=dataclasses.replace(spec.training, batch_size=1024))
+    ours = progressive_auc(online, examples, device)
+    collided = progressive_auc(online, hashed_fids(examples), device)
+    figures.update({"synthetic_collisionless_auc": ours["auc"], "synthetic_hashed_auc": collided["auc"],
+                    "synthetic_collisionless_minus_hashed": round(ours["auc"] - collided["auc"], 5)})
+
+    base_batch = 128 if quick else 1024
+    base = Hyperparameters(base_batch, embedding_lr=spec.slots[0].optimizer.lr, embedding_l2=1e-5,
+                           dense_lr=spec.training.dense_optimizer.lr, warmup_steps=0)
+    runs = []
+    for scale in (1, 16, 64):
+        hp = scale_hyperparameters(base, base_batch * scale)
+        for cowclip in (True, False):
+            result = train_test_auc(with_hyperparameters(spec, hp, cowclip), train, test, epochs, device)
+            run = {"batch": hp.batch_size, "cowclip": cowclip, "dense_lr": round(hp.dense_lr, 6),
+                   "embedding_l2": hp.embedding_l2, "warmup_steps": hp.warmup_steps, **result}
+            print(json.dumps(run), file=sys.stderr, flush=True)
+            runs.append(run)
+    figures["cowclip_runs"] = runs
+    for run in runs:
+        figures[f"auc_{run['batch']}_{'cowclip' if run['cowclip'] else 'plain'}"] = run["test_auc"]
+    large = [r for r in runs if r["batch"] == base_batch * 64]
+    figures["cowclip_gain_at_64x"] = round(large[0]["test_auc"] - large[1]["test_auc"], 5)
+    figures["cowclip_64x_minus_1x"] = round(large[0]["test_auc"] - runs[0]["test_auc"], 5)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--epochs", type=int, default=None, help="passes over the CowClip training split")
+    parser.add_argument("--skip-movielens", action="store_true", help="no MovieLens (no download)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    figures = {"quick": args.quick, "device": args.device}
+    started = time.perf_counter()
+    if not args.skip_movielens:
+        figures.update(movielens_figures(args.device))
+        print(json.dumps(figures), file=sys.stderr, flush=True)
+    figures.update(synthetic_figures(args.quick, args.device, args.epochs or (1 if args.quick else 3)))
+    figures["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
