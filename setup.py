@@ -30,10 +30,13 @@ setup(
         # Training reports: the metrics plot (PNG) and the progress bar.
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        # Serving: the HTTP predict API.
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
     ],
     extras_require={
         # scikit-learn is the reference the metric tests compare against.
-        "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.3"],
+        "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.3", "httpx>=0.27"],
     },
     entry_points={"console_scripts": ["streamrec=runners.cli:main"]},
 )

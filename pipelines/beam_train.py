@@ -8,6 +8,9 @@ trainer sees them in event-time order:
 * streaming - an event-time timer at the earliest buffered table's timestamp trains, in
   impression-time order and in batches of ``training.batch_size``, every buffered table the
   watermark has passed; fewer than a batch's examples wait for the next firing;
+* every trained batch may publish (``Publishing``: sparse deltas, dense weights, snapshots to a
+  model directory on the job's clock); ``resume`` restores the newest snapshot and skips the
+  examples it had trained (the order is total: impression time, request id, item id);
 * backfill (``at_end``) - everything is buffered and trained, in impression-time order, when the
   input is complete;
 * at the end of the input (the global window's last timer) the rest is trained, the open
@@ -24,6 +27,7 @@ from __future__ import annotations
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 
 import apache_beam as beam
 import pyarrow as pa
@@ -39,31 +43,80 @@ SUMMARY = "summary"
 _TRAINERS: dict[str, "RunningTrainer"] = {}
 
 
-class RunningTrainer:
-    """One run's trainer with its progress bar and timing (lives in the worker process)."""
+ORDER = [("impression_time_ms", "ascending"), ("request_id", "ascending"), ("item_id", "ascending")]
 
-    def __init__(self, spec: FeatureSpec, device: str, progress: bool):
+
+@dataclass(frozen=True)
+class Publishing:
+    """Where and how the trainer publishes (see ``trainer.publish``)."""
+
+    model_dir: str
+    clock: str = "event"  # "event" when replaying logs, "processing" when live
+    resume: bool = False  # start from the newest snapshot and skip what it had trained
+
+
+def after_position(examples: pa.Table, position) -> pa.Table:
+    """Rows strictly after ``position`` in the trainer's order (time, request id, item id)."""
+    import pyarrow.compute as pc
+
+    time_ms = examples.column("impression_time_ms")
+    same = pc.equal(time_ms, position.impression_time_ms)
+    later_key = pc.or_(pc.greater(examples.column("request_id"), position.request_id),
+                       pc.and_(pc.equal(examples.column("request_id"), position.request_id),
+                               pc.greater(examples.column("item_id"), position.item_id)))
+    return examples.filter(pc.or_(pc.greater(time_ms, position.impression_time_ms), pc.and_(same, later_key)))
+
+
+class RunningTrainer:
+    """One run's trainer with its publisher, progress bar and timing (lives in the worker)."""
+
+    def __init__(self, spec: FeatureSpec, device: str, progress: bool, publishing: Publishing | None = None):
         from trainer.online import OnlineTrainer
+        from trainer.publish import Position, Publisher, restore_trainer
         from trainer.report import Progress
 
         self.trainer = OnlineTrainer(spec, device=device)
+        self.position = Position()
+        self.resumed_from = None
+        self.publisher = None
+        if publishing is not None:
+            if publishing.resume:
+                self.position, entry = restore_trainer(self.trainer, publishing.model_dir)
+                self.resumed_from = entry["version"]
+                print(f"resumed from snapshot version {entry['version']}: {self.position.examples} examples trained "
+                      f"up to impression time {self.position.impression_time_ms}", file=sys.stderr, flush=True)
+            self.publisher = Publisher(self.trainer, publishing.model_dir, clock=publishing.clock)
         self.batch_size = spec.training.batch_size
         self.progress = Progress() if progress else None
         self.seconds = 0.0
 
     def train(self, tables: list[pa.Table], flush: bool) -> tuple[pa.Table, list[dict]]:
-        """Train full batches of ``tables`` in impression-time order; returns the unused rest
-        (everything is used when ``flush``) and the metric rows of windows now closed."""
-        examples = pa.concat_tables(tables).sort_by("impression_time_ms")
+        """Train full batches of ``tables`` in (impression time, request id, item id) order;
+        returns the unused rest (everything is used when ``flush``) and the metric rows of
+        windows now closed. Rows at or before the resume position are skipped."""
+        from trainer.publish import Position
+
+        examples = pa.concat_tables(tables).sort_by(ORDER)
+        if self.resumed_from is not None:
+            examples = after_position(examples, self.position)
         usable = examples.num_rows if flush else examples.num_rows // self.batch_size * self.batch_size
         started = time.perf_counter()
         for start in range(0, usable, self.batch_size):
             batch = examples.slice(start, min(self.batch_size, usable - start))
             self.trainer.train_batch(batch)
+            last = batch.slice(batch.num_rows - 1).to_pylist()[0]
+            self.position = Position(last["impression_time_ms"], last["request_id"], last["item_id"],
+                                     self.position.examples + batch.num_rows)
+            if self.publisher is not None:
+                self.publisher.after_batch(self.position)
             if self.progress is not None:
                 self.progress.update(batch.num_rows, self.trainer.metrics.auc)
         self.seconds += time.perf_counter() - started
         return examples.slice(usable), self.trainer.closed_windows(flush=flush)
+
+    def finish(self) -> None:
+        if self.publisher is not None:
+            self.publisher.finish(self.position)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -74,6 +127,9 @@ class RunningTrainer:
         summary["train_seconds"] = round(self.seconds, 2)
         summary["examples_per_s"] = round(summary["examples"] / max(self.seconds, 1e-9))
         summary["late_metric_examples"] = self.trainer.window_metrics.late_examples
+        if self.publisher is not None:
+            summary["model_version"] = self.publisher.version
+            summary["resumed_from_version"] = self.resumed_from
         return summary
 
 
@@ -83,12 +139,14 @@ class TrainDoFn(beam.DoFn):
     DUE = TimerSpec("due", TimeDomain.WATERMARK)
     END = TimerSpec("end", TimeDomain.WATERMARK)
 
-    def __init__(self, spec: FeatureSpec, device: str, at_end: bool, progress: bool, run_id: str):
+    def __init__(self, spec: FeatureSpec, device: str, at_end: bool, progress: bool, run_id: str,
+                 publishing: Publishing | None):
         self.spec, self.device, self.at_end, self.progress, self.run_id = spec, device, at_end, progress, run_id
+        self.publishing = publishing
 
     def _trainer(self) -> RunningTrainer:
         if self.run_id not in _TRAINERS:
-            _TRAINERS[self.run_id] = RunningTrainer(self.spec, self.device, self.progress)
+            _TRAINERS[self.run_id] = RunningTrainer(self.spec, self.device, self.progress, self.publishing)
         return _TRAINERS[self.run_id]
 
     def process(self, element, timestamp=beam.DoFn.TimestampParam, buffer=beam.DoFn.StateParam(BUFFER),
@@ -133,6 +191,7 @@ class TrainDoFn(beam.DoFn):
         trainer = self._trainer()
         _, rows = trainer.train(tables, flush=True) if tables else (None, trainer.trainer.closed_windows(flush=True))
         yield from rows
+        trainer.finish()
         summary = trainer.summary()
         print(f"trained {summary['examples']} examples: {summary}", file=sys.stderr, flush=True)
         yield beam.pvalue.TaggedOutput(SUMMARY, summary)
@@ -148,12 +207,14 @@ def release_trainers() -> None:
 class TrainExamples(beam.PTransform):
     """Example tables -> {"metrics": rows per event-time window, "summary": one final dict}."""
 
-    def __init__(self, spec: FeatureSpec, device: str = "cpu", at_end: bool = False, progress: bool = True):
+    def __init__(self, spec: FeatureSpec, device: str = "cpu", at_end: bool = False, progress: bool = True,
+                 publishing: Publishing | None = None):
         super().__init__()
         self.spec, self.device, self.at_end, self.progress = spec, device, at_end, progress
+        self.publishing = publishing
 
     def expand(self, examples):
         trained = (examples | "OneTrainer" >> beam.Map(lambda table: (0, table))
                    | "Train" >> beam.ParDo(TrainDoFn(self.spec, self.device, self.at_end, self.progress,
-                                                     uuid.uuid4().hex)).with_outputs(SUMMARY, main="metrics"))
+                                                     uuid.uuid4().hex, self.publishing)).with_outputs(SUMMARY, main="metrics"))
         return {"metrics": trained.metrics, SUMMARY: trained[SUMMARY]}

@@ -31,7 +31,7 @@ import pyarrow as pa
 
 from pipelines.beam_join import (DEAD, NAMESPACE, BackfillJoin, StreamingJoin, WatchLogDirectory, WriteBundles,
                                  log_file_names)
-from pipelines.beam_train import SUMMARY, TrainExamples, release_trainers
+from pipelines.beam_train import SUMMARY, Publishing, TrainExamples, release_trainers
 from schemas.durations import format_duration_ms
 from schemas.dead_letters import DeadLetterSink
 from schemas.events import load_schema
@@ -129,10 +129,14 @@ def _finish_metrics(spec: FeatureSpec, out_dir: Path) -> dict:
 
 def run_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streaming: bool = False,
             watch_interval_s: float | None = None, stop_after_s: float | None = None, train: bool = False,
-            device: str = "cpu", progress: bool = True) -> dict:
+            device: str = "cpu", progress: bool = True, model_dir: str | Path | None = None,
+            resume: bool = False) -> dict:
     """The job on the DirectRunner: backfill (default), streaming replay (``streaming``), or live
     (``watch_interval_s``: watch the log directory for new files, until ``stop_after_s`` if
-    given); join, sample and extract features, and with ``train`` train online on the Examples."""
+    given); join, sample and extract features, and with ``train`` train online on the Examples,
+    publishing to ``model_dir`` if given (``resume``: from its newest snapshot)."""
+    if resume and model_dir is None:
+        raise ValueError("--resume needs --model-dir (the snapshots to resume from)")
     out_dir = Path(out_dir)
     _fresh_output_dirs(out_dir)
     options = PipelineOptions(runner="DirectRunner")
@@ -160,8 +164,11 @@ def run_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streami
         result["examples"] | "WriteExamples" >> beam.ParDo(WriteBundles(str(out_dir / "examples"), "examples"))
         dead | "WriteDeadLetters" >> beam.ParDo(WriteBundles(str(out_dir / "dead_letters"), "dead_letters"))
         if train:
+            publishing = None if model_dir is None else Publishing(
+                str(model_dir), clock="processing" if watch_interval_s is not None else "event", resume=resume)
             trained = result["examples"] | "Train" >> TrainExamples(
-                spec, device, at_end=not (streaming or watch_interval_s is not None), progress=progress)
+                spec, device, at_end=not (streaming or watch_interval_s is not None), progress=progress,
+                publishing=publishing)
             final = trained[SUMMARY] | "MarkFinal" >> beam.Map(lambda summary: {**summary, "final": True})
             ((trained["metrics"], final) | "AllMetrics" >> beam.Flatten()
              | "WriteMetrics" >> beam.ParDo(WriteBundles(str(out_dir / "metrics"), "metrics")))

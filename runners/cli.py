@@ -7,7 +7,9 @@
     streamrec logs check DIR --spec SPEC
     streamrec join --spec SPEC --logs DIR --out DIR [--streaming | --watch SECONDS [--stop-after SECONDS]]
     streamrec backfill --spec SPEC --logs DIR --out DIR
-    streamrec run [--spec SPEC --logs DIR] --out DIR [--device cpu|cuda]
+    streamrec run [--spec SPEC --logs DIR] --out DIR [--device cpu|cuda] [--streaming | --watch S]
+                  [--model-dir DIR [--resume]]
+    streamrec serve --model-dir DIR [--host 127.0.0.1 --port N --poll S --fp16]
     streamrec table-stats SNAPSHOT
 
 Commands print a human summary and, as their last line, a JSON object with the figures.
@@ -163,12 +165,19 @@ def cmd_run(args: argparse.Namespace) -> int:
             movielens.convert(args.logs)
     spec = load_spec(args.spec or "movielens")
     summary = run_training(spec, args.logs, args.out, device=args.device, progress=not args.no_progress,
-                           **_mode(args))
+                           model_dir=args.model_dir, resume=args.resume, **_mode(args))
     print(f"trained on {summary.get('examples', 0)} examples: progressive AUC {summary.get('auc')}, "
           f"logloss {summary.get('logloss')}, calibration {summary.get('calibration')}; "
           f"{summary.get('examples_per_s')} examples/s; dead letters {summary['dead_letters'] or 'none'}; "
           f"metrics per window in {args.out}/metrics.jsonl and metrics.png")
     _print_json(summary)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.app import serve
+
+    serve(str(args.model_dir), host=args.host, port=args.port, poll_s=args.poll, device=args.device, fp16=args.fp16)
     return 0
 
 
@@ -257,6 +266,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where tables and model live")
     _add_mode_arguments(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    run.add_argument("--model-dir", type=Path, default=None,
+                     help="publish snapshots, sparse deltas and dense weights here on the spec's schedule")
+    run.add_argument("--resume", action="store_true",
+                     help="continue from the newest snapshot in --model-dir (after a crash or kill)")
+
+    serve = commands.add_parser("serve", help="serve a model directory over HTTP (predict, healthz, metrics)")
+    serve.add_argument("--model-dir", required=True, type=Path, help="model directory written by run --model-dir")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="how often to look for new versions")
+    serve.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    serve.add_argument("--fp16", action="store_true", help="hold serving rows in float16")
+    serve.set_defaults(handler=cmd_serve)
     run.set_defaults(handler=cmd_run)
 
     table_stats = commands.add_parser("table-stats", help="rows, slots and memory figures of a table snapshot")

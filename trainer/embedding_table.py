@@ -409,7 +409,7 @@ class EmbeddingTable:
         return values
 
     def _write_rows(self, rows: torch.Tensor, batch: RowBatch) -> None:
-        self.embeddings[rows] = batch.embeddings
+        self.embeddings[rows] = batch.embeddings.to(self.embeddings.dtype)  # fp16 serving tables
         self.state[rows] = batch.state
         self.last_seen_ms[rows] = batch.last_seen_ms
         self.counts[rows] = batch.counts

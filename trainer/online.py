@@ -52,8 +52,11 @@ def _dense_optimizer(spec: OptimizerSpec, parameters) -> torch.optim.Optimizer:
 
 
 class OnlineTrainer:
-    def __init__(self, spec: FeatureSpec, device: str = "cpu", seed: int = 0):
-        self.spec, self.device = spec, torch.device(device)
+    """``serving=True`` builds the same model and tables without optimizer state (rows hold the
+    embedding and wide weight only) for prediction."""
+
+    def __init__(self, spec: FeatureSpec, device: str = "cpu", seed: int = 0, serving: bool = False):
+        self.spec, self.device, self.serving = spec, torch.device(device), serving
         torch.manual_seed(seed)
         self.slot_position = np.full(MAX_SLOT_ID + 1, -1, dtype=np.int64)
         for position, slot in enumerate(spec.slots):
@@ -65,7 +68,8 @@ class OnlineTrainer:
         for index, (optimizer, slots) in enumerate(by_optimizer.items()):
             sparse = SparseOptimizer(optimizer)
             width = slots[0].dim + 1
-            config = TableConfig.for_slots(slots, state_width=SparseOptimizer.state_width(optimizer.kind, width),
+            state_width = 0 if serving else SparseOptimizer.state_width(optimizer.kind, width)
+            config = TableConfig.for_slots(slots, state_width=state_width,
                                            state_init=sparse.state_init, device=device, seed=seed + index)
             table = EmbeddingTable(dataclasses.replace(config, dim=width))
             self.groups.append(_Group([s.slot_id for s in slots], table, sparse))
@@ -108,7 +112,10 @@ class OnlineTrainer:
         Training inserts new fids (frequency filter, last-seen time, counts); prediction only reads.
         """
         flat, example_of, labels, dense_values, times, rates = self._columns(examples)
-        n = examples.num_rows
+        logits, used = self._forward_fids(flat, example_of, examples.num_rows, dense_values, times, train)
+        return logits, labels, rates, times, used
+
+    def _forward_fids(self, flat, example_of, n: int, dense_values, times, train: bool):
         slots = flat >> HASH_BITS
         position = self.slot_position[slots]
         known = position >= 0
@@ -132,13 +139,13 @@ class OnlineTrainer:
                 weights = group.table.gather(rows).requires_grad_()  # [unique, dim + 1]; zeros if filtered
                 used.append((group, rows, weights, counts))
             else:
-                weights = group.table.gather(group.table.lookup(unique))
+                weights = group.table.gather(group.table.lookup(unique)).float()  # fp16 serving rows
             target = torch.from_numpy(example_of[mask] * self.num_slots + position[mask]).to(self.device)
             pooled = pooled.index_add(0, target, weights[inverse, :self.dim])
             wide = wide.index_add(0, torch.from_numpy(example_of[mask]).to(self.device), weights[inverse, self.dim])
         dense = torch.tensor(dense_values, dtype=torch.float32, device=self.device)
         logits = self.model(pooled.view(n, self.num_slots, self.dim), wide, dense)
-        return logits, labels, rates, times, used
+        return logits, used
 
     def train_batch(self, examples: pa.Table) -> dict:
         """Score the batch (progressive metrics), then train on it; returns the batch's loss."""
@@ -193,3 +200,32 @@ class OnlineTrainer:
     def predict_logits(self, examples: pa.Table) -> np.ndarray:
         """Logits calibrated to unsampled traffic, without inserting or updating anything."""
         return self._forward(examples, train=False)[0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict_features(self, fids: pa.ListArray, dense: pa.ListArray) -> np.ndarray:
+        """Logits for extracted features (``FeatureExtractor.extract``): what serving computes."""
+        fids = fids.combine_chunks() if isinstance(fids, pa.ChunkedArray) else fids
+        offsets = fids.offsets.to_numpy()
+        flat = fids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
+        n = len(fids)
+        example_of = np.repeat(np.arange(n), np.diff(offsets))
+        dense = dense.combine_chunks() if isinstance(dense, pa.ChunkedArray) else dense
+        dense_values = dense.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
+        logits, _ = self._forward_fids(flat, example_of, n, dense_values, None, train=False)
+        return logits.cpu().numpy()
+
+    def training_state(self) -> dict:
+        """Everything but the tables needed to continue training exactly (for snapshots)."""
+        return {"model": self.model.state_dict(), "dense_optimizer": self.dense_optimizer.state_dict(),
+                "metrics": self.metrics.__dict__.copy(), "window_metrics": self.window_metrics.__dict__.copy(),
+                "batches": self.batches, "data_time_ms": self.data_time_ms, "last_expiry_ms": self.last_expiry_ms,
+                "unknown_slot_fids": self.unknown_slot_fids}
+
+    def load_training_state(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        if not self.serving:
+            self.dense_optimizer.load_state_dict(state["dense_optimizer"])
+        self.metrics.__dict__.update(state["metrics"])
+        self.window_metrics.__dict__.update(state["window_metrics"])
+        for key in ("batches", "data_time_ms", "last_expiry_ms", "unknown_slot_fids"):
+            setattr(self, key, state[key])

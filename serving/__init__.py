@@ -1,0 +1,1 @@
+"""Serving: a model directory's snapshot + deltas behind an HTTP predict API."""

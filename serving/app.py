@@ -1,0 +1,79 @@
+"""The HTTP API (FastAPI, served by uvicorn on loopback by default).
+
+* ``POST /predict`` ``{"impressions": [Impression, ...]}`` -> ``{"probabilities": [...],
+  "version": N}``; a request that does not fit the impression schema -> 422 naming the record
+  and field; before any model is loaded -> 503.
+* ``GET /healthz`` -> 200 ``{"ok": true, "version": N}`` once a model is loaded, else 503.
+* ``GET /metrics`` -> model version, newest event time applied, seconds behind the trainer
+  (publish time of the newest version in the manifest minus that of the version applied), the
+  last refused version's error.
+
+A background thread polls the model directory every ``poll_s`` seconds for new versions.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from fastapi import Body, FastAPI
+from fastapi.responses import JSONResponse
+
+from serving.model import BadRequest, ServingModel
+from trainer.publish import ModelDirError
+
+
+def create_app(model: ServingModel, poll_s: float = 1.0) -> FastAPI:
+    app = FastAPI(title="streamrec serving")
+    stop = threading.Event()
+
+    def poll() -> None:
+        while not stop.is_set():
+            try:
+                model.refresh()
+            except (ModelDirError, OSError) as exc:
+                model.last_error = str(exc)
+            stop.wait(poll_s)
+
+    @app.on_event("startup")
+    def start_polling() -> None:
+        threading.Thread(target=poll, name="model-poller", daemon=True).start()
+
+    @app.on_event("shutdown")
+    def stop_polling() -> None:
+        stop.set()
+
+    @app.post("/predict")
+    def predict(body: Any = Body(...)):
+        if not isinstance(body, dict) or "impressions" not in body:
+            return JSONResponse({"error": "body must be a JSON object with an 'impressions' list"}, status_code=422)
+        try:
+            probabilities, version = model.predict(body["impressions"])
+        except BadRequest as exc:
+            return JSONResponse({"error": str(exc)}, status_code=422)
+        except ModelDirError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=503)
+        return {"probabilities": probabilities.tolist(), "version": version}
+
+    @app.get("/healthz")
+    def healthz():
+        if model.model is None:
+            return JSONResponse({"ok": False, "error": model.last_error or "no model loaded yet"}, status_code=503)
+        return {"ok": True, "version": model.version}
+
+    @app.get("/metrics")
+    def metrics():
+        return model.status()
+
+    return app
+
+
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8080, poll_s: float = 1.0, device: str = "cpu",
+          fp16: bool = False) -> None:
+    import uvicorn
+
+    model = ServingModel(model_dir, device=device, fp16=fp16)
+    try:
+        model.refresh()
+    except ModelDirError as exc:  # nothing published yet: the poller picks it up later
+        print(f"serving: {exc}; waiting for a snapshot", flush=True)
+    uvicorn.run(create_app(model, poll_s), host=host, port=port, log_level="warning")

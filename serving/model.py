@@ -1,0 +1,182 @@
+"""The serving model: the newest snapshot plus the deltas after it, applied in version order.
+
+Serving tables hold the embedding and wide weight of each fid only (no optimizer state; fp16 on
+request). Prediction runs the trainer's own forward pass (``OnlineTrainer`` in serving mode) on
+the features that the trainer's ``FeatureExtractor`` makes from raw impressions, so a served
+probability is the trainer's: ``sigmoid(logit)``, the logit already calibrated to unsampled
+traffic by the log-odds correction in training.
+
+A version that cannot be applied - corrupt or missing file, a ``base_version`` other than the
+version in hand - is refused with ``ModelDirError``; the model keeps answering with the last good
+version and reports the error in ``status()``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import fastavro
+import fastavro.validation
+import numpy as np
+import torch
+
+from trainer.embedding_table import EmbeddingTable, RowBatch
+from trainer.online import OnlineTrainer
+from trainer.publish import ModelDirError, newest_snapshot, read_manifest, read_spec, read_sparse_delta, verify
+from trainer.table_snapshot import read_snapshot
+from transforms.features import FeatureExtractor
+from schemas.events import load_schema
+
+
+class BadRequest(ValueError):
+    """A prediction request that cannot be served (names the record and field)."""
+
+
+class ServingModel:
+    def __init__(self, model_dir: str | Path, device: str = "cpu", fp16: bool = False):
+        self.dir, self.device, self.fp16 = Path(model_dir), device, fp16
+        self.spec = read_spec(self.dir)
+        self.extractor = FeatureExtractor(self.spec)
+        self.schema = fastavro.parse_schema(load_schema(self.spec.events.impression))
+        self.model: OnlineTrainer | None = None
+        self.version = 0
+        self.data_time_ms = 0
+        self.applied: list[int] = []
+        self.last_error: str | None = None
+        self.trainer_published_at = 0.0
+        self.applied_published_at = 0.0
+        self.lock = threading.Lock()
+
+    # -- versions -----------------------------------------------------------------------------
+
+    def refresh(self) -> list[int]:
+        """Apply every new version in order; returns the versions applied. Stops at the first
+        version that cannot be applied (recorded in ``last_error``) and keeps the last good one."""
+        entries = read_manifest(self.dir)
+        if entries:
+            self.trainer_published_at = entries[-1]["published_at"]
+        applied = []
+        try:
+            if self.model is None:
+                snapshot = newest_snapshot(entries)
+                if snapshot is None:
+                    raise ModelDirError(f"{self.dir}: no snapshot published yet")
+                self._load_snapshot(snapshot)
+                applied.append(snapshot["version"])
+            for entry in entries:
+                if entry["version"] <= self.version:
+                    continue
+                if entry["base_version"] != self.version:
+                    raise ModelDirError(f"version {entry['version']} ({entry['kind']}) applies on top of "
+                                        f"{entry['base_version']}, but serving holds {self.version}: out of order")
+                verify(self.dir, entry)
+                self._apply(entry)
+                applied.append(entry["version"])
+            self.last_error = None
+        except Exception as exc:  # any version that cannot be applied is refused, never fatal
+            self.last_error = str(exc) if isinstance(exc, (ModelDirError, OSError)) else \
+                f"version {self.version + 1} could not be applied: {type(exc).__name__}: {exc}"
+            if not applied:
+                raise ModelDirError(self.last_error) from exc
+        return applied
+
+    def _new_model(self) -> OnlineTrainer:
+        return OnlineTrainer(self.spec, device=self.device, serving=True)
+
+    def _load_snapshot(self, entry: dict) -> None:
+        verify(self.dir, entry)
+        model = self._new_model()
+        for index, group in enumerate(model.groups):
+            data, _ = read_snapshot(self.dir / entry["path"] / f"table-{index}.arrow")
+            width = group.table.dim
+            values = data.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
+            group.table.put_rows(RowBatch(
+                fids=torch.from_numpy(data.column("fid").to_numpy().copy()),
+                embeddings=torch.from_numpy(values.reshape(-1, width).astype(np.float32)),
+                state=torch.zeros(data.num_rows, 0),
+                last_seen_ms=torch.from_numpy(data.column("last_seen_ms").to_numpy().copy()),
+                counts=torch.from_numpy(data.column("count").to_numpy().astype(np.int32))))
+        state = torch.load(self.dir / entry["path"] / "state.pt", map_location=self.device, weights_only=False)
+        model.model.load_state_dict(state["model"])
+        model.model.eval()
+        if self.fp16:
+            for group in model.groups:
+                group.table.embeddings = group.table.embeddings.half()
+        with self.lock:
+            self.model = model
+            self._applied(entry)
+
+    def _apply(self, entry: dict) -> None:
+        path = self.dir / entry["path"]
+        if entry["kind"] == "snapshot":
+            self._load_snapshot(entry)
+            return
+        if entry["kind"] == "dense":
+            try:
+                weights = torch.load(path, map_location=self.device, weights_only=True)
+            except Exception as exc:  # torch raises several types for damaged files
+                raise ModelDirError(f"version {entry['version']}: unreadable dense weights ({exc})") from exc
+            with self.lock:
+                self.model.model.load_state_dict(weights)
+                self._applied(entry)
+            return
+        groups = read_sparse_delta(path)
+        with self.lock:
+            for index, removed, rows in groups:
+                table: EmbeddingTable = self.model.groups[index].table
+                if len(removed):
+                    table.delete(removed)
+                if len(rows):
+                    table.put_rows(rows)
+            self._applied(entry)
+
+    def _applied(self, entry: dict) -> None:
+        self.version = entry["version"]
+        self.data_time_ms = max(self.data_time_ms, entry["data_time_ms"])
+        self.applied_published_at = entry["published_at"]
+        self.applied.append(entry["version"])
+
+    # -- prediction ---------------------------------------------------------------------------
+
+    def features(self, records: list[dict]):
+        """Fids and dense values of raw impressions. Fast path: Arrow checks the types while
+        building the table; only a batch that fails (or lacks a required field) is validated
+        record by record against the Avro schema, for a message naming the record and field."""
+        import pyarrow as pa
+
+        if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+            raise BadRequest("'impressions' must be a non-empty list of impression records (JSON objects)")
+        try:
+            table = self.extractor.table_from_records(records)
+            complete = all(table.column(f.name).null_count == 0 for f in table.schema if not f.nullable)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+            complete = False
+        if not complete:
+            for index, record in enumerate(records):
+                try:
+                    fastavro.validation.validate(record, self.schema, raise_errors=True)
+                except (fastavro.validation.ValidationError, TypeError, ValueError) as exc:
+                    raise BadRequest(f"impression {index}: does not fit schema {self.spec.events.impression!r}: "
+                                     f"{exc}") from None
+            raise BadRequest("impressions do not fit the schema")
+        fids, dense, kept, letters = self.extractor.extract(table)
+        if not kept.all():
+            raise BadRequest("; ".join(letter.detail for letter in letters[:5]) or "features could not be extracted")
+        return fids, dense
+
+    def predict(self, records: list[dict]) -> tuple[np.ndarray, int]:
+        """Probabilities (log-odds corrected for the sampling rate) and the version that made them."""
+        fids, dense = self.features(records)
+        with self.lock:
+            if self.model is None:
+                raise ModelDirError("no model loaded yet")
+            logits = self.model.predict_features(fids, dense)
+            version = self.version
+        return 1.0 / (1.0 + np.exp(-logits.astype(np.float64))), version
+
+    def status(self) -> dict:
+        return {"version": self.version, "data_time_ms": self.data_time_ms,
+                "seconds_behind_trainer": round(max(0.0, self.trainer_published_at - self.applied_published_at), 3),
+                "seconds_since_applied": round(time.time() - self.applied_published_at, 3) if self.version else None,
+                "applied_versions": len(self.applied), "last_error": self.last_error, "fp16": self.fp16}

@@ -1,0 +1,258 @@
+"""Publishing a training run to a model directory: snapshots, sparse deltas and dense weights.
+
+Layout of ``MODEL_DIR`` (a local directory)::
+
+    spec.pkl                      the FeatureSpec the model was trained with
+    manifest.json                 {"versions": [entry, ...]} in version order (rewritten atomically)
+    v000001-snapshot/             full state: table-<g>.arrow (rows with optimizer state),
+                                  state.pt (dense weights, dense optimizer, metrics, position)
+    v000002-sparse.arrow          rows touched since the previous delta + fids removed by expiry
+    v000003-dense.pt              dense weights
+
+Every entry is ``{"version", "kind": "snapshot"|"sparse"|"dense", "path", "base_version",
+"data_time_ms", "published_at", "sha256": {file: hex}}``; ``base_version`` is the version it
+applies on top of (the previous one). Files are complete before the manifest names them (written
+under a temporary name, then renamed), so a reader never sees a half-written version; the
+checksums catch files damaged later. Versions are applied in order: snapshot, then each delta
+whose ``base_version`` is the version in hand.
+
+Schedule (on the job's clock - event time when replaying, processing time when live): a sparse
+delta every ``sync.sparse_every``, dense weights every ``sync.dense_every``, a snapshot every
+``snapshot.every`` (and one at the start, so serving has a base).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from schemas.logs import atomic_write
+from schemas.spec import FeatureSpec
+from trainer.embedding_table import RowBatch
+from trainer.table_snapshot import load_table, save_table
+
+MANIFEST = "manifest.json"
+SPEC_FILE = "spec.pkl"
+
+
+class ModelDirError(ValueError):
+    """A model directory, version or file that cannot be used (names the version and the reason)."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_manifest(model_dir: str | Path) -> list[dict]:
+    path = Path(model_dir) / MANIFEST
+    if not path.is_file():
+        return []
+    try:
+        return json.loads(path.read_text())["versions"]
+    except (ValueError, KeyError) as exc:
+        raise ModelDirError(f"{path}: unreadable manifest ({exc})") from exc
+
+
+def read_spec(model_dir: str | Path) -> FeatureSpec:
+    path = Path(model_dir) / SPEC_FILE
+    if not path.is_file():
+        raise ModelDirError(f"{model_dir}: no {SPEC_FILE} - not a model directory (or nothing published yet)")
+    return pickle.loads(path.read_bytes())
+
+
+def verify(model_dir: Path, entry: dict) -> None:
+    """Raise ModelDirError unless every file of ``entry`` is present with its checksum."""
+    for name, expected in entry["sha256"].items():
+        path = model_dir / name
+        if not path.is_file():
+            raise ModelDirError(f"version {entry['version']} ({entry['kind']}): {name} is missing")
+        if _sha256(path) != expected:
+            raise ModelDirError(f"version {entry['version']} ({entry['kind']}): {name} is corrupt (checksum mismatch)")
+
+
+def _sparse_schema(width: int) -> pa.Schema:
+    return pa.schema([("group", pa.int16()), ("fid", pa.int64()), ("removed", pa.bool_()),
+                      ("weights", pa.list_(pa.float32(), width)), ("last_seen_ms", pa.int64())])
+
+
+def read_sparse_delta(path: Path) -> list[tuple[int, torch.Tensor, RowBatch]]:
+    """[(group, removed fids, updated rows without optimizer state)] of a sparse delta file."""
+    try:
+        table = pa.ipc.open_file(pa.memory_map(str(path))).read_all()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ModelDirError(f"{path.name}: unreadable sparse delta ({exc})") from exc
+    groups = table.column("group").to_numpy()
+    removed = table.column("removed").to_numpy(zero_copy_only=False)
+    fids = table.column("fid").to_numpy()
+    width = table.schema.field("weights").type.list_size
+    out = []
+    for group in np.unique(groups):
+        mine = groups == group
+        gone, kept = mine & removed, mine & ~removed
+        weights = table.column("weights").filter(pa.array(kept)).combine_chunks()
+        values = weights.values.to_numpy(zero_copy_only=False).reshape(-1, width) if len(weights) else \
+            np.zeros((0, width), np.float32)
+        rows = RowBatch(fids=torch.from_numpy(fids[kept].copy()), embeddings=torch.from_numpy(values.copy()),
+                        state=torch.zeros(int(kept.sum()), 0),
+                        last_seen_ms=torch.from_numpy(table.column("last_seen_ms").to_numpy()[kept].copy()),
+                        counts=torch.zeros(int(kept.sum()), dtype=torch.int32))
+        out.append((int(group), torch.from_numpy(fids[gone].copy()), rows))
+    return out
+
+
+@dataclass
+class Position:
+    """The last example trained: its (impression time, request id, item id) - the total order
+    in which the trainer consumes examples - and how many examples were trained."""
+
+    impression_time_ms: int = -(1 << 62)
+    request_id: str = ""
+    item_id: str = ""
+    examples: int = 0
+
+    def key(self) -> tuple:
+        return (self.impression_time_ms, self.request_id, self.item_id)
+
+
+class Publisher:
+    """Publishes ``trainer``'s state to ``model_dir`` on the schedule of its spec."""
+
+    def __init__(self, trainer, model_dir: str | Path, clock: str = "event",
+                 now_ms: Callable[[], int] | None = None):
+        if clock not in ("event", "processing"):
+            raise ValueError(f"clock must be 'event' or 'processing', got {clock!r}")
+        self.trainer, self.dir, self.clock = trainer, Path(model_dir), clock
+        self._now = now_ms or (lambda: int(time.time() * 1000))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        spec_path = self.dir / SPEC_FILE
+        if not spec_path.is_file():
+            with atomic_write(spec_path) as out:
+                out.write(pickle.dumps(trainer.spec))
+        self.entries = read_manifest(self.dir)
+        self.version = self.entries[-1]["version"] if self.entries else 0
+        self.last = {"sparse": None, "dense": None, "snapshot": None}
+        self.published_bytes: dict[str, int] = {}
+
+    def now(self) -> int:
+        return self.trainer.data_time_ms if self.clock == "event" else self._now()
+
+    # -- schedule -----------------------------------------------------------------------------
+
+    def after_batch(self, position: Position) -> list[dict]:
+        """Publish what is due after a trained batch; returns the new entries."""
+        now, spec, new = self.now(), self.trainer.spec, []
+        if self.last["snapshot"] is None or now - self.last["snapshot"] >= spec.snapshot.every_ms:
+            return [self.publish_snapshot(position)]
+        if now - self.last["dense"] >= spec.sync.dense_every_ms:
+            new.append(self.publish_dense())
+        if now - self.last["sparse"] >= spec.sync.sparse_every_ms:
+            new.append(self.publish_sparse())
+        return new
+
+    def finish(self, position: Position) -> list[dict]:
+        """At the end of a run: the last rows and weights, then a snapshot to resume from."""
+        return [self.publish_sparse(), self.publish_dense(), self.publish_snapshot(position)]
+
+    # -- versions -----------------------------------------------------------------------------
+
+    def _commit(self, kind: str, path: str, files: list[str]) -> dict:
+        entry = {"version": self.version + 1, "kind": kind, "path": path, "base_version": self.version,
+                 "data_time_ms": int(self.trainer.data_time_ms), "published_at": time.time(),
+                 "sha256": {name: _sha256(self.dir / name) for name in files}}
+        self.entries.append(entry)
+        with atomic_write(self.dir / MANIFEST, "w") as out:
+            json.dump({"versions": self.entries}, out, indent=1)
+        self.version += 1
+        for due in (self.last if kind == "snapshot" else [kind]):  # a snapshot holds the rows and weights too
+            self.last[due] = self.now()
+        self.published_bytes[kind] = sum((self.dir / name).stat().st_size for name in files)
+        return entry
+
+    def publish_sparse(self) -> dict:
+        name = f"v{self.version + 1:06d}-sparse.arrow"
+        parts = []
+        for index, group in enumerate(self.trainer.groups):
+            delta = group.table.take_delta()
+            width = group.table.dim
+            updated, removed = delta.updated, delta.removed.cpu()
+            n, r = len(updated), len(removed)
+            weights = updated.embeddings.detach().cpu().numpy().astype(np.float32).reshape(-1)
+            parts.append(pa.table({
+                "group": pa.array(np.full(n + r, index, np.int16)),
+                "fid": pa.array(np.concatenate([updated.fids.cpu().numpy(), removed.numpy()]).astype(np.int64)),
+                "removed": pa.array(np.r_[np.zeros(n, bool), np.ones(r, bool)]),
+                "weights": pa.FixedSizeListArray.from_arrays(
+                    pa.array(np.r_[weights, np.zeros(r * width, np.float32)]), width),
+                "last_seen_ms": pa.array(np.r_[updated.last_seen_ms.cpu().numpy(), np.zeros(r, np.int64)]),
+            }, schema=_sparse_schema(width)))
+        widths = {p.schema.field("weights").type.list_size for p in parts}
+        if len(widths) > 1:  # groups of different dims: pad to the widest
+            raise NotImplementedError("sparse deltas need one row width across optimizer groups")
+        table = pa.concat_tables(parts)
+        with atomic_write(self.dir / name) as out, pa.ipc.new_file(out, table.schema) as writer:
+            writer.write_table(table)
+        return self._commit("sparse", name, [name])
+
+    def publish_dense(self) -> dict:
+        name = f"v{self.version + 1:06d}-dense.pt"
+        buffer = io.BytesIO()
+        torch.save({k: v.cpu() for k, v in self.trainer.model.state_dict().items()}, buffer)
+        with atomic_write(self.dir / name) as out:
+            out.write(buffer.getvalue())
+        return self._commit("dense", name, [name])
+
+    def publish_snapshot(self, position: Position) -> dict:
+        name = f"v{self.version + 1:06d}-snapshot"
+        staging = self.dir / f".{name}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        files = []
+        for index, group in enumerate(self.trainer.groups):
+            save_table(group.table, staging / f"table-{index}.arrow")
+            files.append(f"{name}/table-{index}.arrow")
+        state = self.trainer.training_state()
+        state["position"] = position.__dict__.copy()
+        state["rng"] = torch.get_rng_state()
+        torch.save(state, staging / "state.pt")
+        files.append(f"{name}/state.pt")
+        os.replace(staging, self.dir / name)  # the whole directory appears at once
+        for group in self.trainer.groups:  # a reader at this version has every row: the next delta starts here
+            group.table.take_delta()
+        return self._commit("snapshot", name, files)
+
+
+def newest_snapshot(entries: list[dict]) -> dict | None:
+    snapshots = [e for e in entries if e["kind"] == "snapshot"]
+    return snapshots[-1] if snapshots else None
+
+
+def restore_trainer(trainer, model_dir: str | Path) -> tuple[Position, dict]:
+    """Load the newest snapshot of ``model_dir`` into ``trainer`` (tables with optimizer state,
+    dense weights and optimizer, metrics); returns the position it reached and its entry."""
+    model_dir = Path(model_dir)
+    entry = newest_snapshot(read_manifest(model_dir))
+    if entry is None:
+        raise ModelDirError(f"{model_dir}: no snapshot to resume from")
+    verify(model_dir, entry)
+    for index, group in enumerate(trainer.groups):
+        loaded = load_table(model_dir / entry["path"] / f"table-{index}.arrow", device=str(trainer.device))
+        group.table = loaded
+    state = torch.load(model_dir / entry["path"] / "state.pt", map_location=trainer.device, weights_only=False)
+    trainer.load_training_state(state)
+    torch.set_rng_state(state["rng"])
+    return Position(**state["position"]), entry
