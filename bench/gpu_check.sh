@@ -14,6 +14,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, numpy, pyarrow; print('torch', torch.__version__, 'numpy', numpy.__version__, 'pyarrow', pyarrow.__version__)" | tee -a "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_device.py 2>&1 | tee "$OUT/test_device.log"
-python3 -m bench.embedding_table --device cuda 2>&1 | tee "$OUT/bench_embedding_table.log"
+python3 -m bench.embedding_table --device cuda ${TABLE_ARGS:-} 2>&1 | tee "$OUT/bench_embedding_table.log"
 python3 -m bench.trainer --device cuda 2>&1 | tee "$OUT/bench_trainer.log"
-timeout "${QUALITY_TIMEOUT_S:-300}" python3 -m bench.quality --device cuda --skip-movielens 2>&1 | tee "$OUT/bench_quality.log"
+timeout "${QUALITY_TIMEOUT_S:-300}" python3 -m bench.quality --device cuda --skip-movielens ${QUALITY_ARGS:-} 2>&1 \
+    | tee "$OUT/bench_quality.log"

@@ -91,9 +91,19 @@ def beam_run(spec, logs: Path, out: Path, streaming: bool) -> float:
     return time.perf_counter() - started
 
 
+def flink_run(spec, logs: Path, out: Path) -> float:
+    from runners.flink_runner import run_flink_join
+
+    started = time.perf_counter()
+    run_flink_join(spec, logs, out)
+    return time.perf_counter() - started
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="60k impressions (under a minute)")
+    parser.add_argument("--runner", choices=("beam", "flink"), default="beam",
+                        help="flink: also the PyFlink job (local mini-cluster) on the same logs, with Beam streaming")
     args = parser.parse_args(argv)
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     n = 60_000 if args.quick else 300_000
@@ -104,6 +114,23 @@ def main(argv: list[str] | None = None) -> dict:
         events = manifest["impressions"] + manifest["actions"]["click"]
         impressions, actions = load_events(spec, logs)
         pure_s, pure_examples = pure(spec, impressions, actions)
+        if args.runner == "flink":
+            tiny = Path(tmp) / "tiny"
+            generate(tiny, SyntheticConfig(events=200, seed=4, span_hours=0.1))
+            startup_s = flink_run(spec, tiny, Path(tmp) / "flink-tiny")  # job start and stop, ~no data
+            flink_s = flink_run(spec, logs, Path(tmp) / "flink")
+            stream_s = beam_run(spec, logs, Path(tmp) / "stream", streaming=True)
+            figures = {"benchmark": "pipeline", "runner": "flink", "events": events,
+                       "pure_events_per_s": round(events / pure_s),
+                       "flink_events_per_s": round(events / flink_s),
+                       "flink_job_startup_s": round(startup_s, 2),
+                       "flink_events_per_s_after_startup": round(events / max(flink_s - startup_s, 1e-9)),
+                       "beam_stream_events_per_s": round(events / stream_s),
+                       "flink_vs_beam_stream": round(stream_s / flink_s, 2)}
+            print(f"PyFlink {figures['flink_events_per_s']:,} events/s ({figures['flink_vs_beam_stream']}x Beam "
+                  f"streaming at {figures['beam_stream_events_per_s']:,}/s); job start+stop {startup_s:.1f} s")
+            print(json.dumps(figures))
+            return figures
         naive_s, naive_examples = naive(spec, impressions, actions)
         batch_s = beam_run(spec, logs, Path(tmp) / "batch", streaming=False)
         stream_s = beam_run(spec, logs, Path(tmp) / "stream", streaming=True)

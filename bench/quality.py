@@ -107,21 +107,23 @@ def movielens_figures(device: str) -> dict:
             "movielens_distinct_fids": distinct_fids(examples), "movielens_hashed_fids": distinct_fids(hashed)}
 
 
-def synthetic_figures(quick: bool, device: str, epochs: int) -> dict:
+def synthetic_figures(quick: bool, device: str, epochs: int, impressions: int | None = None,
+                      collision: bool = True) -> dict:
     spec = load_spec("synthetic")
     if quick:
         spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, hidden_units=(128, 128)))
-    impressions = 60_000 if quick else 1_000_000
+    impressions = impressions or (60_000 if quick else 1_000_000)
     examples = synthetic_examples(spec, impressions, seed=11, span_hours=24)
     cut = int(examples.num_rows * 0.8)
     train, test = examples.slice(0, cut), examples.slice(cut)
     figures = {"synthetic_examples": examples.num_rows, "epochs": epochs}
 
-    online = dataclasses.replace(spec, training=dataclasses.replace(spec.training, batch_size=1024))
-    ours = progressive_auc(online, examples, device)
-    collided = progressive_auc(online, hashed_fids(examples), device)
-    figures.update({"synthetic_collisionless_auc": ours["auc"], "synthetic_hashed_auc": collided["auc"],
-                    "synthetic_collisionless_minus_hashed": round(ours["auc"] - collided["auc"], 5)})
+    if collision:
+        online = dataclasses.replace(spec, training=dataclasses.replace(spec.training, batch_size=1024))
+        ours = progressive_auc(online, examples, device)
+        collided = progressive_auc(online, hashed_fids(examples), device)
+        figures.update({"synthetic_collisionless_auc": ours["auc"], "synthetic_hashed_auc": collided["auc"],
+                        "synthetic_collisionless_minus_hashed": round(ours["auc"] - collided["auc"], 5)})
 
     base_batch = 128 if quick else 1024
     base = Hyperparameters(base_batch, embedding_lr=spec.slots[0].optimizer.lr, embedding_l2=1e-5,
@@ -150,6 +152,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the CowClip training split")
     parser.add_argument("--skip-movielens", action="store_true", help="no MovieLens (no download)")
+    parser.add_argument("--skip-collision", action="store_true", help="no synthetic collisionless-vs-hashed runs")
+    parser.add_argument("--impressions", type=int, default=None, help="synthetic impressions (default 1M, quick 60k)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     figures = {"quick": args.quick, "device": args.device}
@@ -157,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.skip_movielens:
         figures.update(movielens_figures(args.device))
         print(json.dumps(figures), file=sys.stderr, flush=True)
-    figures.update(synthetic_figures(args.quick, args.device, args.epochs or (1 if args.quick else 3)))
+    figures.update(synthetic_figures(args.quick, args.device, args.epochs or (1 if args.quick else 3),
+                                     args.impressions, collision=not args.skip_collision))
     figures["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(figures))
 

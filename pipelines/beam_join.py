@@ -274,12 +274,7 @@ class JoinShardStreamDoFn(beam.DoFn):
         refs = np.arange(state["next_ref"], state["next_ref"] + impressions.num_rows)
         state["next_ref"] += impressions.num_rows
         state["pending"] = pa.concat_tables([state["pending"], impressions.append_column("_ref", pa.array(refs))])
-        _, letters = state["joiner"].add(
-            join_keys(impressions.column("request_id"), impressions.column("item_id")),
-            impressions.column("event_time_ms").to_numpy(), refs,
-            join_keys(actions.column("request_id"), actions.column("item_id")),
-            actions.column("action_type").to_pylist(), actions.column("event_time_ms").to_numpy(),
-            actions.to_pylist(), -(1 << 62))  # the watermark moves only through the timer
+        _, letters = state["joiner"].add_tables(impressions, refs, actions)  # the watermark moves only by timer
         self._save(state_cell, timer, state)
         yield from dead_letter_outputs(letters)
 

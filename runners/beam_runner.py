@@ -50,41 +50,59 @@ def load_replay_batch(paths: tuple[str, str]) -> tuple[pa.Table, pa.Table]:
     return tuple(pa.ipc.open_file(pa.memory_map(path)).read_all() for path in paths)
 
 
-def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, events_per_step: int = 4_096,
-                  dead_letters: DeadLetterSink | None = None) -> tuple[TestStream, int]:
-    """The logs as a TestStream of micro-batches in event-time order, and the median event-time
-    span of a step (ms). After each batch the watermark advances to the next batch's first event
-    time (nothing earlier follows); after the last, to the last event time plus the join window
-    and one more step (so every window closes in event-time order), then to infinity.
-
-    Batches are spilled to Arrow IPC files under ``spill_dir`` and the stream carries their
-    paths (a TestStream's payload is pickled and compressed at pipeline construction, so data
-    must not ride in it). Each advance is a round of the DirectRunner: steps count events."""
+def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, events_per_step: int = 4_096,
+                   dead_letters: DeadLetterSink | None = None) -> tuple[list[tuple[int, str, str]], int]:
+    """The logs as micro-batches in event-time order: ``(first event time ms, impressions file,
+    actions file)`` spilled as Arrow IPC under ``spill_dir`` - each batch holds the events from its
+    time up to the next batch's - and the median event-time span of a batch (ms)."""
     sink = dead_letters if dead_letters is not None else DeadLetterSink(keep=None)
     impressions, actions = (read_log_tables(log_dir, kind, load_schema(schema), sink).sort_by("event_time_ms")
                             for kind, schema in (("impressions", spec.events.impression),
                                                  ("actions", spec.events.action)))
     times = np.concatenate([impressions.column("event_time_ms").to_numpy(), actions.column("event_time_ms").to_numpy()])
     times.sort()
-    stream = TestStream()
     impression_times = impressions.column("event_time_ms").to_numpy()
     action_times = actions.column("event_time_ms").to_numpy()
     bounds = [int(t) for t in times[::events_per_step][1:]] + [None]
     imp_start = act_start = 0
     first = int(times[0]) if len(times) else 0
+    batches = []
     for step, bound in enumerate(bounds):
         imp_end = len(impression_times) if bound is None else int(np.searchsorted(impression_times, bound, "left"))
         act_end = len(action_times) if bound is None else int(np.searchsorted(action_times, bound, "left"))
-        batch = (_spill(impressions.slice(imp_start, imp_end - imp_start), spill_dir / f"{step:06d}-impressions.arrow"),
-                 _spill(actions.slice(act_start, act_end - act_start), spill_dir / f"{step:06d}-actions.arrow"))
-        stream.add_elements([beam.window.TimestampedValue(batch, Timestamp(micros=first * 1000))])
+        batches.append((first,
+                        _spill(impressions.slice(imp_start, imp_end - imp_start), spill_dir / f"{step:06d}-impressions.arrow"),
+                        _spill(actions.slice(act_start, act_end - act_start), spill_dir / f"{step:06d}-actions.arrow")))
         if bound is not None:
-            stream.advance_watermark_to(Timestamp(micros=bound * 1000))
             first = bound
         imp_start, act_start = imp_end, act_end
     step_ms = int(np.median(np.diff(times[::events_per_step]))) if len(times) > events_per_step else 0
-    if len(times):
-        stream.advance_watermark_to(Timestamp(micros=(int(times[-1]) + spec.join.window_ms + step_ms + 1) * 1000))
+    return batches, step_ms
+
+
+def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, events_per_step: int = 4_096,
+                  dead_letters: DeadLetterSink | None = None) -> tuple[TestStream, int]:
+    """The replay's micro-batches as a TestStream, and the median event-time span of a step (ms).
+    After each batch the watermark advances to the next batch's first event time (nothing
+    earlier follows); after the last, to the last event time plus the join window and one more
+    step (so every window closes in event-time order), then to infinity.
+
+    The stream carries the spilled files' paths (a TestStream's payload is pickled and
+    compressed at pipeline construction, so data must not ride in it). Each advance is a round
+    of the DirectRunner: steps count events."""
+    batches, step_ms = replay_batches(spec, log_dir, spill_dir, events_per_step, dead_letters)
+    stream = TestStream()
+    last_time = None
+    for index, (first, impressions_path, actions_path) in enumerate(batches):
+        stream.add_elements([beam.window.TimestampedValue((impressions_path, actions_path),
+                                                          Timestamp(micros=first * 1000))])
+        if index + 1 < len(batches):
+            stream.advance_watermark_to(Timestamp(micros=batches[index + 1][0] * 1000))
+        last_time = first
+    if last_time is not None:
+        tail = max([pa.ipc.open_file(pa.memory_map(path)).read_all().column("event_time_ms").to_numpy().max(initial=0)
+                    for path in batches[-1][1:]] + [last_time])
+        stream.advance_watermark_to(Timestamp(micros=(int(tail) + spec.join.window_ms + step_ms + 1) * 1000))
     return stream.advance_watermark_to_infinity(), step_ms
 
 

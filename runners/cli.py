@@ -134,7 +134,14 @@ def cmd_join(args: argparse.Namespace) -> int:
     from schemas.spec import load_spec
 
     spec = load_spec(args.spec)
-    summary = run_join(spec, args.logs, args.out, **_mode(args))
+    if getattr(args, "runner", "beam") == "flink":
+        from runners.flink_runner import run_flink_join
+
+        if args.watch is not None:
+            raise ValueError("--runner flink replays logs; --watch is not supported on it yet")
+        summary = run_flink_join(spec, args.logs, args.out)
+    else:
+        summary = run_join(spec, args.logs, args.out, **_mode(args))
     summary.update(_examples_summary(Path(args.out), spec))
     from schemas.logs import read_manifest
 
@@ -256,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", required=True, type=Path, help="output directory (examples/, dead_letters/)")
         if name == "join":
             _add_mode_arguments(sub)
+            sub.add_argument("--runner", choices=("beam", "flink"), default="beam",
+                             help="beam: Beam's DirectRunner (default); flink: PyFlink on a local mini-cluster")
         sub.set_defaults(handler=cmd_join)
 
     run = commands.add_parser("run", help="the whole job: join, sample, extract, train online")

@@ -287,3 +287,21 @@ def test_config_is_validated():
     with pytest.raises(ValueError, match="holds at most max_rows=2"):
         cache.lookup_or_insert(torch.tensor([1, 2, 3]), 0)
     assert isinstance(RowBatch.concat([store.all_rows()]), RowBatch)
+
+
+def test_stashed_fids_are_found_removed_and_survive_growth():
+    table = EmbeddingTable(TableConfig(dim=1, initial_buckets=4, initial_rows=4, max_load=0.98,
+                                       stash_after_rounds=0))
+    first = torch.tensor([fid(SLOT_A, v) for v in range(40)])
+    rows = table.lookup_or_insert(first, 0)
+    assert table.stats["stashed"] > 0 and table.stats["grows"] == 1  # 40 keys: 16 slots grow, the rest stash
+    table.embeddings[rows, 0] = first.float()
+    assert torch.equal(table.lookup(first), rows)
+    removed = first[::3]
+    table.remove(removed)
+    kept = first[torch.arange(40) % 3 != 0]
+    assert table.lookup(removed).eq(-1).all() and table.lookup(kept).ge(0).all()
+    more = torch.tensor([fid(SLOT_B, v) for v in range(200)])
+    table.lookup_or_insert(more, 1)  # grows: stashed keys are re-placed
+    assert torch.equal(table.gather(table.lookup(kept))[:, 0], kept.float())
+    assert table.lookup(removed).eq(-1).all() and table.lookup(more).ge(0).all() and len(table) == len(kept) + 200

@@ -6,9 +6,13 @@ live in two buckets: ``b1 = fastrange(lo32(h), B)`` and ``b2 = (f - b1) mod B`` 
 other bucket follows from the bucket it sits in and its hash alone (the partial-key trick).
 Inserts are placed in batches: each pending fid takes a free slot of its bucket (ranked within
 the batch so no two take the same slot), then of its other bucket; the rest displace an occupant,
-which moves on to *its* other bucket, for up to ``max_kick_rounds`` rounds; what is still
-pending then makes the index grow (rehash into ``growth`` x buckets). The index also grows when
-its load passes ``max_load``. All of it is vectorised torch, so it runs on CPU and CUDA alike.
+which moves on to *its* other bucket, for up to ``stash_after_rounds`` rounds. The few fids
+still pending then go to a small *stash* (``STASH_BUCKETS`` x 4 slots after the last bucket,
+probed by full comparison when a fid is in neither of its buckets), which cuts the long tail of
+displacement rounds - each a few dozen small kernels, costly on a GPU. While more are pending
+than the stash has room for, displacement goes on if the stash is at least half free; otherwise,
+or after ``max_kick_rounds``, the index grows (rehash into ``growth`` x buckets, which empties the stash).
+The index also grows when its load passes ``max_load``. All of it is vectorised torch, so it runs on CPU and CUDA alike.
 
 Rows: a pool of embedding rows (``dim`` floats), optimiser state (``state_width`` floats),
 last-seen event time (int64 ms), occurrence count (int32) and a touched flag, reused through a
@@ -36,6 +40,7 @@ from trainer.hashing import fast_range, mix64
 
 EMPTY = -1
 SLOTS_PER_BUCKET = 4
+STASH_BUCKETS = 128  # stash buckets (x 4 slots) after the hashed buckets
 NEVER = -1  # expire_after_ms for "never expires"
 
 
@@ -72,6 +77,7 @@ class TableConfig:
     growth: float = 1.3  # index growth factor (bucket counts need not be powers of two)
     row_growth: float = 1.125  # row-pool growth factor: small, as rows dominate the memory
     max_kick_rounds: int = 64
+    stash_after_rounds: int = 10  # displacement rounds before the rest goes to the stash
     max_rows: int | None = None  # bound the table (a cache in front of a RowStore)
     evict_fraction: float = 0.05  # evict this share of max_rows beyond what is needed
     filter_width: int = 1 << 20
@@ -183,7 +189,8 @@ class EmbeddingTable:
         self._policy_tables()
         self.sketch = (CountMinSketch(config.filter_width, config.filter_depth, config.seed, self.device)
                        if self._uses_filter else None)
-        self.stats = {"inserts": 0, "filtered": 0, "expired": 0, "evicted": 0, "fetched": 0, "grows": 0}
+        self.stats = {"inserts": 0, "filtered": 0, "expired": 0, "evicted": 0, "fetched": 0, "grows": 0,
+                      "stashed": 0}
 
     # ---------------------------------------------------------------------------------------
     # policies per slot, as lookup tensors indexed by slot id
@@ -209,10 +216,12 @@ class EmbeddingTable:
     # index
 
     def _new_index(self, num_buckets: int) -> None:
-        """Keys [B, 4] int64 (EMPTY = -1) and rows [B, 4] int32: 12 bytes per slot."""
+        """Keys [B + stash, 4] int64 (EMPTY = -1) and rows [B + stash, 4] int32: 12 bytes per slot."""
         self.num_buckets = num_buckets
-        self.index_keys = torch.full((num_buckets, SLOTS_PER_BUCKET), EMPTY, dtype=torch.int64, device=self.device)
-        self.index_rows = torch.zeros((num_buckets, SLOTS_PER_BUCKET), dtype=torch.int32, device=self.device)
+        total = num_buckets + STASH_BUCKETS
+        self.index_keys = torch.full((total, SLOTS_PER_BUCKET), EMPTY, dtype=torch.int64, device=self.device)
+        self.index_rows = torch.zeros((total, SLOTS_PER_BUCKET), dtype=torch.int32, device=self.device)
+        self.stash_used = False  # set when a key goes to the stash; the stash is probed only then
 
     def _hash(self, fids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(b1, f): the first bucket and the involution constant; the other bucket is (f - b) mod B."""
@@ -256,6 +265,12 @@ class EmbeddingTable:
             found2, slot2 = self._probe(fids.index_select(0, rest), b2)
             found[rest] = found2
             positions[rest] = b2 * SLOTS_PER_BUCKET + slot2
+            if self.stash_used and not bool(found2.all()):  # in neither bucket: compare with the stash
+                missing = rest.index_select(0, torch.nonzero(~found2).squeeze(1))
+                stash = self.index_keys[self.num_buckets:].reshape(-1)
+                hit = fids.index_select(0, missing).unsqueeze(1) == stash.unsqueeze(0)  # [missing, stash slots]
+                found[missing] = hit.any(dim=1)
+                positions[missing] = self.num_buckets * SLOTS_PER_BUCKET + hit.to(torch.uint8).argmax(dim=1)
         positions = torch.where(found, positions, torch.full_like(positions, -1))
         rows = self.index_rows.view(-1).index_select(0, positions.clamp(min=0)).long()
         rows = torch.where(found, rows, torch.full_like(rows, -1))
@@ -290,7 +305,11 @@ class EmbeddingTable:
         """Insert absent, unique keys; returns the (keys, rows) that found no place (to grow for)."""
         b1, f = self._hash(keys)
         target = b1
-        for _ in range(self.config.max_kick_rounds):
+        for round_ in range(self.config.max_kick_rounds):
+            if round_ >= self.config.stash_after_rounds and len(keys):
+                keys, rows, stash_free = self._to_stash(keys, rows)  # all or nothing
+                if len(keys) and stash_free < STASH_BUCKETS * SLOTS_PER_BUCKET // 2:
+                    return keys, rows  # the stash is filling up: grow (which empties it)
             if len(keys) == 0:
                 break
             placed = self._fill_free(keys, rows, target)
@@ -328,6 +347,19 @@ class EmbeddingTable:
             target = torch.cat([self._other_bucket(victim_f, victim_buckets),
                                 self._other_bucket(f[len(victim_keys):], target[waiting])])
         return keys, rows
+
+    def _to_stash(self, keys: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Put pending keys into free stash slots if they all fit; returns what is left and the
+        free stash slots before."""
+        stash = self.index_keys[self.num_buckets:].reshape(-1)
+        free = torch.nonzero(stash == EMPTY).squeeze(1)
+        if len(free) < len(keys):
+            return keys, rows, len(free)
+        position = self.num_buckets * SLOTS_PER_BUCKET + free[:len(keys)]
+        self._set(position // SLOTS_PER_BUCKET, position % SLOTS_PER_BUCKET, keys, rows)
+        self.stash_used = True
+        self.stats["stashed"] += len(keys)
+        return keys[:0], rows[:0], len(free)
 
     def _live(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(positions, keys, rows) of every occupied index slot."""

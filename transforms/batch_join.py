@@ -101,6 +101,16 @@ class BatchJoiner:
         return [DeadLetter("join", reason, f"{detail} (key {k!r})", record=repr(r))
                 for k, r in zip(keys.to_pylist(), refs)]
 
+    def add_tables(self, impressions: pa.Table, refs: np.ndarray, actions: pa.Table,
+                   watermark_ms: int = -(1 << 62)) -> tuple[ClosedImpressions, list[DeadLetter]]:
+        """``add`` for event tables: impressions (with their row references) and actions (kept
+        as records, for dead letters); by default the watermark does not move."""
+        return self.add(join_keys(impressions.column("request_id"), impressions.column("item_id")),
+                        impressions.column("event_time_ms").to_numpy(), refs,
+                        join_keys(actions.column("request_id"), actions.column("item_id")),
+                        actions.column("action_type").to_pylist(), actions.column("event_time_ms").to_numpy(),
+                        actions.to_pylist(), watermark_ms)
+
     def add(self, impression_keys: pa.Array, impression_times: np.ndarray, impression_refs: np.ndarray,
             action_keys: pa.Array, action_types: list[str], action_times: np.ndarray, action_refs: list,
             watermark_ms: int) -> tuple[ClosedImpressions, list[DeadLetter]]:
