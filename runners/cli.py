@@ -134,6 +134,11 @@ def cmd_join(args: argparse.Namespace) -> int:
     from schemas.spec import load_spec
 
     spec = load_spec(args.spec)
+    if getattr(args, "runner", "beam") == "flink" and args.flink_master:
+        from runners.flink_runner import submit
+
+        return submit(args.flink_master, ["join", "--runner", "flink", "--spec", args.spec,
+                                          "--logs", str(args.logs.resolve()), "--out", str(args.out.resolve())])
     if getattr(args, "runner", "beam") == "flink":
         from runners.flink_runner import run_flink_join
 
@@ -265,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
             _add_mode_arguments(sub)
             sub.add_argument("--runner", choices=("beam", "flink"), default="beam",
                              help="beam: Beam's DirectRunner (default); flink: PyFlink on a local mini-cluster")
+            sub.add_argument("--flink-master", default=None, metavar="HOST:PORT",
+                             help="with --runner flink: submit to this standalone cluster (its REST endpoint)")
         sub.set_defaults(handler=cmd_join)
 
     run = commands.add_parser("run", help="the whole job: join, sample, extract, train online")

@@ -19,6 +19,8 @@ from schemas.spec import FeatureSpec
 
 
 def flink_environment(parallelism: int = 1, checkpoint_dir: str | None = None, checkpoint_every_ms: int = 10_000):
+    """The StreamExecutionEnvironment: a local mini-cluster, or - inside ``flink run`` - the
+    cluster that command submits to."""
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
 
@@ -28,6 +30,7 @@ def flink_environment(parallelism: int = 1, checkpoint_dir: str | None = None, c
     config.set_string("python.client.executable", sys.executable)
     config.set_string("state.backend.type", "rocksdb")
     config.set_string("python.fn-execution.bundle.size", "1")  # batches are already large records
+
     if checkpoint_dir is not None:
         config.set_string("execution.checkpointing.dir", checkpoint_dir)
         config.set_string("execution.checkpointing.interval", f"{checkpoint_every_ms} ms")
@@ -89,3 +92,23 @@ def run_flink_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, 
             reason = json.loads(line)["reason"]
             counts[reason] = counts.get(reason, 0) + 1
     return {"mode": "flink", "seconds": round(elapsed, 2), "dead_letters": counts}
+
+
+def submit(master: str, argv: list[str]) -> int:
+    """Run ``streamrec ARGV`` through the wheel's ``flink run`` against the standalone cluster at
+    ``master`` (HOST:PORT of its REST endpoint); the job's Python workers use this interpreter.
+    Paths in ``argv`` must be absolute and visible to the cluster's TaskManagers."""
+    import os
+    import subprocess
+
+    from runners.flink_cluster import flink_home
+
+    host, _, port = master.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--flink-master must be HOST:PORT of the cluster's REST endpoint, got {master!r}")
+    home = flink_home()
+    command = ["bash", str(home / "bin" / "flink"), "run", "-m", master, "-pyexec", sys.executable,
+               "-pyclientexec", sys.executable, "-pym", "runners.cli", *argv]
+    env = {**os.environ, "FLINK_HOME": str(home)}
+    env.setdefault("FLINK_LOG_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "streamrec-flink-client-log"))
+    return subprocess.run(command, env=env).returncode

@@ -60,3 +60,27 @@ def test_flink_and_beam_produce_identical_examples_and_bad_records_become_dead_l
     assert flink_examples.num_rows > 500 and flink_examples.equals(beam_examples)
     assert flink["positives"] == manifest["actions"]["click"]
     assert flink["dead_letters"].get("corrupt_file") == beam["dead_letters"].get("corrupt_file") == 1
+
+
+def test_job_runs_on_a_standalone_cluster_started_from_the_wheel(obd_logs, tmp_path):
+    """A JobManager and a TaskManager from the wheel's bin/ on loopback (own process groups,
+    stopped by group id); ``--flink-master`` submits through ``flink run``."""
+    from runners.beam_runner import run_join
+    from runners.flink_cluster import StandaloneCluster
+    from schemas.spec import load_spec
+
+    logs, _ = obd_logs
+    cluster = StandaloneCluster(tmp_path / "cluster").start()
+    processes = list(cluster.processes)
+    try:
+        job = subprocess.run([sys.executable, "-m", "runners.cli", "join", "--runner", "flink", "--flink-master",
+                              cluster.master, "--spec", "obd", "--logs", str(logs), "--out", str(tmp_path / "remote")],
+                             cwd=ROOT, start_new_session=True, capture_output=True, text=True, timeout=300)
+        assert job.returncode == 0, job.stderr[-3000:]
+        jobs = cluster.jobs()
+        assert [j["state"] for j in jobs] == ["FINISHED"] and jobs[0]["name"] == "streamrec join obd"
+    finally:
+        cluster.stop()
+    assert len(processes) == 2 and all(process.poll() is not None for process in processes)
+    run_join(load_spec("obd"), logs, tmp_path / "beam", streaming=True)
+    assert _examples(tmp_path / "remote").equals(_examples(tmp_path / "beam"))
