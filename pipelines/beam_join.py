@@ -281,19 +281,13 @@ class JoinShardStreamDoFn(beam.DoFn):
     @on_timer(DUE)
     def due(self, fired_at=beam.DoFn.TimestampParam, state_cell=beam.DoFn.StateParam(STATE),
             timer=beam.DoFn.TimerParam(DUE)):
-        import pyarrow.compute as pc
-
         state = state_cell.read()
         if state is None:
             return
         closed, letters = state["joiner"].advance(fired_at.micros // 1000)
         yield from dead_letter_outputs(letters)
         if len(closed):
-            pending = state["pending"]
-            rows = pc.index_in(pa.array(closed.refs), value_set=pending.column("_ref"))
-            table, feature_letters = self.builder.build_columns(pending.take(rows).drop_columns(["_ref"]),
-                                                                closed.times, closed.label_times)
-            state["pending"] = pending.filter(pc.invert(pc.is_in(pending.column("_ref"), value_set=pa.array(closed.refs))))
+            table, feature_letters, state["pending"] = self.builder.build_pending(state["pending"], closed)
             yield from dead_letter_outputs(feature_letters)
             if table.num_rows:
                 yield table

@@ -113,8 +113,6 @@ class JoinShard(KeyedProcessFunction):
         yield from self._dead(letters)
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
-        import pyarrow.compute as pc
-
         state = self.state.value()
         if state is None:
             return
@@ -125,10 +123,7 @@ class JoinShard(KeyedProcessFunction):
         yield from self._dead(letters)
         if len(closed):
             pending = pa.concat_tables([_table(part) for part in self.pending.get()])
-            rows = pc.index_in(pa.array(closed.refs), value_set=pending.column("_ref"))
-            table, feature_letters = self.builder.build_columns(pending.take(rows).drop_columns(["_ref"]),
-                                                                closed.times, closed.label_times)
-            rest = pending.filter(pc.invert(pc.is_in(pending.column("_ref"), value_set=pa.array(closed.refs))))
+            table, feature_letters, rest = self.builder.build_pending(pending, closed)
             self.pending.update([_ipc(rest)] if rest.num_rows else [])
             yield from self._dead(feature_letters)
             if table.num_rows:

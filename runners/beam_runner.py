@@ -19,6 +19,7 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
@@ -50,11 +51,16 @@ def load_replay_batch(paths: tuple[str, str]) -> tuple[pa.Table, pa.Table]:
     return tuple(pa.ipc.open_file(pa.memory_map(path)).read_all() for path in paths)
 
 
+class Replay(NamedTuple):
+    batches: list[tuple[int, str, str]]  # (first event time ms, impressions file, actions file)
+    step_ms: int  # median event-time span of a batch
+    last_event_ms: int | None  # None for empty logs
+
+
 def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, events_per_step: int = 4_096,
-                   dead_letters: DeadLetterSink | None = None) -> tuple[list[tuple[int, str, str]], int]:
-    """The logs as micro-batches in event-time order: ``(first event time ms, impressions file,
-    actions file)`` spilled as Arrow IPC under ``spill_dir`` - each batch holds the events from its
-    time up to the next batch's - and the median event-time span of a batch (ms)."""
+                   dead_letters: DeadLetterSink | None = None) -> Replay:
+    """The logs as micro-batches in event-time order, spilled as Arrow IPC under ``spill_dir``:
+    each batch holds the events from its first event time up to the next batch's."""
     sink = dead_letters if dead_letters is not None else DeadLetterSink(keep=None)
     impressions, actions = (read_log_tables(log_dir, kind, load_schema(schema), sink).sort_by("event_time_ms")
                             for kind, schema in (("impressions", spec.events.impression),
@@ -77,7 +83,7 @@ def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, even
             first = bound
         imp_start, act_start = imp_end, act_end
     step_ms = int(np.median(np.diff(times[::events_per_step]))) if len(times) > events_per_step else 0
-    return batches, step_ms
+    return Replay(batches, step_ms, int(times[-1]) if len(times) else None)
 
 
 def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, events_per_step: int = 4_096,
@@ -90,27 +96,25 @@ def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, event
     The stream carries the spilled files' paths (a TestStream's payload is pickled and
     compressed at pipeline construction, so data must not ride in it). Each advance is a round
     of the DirectRunner: steps count events."""
-    batches, step_ms = replay_batches(spec, log_dir, spill_dir, events_per_step, dead_letters)
+    batches, step_ms, last_event_ms = replay_batches(spec, log_dir, spill_dir, events_per_step, dead_letters)
     stream = TestStream()
-    last_time = None
     for index, (first, impressions_path, actions_path) in enumerate(batches):
         stream.add_elements([beam.window.TimestampedValue((impressions_path, actions_path),
                                                           Timestamp(micros=first * 1000))])
         if index + 1 < len(batches):
             stream.advance_watermark_to(Timestamp(micros=batches[index + 1][0] * 1000))
-        last_time = first
-    if last_time is not None:
-        tail = max([pa.ipc.open_file(pa.memory_map(path)).read_all().column("event_time_ms").to_numpy().max(initial=0)
-                    for path in batches[-1][1:]] + [last_time])
-        stream.advance_watermark_to(Timestamp(micros=(int(tail) + spec.join.window_ms + step_ms + 1) * 1000))
+    if last_event_ms is not None:
+        stream.advance_watermark_to(Timestamp(micros=(last_event_ms + spec.join.window_ms + step_ms + 1) * 1000))
     return stream.advance_watermark_to_infinity(), step_ms
 
 
 OUTPUTS = ("examples", "dead_letters", "metrics")
 
 
-def _fresh_output_dirs(out_dir: Path) -> None:
-    for sub in OUTPUTS:
+def fresh_output_dirs(out_dir: Path, subdirs: tuple[str, ...] = OUTPUTS[:2]) -> None:
+    """Empty (or create) the output subdirectories a run writes: examples, dead letters and,
+    when training, the metric parts."""
+    for sub in subdirs:
         shutil.rmtree(out_dir / sub, ignore_errors=True)
         (out_dir / sub).mkdir(parents=True)
 
@@ -156,7 +160,7 @@ def run_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streami
     if resume and model_dir is None:
         raise ValueError("--resume needs --model-dir (the snapshots to resume from)")
     out_dir = Path(out_dir)
-    _fresh_output_dirs(out_dir)
+    fresh_output_dirs(out_dir, OUTPUTS if train else OUTPUTS[:2])
     options = PipelineOptions(runner="DirectRunner")
     options.view_as(StandardOptions).streaming = streaming or watch_interval_s is not None
     read_dead = DeadLetterSink(keep=None)
@@ -197,7 +201,6 @@ def run_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streami
     for letter in read_dead.letters:  # read before the pipeline in streaming replay
         dead_counts[letter.reason] = dead_counts.get(letter.reason, 0) + 1
     summary = _finish_metrics(spec, out_dir) if train else {}
-    shutil.rmtree(out_dir / "metrics", ignore_errors=True)
     mode = "live" if watch_interval_s is not None else "streaming" if streaming else "backfill"
     summary.update({"mode": mode, "seconds": round(elapsed, 2), "dead_letters": dead_counts})
     return summary

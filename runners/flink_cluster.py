@@ -11,11 +11,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+from serving.process import free_port
 
 
 def flink_home() -> Path:
@@ -24,16 +25,10 @@ def flink_home() -> Path:
     return Path(pyflink.__file__).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class StandaloneCluster:
     def __init__(self, work_dir: str | Path, slots: int = 2):
         self.dir = Path(work_dir)
-        self.rest_port, self.rpc_port = _free_port(), _free_port()
+        self.rest_port, self.rpc_port = free_port(), free_port()
         self.slots = slots
         self.processes: list[subprocess.Popen] = []
 
@@ -50,8 +45,8 @@ class StandaloneCluster:
             text = text.replace("port: 6123", f"port: {self.rpc_port}")
             text = text.replace("numberOfTaskSlots: 1", f"numberOfTaskSlots: {self.slots}")
             text += f"\nrest.port: {self.rest_port}\nrest.bind-port: '{self.rest_port}'\n" \
-                    f"taskmanager.rpc.port: '{_free_port()}'\ntaskmanager.data.port: {_free_port()}\n" \
-                    f"blob.server.port: '{_free_port()}'\n"
+                    f"taskmanager.rpc.port: '{free_port()}'\ntaskmanager.data.port: {free_port()}\n" \
+                    f"blob.server.port: '{free_port()}'\n"
             (conf / "config.yaml").write_text(text)
         for sub in ("log", "pid"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)

@@ -52,17 +52,15 @@ def run_flink_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, 
     from pyflink.common.watermark_strategy import TimestampAssigner
 
     from pipelines.flink_join import DEAD_LETTERS, JoinShard, SplitBatch, WriteDeadLetters, WriteExamples
-    from runners.beam_runner import OUTPUTS, replay_batches
+    from runners.beam_runner import fresh_output_dirs, replay_batches
 
     out_dir = Path(out_dir)
-    for sub in OUTPUTS:
-        shutil.rmtree(out_dir / sub, ignore_errors=True)
-        (out_dir / sub).mkdir(parents=True)
+    fresh_output_dirs(out_dir)
     spill = out_dir / ".replay"
     shutil.rmtree(spill, ignore_errors=True)
     spill.mkdir()
     read_dead = DeadLetterSink(keep=None)
-    batches, step_ms = replay_batches(spec, log_dir, spill, events_per_step, read_dead)
+    batches, step_ms, _ = replay_batches(spec, log_dir, spill, events_per_step, read_dead)
     for letter in read_dead.letters:
         with open(out_dir / "dead_letters" / "read.jsonl", "a") as out:
             out.write(letter.to_json() + "\n")

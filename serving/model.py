@@ -21,10 +21,10 @@ import fastavro.validation
 import numpy as np
 import torch
 
-from trainer.embedding_table import EmbeddingTable, RowBatch
+from trainer.embedding_table import EmbeddingTable
 from trainer.online import OnlineTrainer
 from trainer.publish import ModelDirError, newest_snapshot, read_manifest, read_spec, read_sparse_delta, verify
-from trainer.table_snapshot import read_snapshot
+from trainer.table_snapshot import read_rows
 from transforms.features import FeatureExtractor
 from schemas.events import load_schema
 
@@ -88,15 +88,8 @@ class ServingModel:
         verify(self.dir, entry)
         model = self._new_model()
         for index, group in enumerate(model.groups):
-            data, _ = read_snapshot(self.dir / entry["path"] / f"table-{index}.arrow")
-            width = group.table.dim
-            values = data.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
-            group.table.put_rows(RowBatch(
-                fids=torch.from_numpy(data.column("fid").to_numpy().copy()),
-                embeddings=torch.from_numpy(values.reshape(-1, width).astype(np.float32)),
-                state=torch.zeros(data.num_rows, 0),
-                last_seen_ms=torch.from_numpy(data.column("last_seen_ms").to_numpy().copy()),
-                counts=torch.from_numpy(data.column("count").to_numpy().astype(np.int32))))
+            rows, _, _ = read_rows(self.dir / entry["path"] / f"table-{index}.arrow", with_state=False)
+            group.table.put_rows(rows)
         state = torch.load(self.dir / entry["path"] / "state.pt", map_location=self.device, weights_only=False)
         model.model.load_state_dict(state["model"])
         model.model.eval()

@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback right now (for servers started by tests and scripts)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -25,7 +26,7 @@ class ServingProcess:
     def __init__(self, model_dir: Path, *extra: str):
         import httpx
 
-        self.port = _free_port()
+        self.port = free_port()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "runners.cli", "serve", "--model-dir", str(model_dir), "--port", str(self.port),
              "--poll", "0.05", *extra], cwd=ROOT, start_new_session=True,

@@ -644,9 +644,13 @@ class EmbeddingTable:
             updated = updated.select(last)
         removed = torch.cat(self.removed_fids) if self.removed_fids else torch.empty(0, dtype=torch.int64,
                                                                                    device=self.device)
-        self.touched[rows] = False
-        self.evicted_touched, self.removed_fids = [], []
+        self.reset_delta()
         return Delta(updated, removed)
+
+    def reset_delta(self) -> None:
+        """Start the next delta here (e.g. after a full snapshot, which holds every row)."""
+        self.touched.zero_()
+        self.evicted_touched, self.removed_fids = [], []
 
     def rows_of(self, fids: torch.Tensor) -> RowBatch:
         """Full rows (embedding, state, time, count) of fids present here, in the order found."""

@@ -232,7 +232,7 @@ class Publisher:
         files.append(f"{name}/state.pt")
         os.replace(staging, self.dir / name)  # the whole directory appears at once
         for group in self.trainer.groups:  # a reader at this version has every row: the next delta starts here
-            group.table.take_delta()
+            group.table.reset_delta()
         return self._commit("snapshot", name, files)
 
 

@@ -117,20 +117,27 @@ def _column_tensor(table: pa.Table, name: str, width: int | None = None) -> torc
     return torch.from_numpy(flat).view(-1, width)
 
 
-def load_table(path: str | Path, store: RowStore | None = None, **overrides) -> EmbeddingTable:
-    """Restore a table saved by ``save_table``; ``overrides`` change config fields (e.g. device)."""
+def read_rows(path: str | Path, with_state: bool = True, **overrides) -> tuple[RowBatch, TableConfig, dict]:
+    """The rows of a snapshot (optimizer state dropped unless ``with_state``), its table config
+    (with ``overrides``) and its metadata."""
     data, metadata = read_snapshot(path)
     config = config_from_json(metadata[b"config"].decode(), **overrides)
     rows = RowBatch(
         fids=_column_tensor(data, "fid"),
         embeddings=_column_tensor(data, "embedding", config.dim),
-        state=(_column_tensor(data, "state", config.state_width) if config.state_width
+        state=(_column_tensor(data, "state", config.state_width) if config.state_width and with_state
                else torch.zeros(data.num_rows, 0)),
         last_seen_ms=_column_tensor(data, "last_seen_ms"),
         counts=_column_tensor(data, "count"),
     )
     if len(rows) != int(metadata[b"rows"]):
         raise SnapshotError(f"snapshot {str(path)!r} holds {len(rows)} rows, its header says {metadata[b'rows']}")
+    return rows, config, metadata
+
+
+def load_table(path: str | Path, store: RowStore | None = None, **overrides) -> EmbeddingTable:
+    """Restore a table saved by ``save_table``; ``overrides`` change config fields (e.g. device)."""
+    rows, config, metadata = read_rows(path, **overrides)
     table = EmbeddingTable(config, store)
     if config.max_rows is not None and len(rows) > config.max_rows:
         store.put_rows(rows)  # what does not fit the cache goes to the store

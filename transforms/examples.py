@@ -43,6 +43,19 @@ class ExampleBuilder:
             return EXAMPLE_SCHEMA.empty_table(), []
         return self.build_columns(impressions.take(pa.array(closed.refs)), closed.times, closed.label_times)
 
+    def build_pending(self, pending: pa.Table, closed: ClosedImpressions
+                      ) -> tuple[pa.Table, list[DeadLetter], pa.Table]:
+        """Streaming form: ``pending`` holds the open impressions with a ``_ref`` column and
+        ``closed.refs`` are such refs. Returns the Examples and dead letters of the closed ones
+        and the impressions still open."""
+        import pyarrow.compute as pc
+
+        rows = pc.index_in(pa.array(closed.refs), value_set=pending.column("_ref"))
+        table, letters = self.build_columns(pending.take(rows).drop_columns(["_ref"]), closed.times,
+                                            closed.label_times)
+        still_open = pending.filter(pc.invert(pc.is_in(pending.column("_ref"), value_set=pa.array(closed.refs))))
+        return table, letters, still_open
+
     def build_columns(self, impressions: pa.Table, times: np.ndarray,
                       label_times: np.ndarray) -> tuple[pa.Table, list[DeadLetter]]:
         """Impressions with their label-time matrix -> Examples (negatives sampled) and dead letters."""
