@@ -92,10 +92,10 @@ def beam_run(spec, logs: Path, out: Path, streaming: bool) -> float:
 
 
 def flink_run(spec, logs: Path, out: Path) -> float:
-    from runners.flink_runner import run_flink_join
+    from runners.flink_runner import run_flink_job
 
     started = time.perf_counter()
-    run_flink_join(spec, logs, out)
+    run_flink_job(spec, logs, out)
     return time.perf_counter() - started
 
 

@@ -5,33 +5,51 @@ same shape as Beam's ``StreamingJoin``, because per-record Python state access i
 PyFlink here (~0.6k records/s in process mode): records move between the JVM and the Python
 workers in **micro-batches** (Arrow tables, a few thousand events each), never one by one.
 
-* source: the replay's micro-batches (spilled Arrow IPC files; the stream carries their paths) in
-  event-time order, each stamped with its first event time; watermarks are monotonous, so a
-  batch's arrival says nothing earlier follows;
+* source: a ``FileSource`` over the replay's batch list (one line per micro-batch: its first event
+  time and the paths of its spilled Arrow IPC files), in event-time order; the source's read
+  position is checkpointed. Each batch is stamped with its first event time; watermarks are
+  monotonous, so a batch's arrival says nothing earlier follows;
 * ``SplitBatch``: a batch -> one record per join-key shard (``fnv1a64(request_id, item_id) % S``);
 * ``key_by(shard)`` -> ``JoinShard`` (KeyedProcessFunction): the shard's ``BatchJoiner`` and open
   impressions in keyed state (freed as windows close), one event-time timer at the next due time
   rounded up to ``emit_every_ms`` (at least the join window); on the timer the closed impressions
-  become Examples (sampling + features), dead letters leave on a side output;
-* ``WriteExamples``: each Example table to ``OUT/examples/part-*.parquet`` (atomic rename).
+  become Examples (sampling + features) - one Example table per record, as a line of base64
+  Arrow IPC (``encode_table``) - and dead letters leave on a side output;
+* sinks: ``FileSink``s (exactly once: part files are committed when a checkpoint completes) for
+  the Example lines and the dead letters; the runner compacts the committed Example lines of a
+  finished run into Parquet.
 
 State backend, checkpoint directory and parallelism come from the runner (``runners.flink_runner``).
 """
 from __future__ import annotations
 
-import uuid
-from pathlib import Path
+import base64
 
 import numpy as np
 import pyarrow as pa
 from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
-from pyflink.datastream.functions import FlatMapFunction, MapFunction
+from pyflink.datastream.functions import FlatMapFunction
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from schemas.spec import FeatureSpec
 
 DEAD_LETTERS = OutputTag("dead_letters", Types.STRING())
+FINAL_WATERMARK = (1 << 63) - 1  # Long.MAX_VALUE: the end of a bounded input
+
+
+def encode_table(table: pa.Table) -> str:
+    """An Arrow table as one text line (base64 of its IPC stream): how tables cross row sinks."""
+    return base64.b64encode(_ipc(table)).decode("ascii")
+
+
+def decode_table(line: str) -> pa.Table:
+    return _table(base64.b64decode(line))
+
+
+def batch_time(line: str) -> int:
+    """The first event time (ms) of a replay batch-list line."""
+    return int(line.split("\t", 1)[0])
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -46,7 +64,8 @@ def _table(data: bytes) -> pa.Table:
 
 
 class SplitBatch(FlatMapFunction):
-    """(timestamp ms, impressions path, actions path) -> (shard, impressions IPC, actions IPC)."""
+    """Batch-list line ``first_ms<TAB>impressions path<TAB>actions path`` -> one record per shard:
+    (shard, impressions IPC, actions IPC)."""
 
     def __init__(self, shards: int):
         self.shards = shards
@@ -55,7 +74,7 @@ class SplitBatch(FlatMapFunction):
         from pipelines.beam_join import split_by_shard  # the same shard function as the Beam job
         from runners.beam_runner import load_replay_batch
 
-        _, impressions_path, actions_path = value
+        _, impressions_path, actions_path = value.split("\t")
         impressions, actions = load_replay_batch((impressions_path, actions_path))
         impression_parts, action_parts = split_by_shard(impressions, self.shards), split_by_shard(actions, self.shards)
         for shard in sorted(set(impression_parts) | set(action_parts)):
@@ -116,9 +135,11 @@ class JoinShard(KeyedProcessFunction):
         state = self.state.value()
         if state is None:
             return
-        # Close everything the watermark has passed, not only what is due at this timer: a timer
-        # set from Python while the final watermark fires would come too late to run.
-        closed, letters = state["joiner"].advance(max(timestamp, ctx.timer_service().current_watermark()))
+        # Close what is due at this timer (its output carries the timer's time, and the trainer
+        # downstream orders by it) - and at the final watermark everything: a timer set from
+        # Python while the final watermark fires would come too late to run.
+        watermark = ctx.timer_service().current_watermark()
+        closed, letters = state["joiner"].advance(watermark if watermark >= FINAL_WATERMARK else timestamp)
         state["timer"] = None
         yield from self._dead(letters)
         if len(closed):
@@ -127,47 +148,9 @@ class JoinShard(KeyedProcessFunction):
             self.pending.update([_ipc(rest)] if rest.num_rows else [])
             yield from self._dead(feature_letters)
             if table.num_rows:
-                yield _ipc(table)
+                yield encode_table(table)
         if state["joiner"].next_due() is None:
             self.state.clear()  # nothing open in this shard: free its state
             self.pending.clear()
         else:
             self._save(ctx, state)
-
-
-class WriteExamples(MapFunction):
-    """Example table (IPC) -> ``DIR/part-<uuid>.parquet`` written atomically; returns its row count."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-
-    def map(self, value):
-        import pyarrow.parquet as pq
-
-        from schemas.logs import atomic_write
-
-        table = _table(value)
-        with atomic_write(Path(self.directory) / f"part-{uuid.uuid4().hex}.parquet") as out:
-            pq.write_table(table, out)
-        return table.num_rows
-
-
-class WriteDeadLetters(MapFunction):
-    """Dead letters (JSON) -> one ``DIR/part-<uuid>.jsonl`` per worker, closed with the job."""
-
-    def __init__(self, directory: str):
-        self.directory = directory
-
-    def open(self, runtime_context: RuntimeContext):
-        self.path = Path(self.directory) / f"part-{uuid.uuid4().hex}.jsonl"
-        self.out = None
-
-    def map(self, value):
-        if self.out is None:
-            self.out = open(self.path, "w")
-        self.out.write(value + "\n")
-        return 1
-
-    def close(self):
-        if self.out is not None:
-            self.out.close()

@@ -32,12 +32,13 @@ import pyarrow as pa
 
 from pipelines.beam_join import (DEAD, NAMESPACE, BackfillJoin, StreamingJoin, WatchLogDirectory, WriteBundles,
                                  log_file_names)
-from pipelines.beam_train import SUMMARY, Publishing, TrainExamples, release_trainers
+from pipelines.beam_train import SUMMARY, TrainExamples, release_trainers
 from schemas.durations import format_duration_ms
 from schemas.dead_letters import DeadLetterSink
 from schemas.events import load_schema
 from schemas.logs import read_log_tables
 from schemas.spec import FeatureSpec
+from trainer.running import Publishing
 
 
 def _spill(table: pa.Table, path: Path) -> str:

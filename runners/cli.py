@@ -129,23 +129,46 @@ def _examples_summary(out_dir: Path, spec) -> dict:
     return {"examples": examples, "positives": positives}
 
 
+def _flink_submit(args: argparse.Namespace, command: str) -> int | None:
+    """With ``--flink-master``: the same command through ``flink run`` on that cluster."""
+    if getattr(args, "runner", "beam") != "flink" or not args.flink_master:
+        return None
+    from runners.flink_runner import submit
+
+    argv = [command, "--runner", "flink", "--spec", args.spec, "--logs", str(args.logs.resolve()),
+            "--out", str(args.out.resolve())]
+    if getattr(args, "model_dir", None) is not None:
+        argv += ["--model-dir", str(args.model_dir.resolve())]
+    if args.resume:
+        argv.append("--resume")
+    if getattr(args, "no_progress", False):
+        argv.append("--no-progress")
+    argv += ["--checkpoint-every", str(args.checkpoint_every), "--events-per-step", str(args.events_per_step)]
+    return submit(args.flink_master, argv)
+
+
+def _flink_options(args: argparse.Namespace) -> dict:
+    if args.watch is not None:
+        raise ValueError("--runner flink replays logs; --watch is not supported on it yet")
+    return {"resume": args.resume, "checkpoint_every_ms": round(args.checkpoint_every * 1000),
+            "events_per_step": args.events_per_step}
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     from runners.beam_runner import run_join
     from schemas.spec import load_spec
 
     spec = load_spec(args.spec)
-    if getattr(args, "runner", "beam") == "flink" and args.flink_master:
-        from runners.flink_runner import submit
-
-        return submit(args.flink_master, ["join", "--runner", "flink", "--spec", args.spec,
-                                          "--logs", str(args.logs.resolve()), "--out", str(args.out.resolve())])
+    submitted = _flink_submit(args, "join")
+    if submitted is not None:
+        return submitted
     if getattr(args, "runner", "beam") == "flink":
-        from runners.flink_runner import run_flink_join
+        from runners.flink_runner import run_flink_job
 
-        if args.watch is not None:
-            raise ValueError("--runner flink replays logs; --watch is not supported on it yet")
-        summary = run_flink_join(spec, args.logs, args.out)
+        summary = run_flink_job(spec, args.logs, args.out, **_flink_options(args))
     else:
+        if getattr(args, "resume", False):
+            raise ValueError("--resume restarts a Flink job from its checkpoint: it needs --runner flink")
         summary = run_join(spec, args.logs, args.out, **_mode(args))
     summary.update(_examples_summary(Path(args.out), spec))
     from schemas.logs import read_manifest
@@ -176,8 +199,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not (args.logs / "manifest.json").is_file():
             movielens.convert(args.logs)
     spec = load_spec(args.spec or "movielens")
-    summary = run_training(spec, args.logs, args.out, device=args.device, progress=not args.no_progress,
-                           model_dir=args.model_dir, resume=args.resume, **_mode(args))
+    submitted = _flink_submit(args, "run")
+    if submitted is not None:
+        return submitted
+    if args.runner == "flink":
+        from runners.flink_runner import run_flink_job
+
+        summary = run_flink_job(spec, args.logs, args.out, train=True, device=args.device,
+                                progress=not args.no_progress, model_dir=args.model_dir, **_flink_options(args))
+    else:
+        summary = run_training(spec, args.logs, args.out, device=args.device, progress=not args.no_progress,
+                               model_dir=args.model_dir, resume=args.resume, **_mode(args))
     print(f"trained on {summary.get('examples', 0)} examples: progressive AUC {summary.get('auc')}, "
           f"logloss {summary.get('logloss')}, calibration {summary.get('calibration')}; "
           f"{summary.get('examples_per_s')} examples/s; dead letters {summary['dead_letters'] or 'none'}; "
@@ -217,6 +249,18 @@ def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
                         help="live: watch the log directory for new files every SECONDS")
     parser.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
                         help="with --watch: stop watching after SECONDS (default: run until killed)")
+
+
+def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runner", choices=("beam", "flink"), default="beam",
+                        help="beam: Beam's DirectRunner (default); flink: PyFlink on a local mini-cluster")
+    parser.add_argument("--flink-master", default=None, metavar="HOST:PORT",
+                        help="with --runner flink: submit to this standalone cluster (its REST endpoint)")
+    parser.add_argument("--checkpoint-every", type=float, default=10.0, metavar="SECONDS",
+                        help="with --runner flink: checkpoint interval (checkpoints go to OUT/.checkpoints)")
+    parser.add_argument("--events-per-step", type=int, default=16_384, metavar="N",
+                        help="with --runner flink: events per replayed micro-batch (the unit the JVM hands "
+                             "to the Python workers)")
 
 
 def _mode(args: argparse.Namespace) -> dict:
@@ -268,10 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", required=True, type=Path, help="output directory (examples/, dead_letters/)")
         if name == "join":
             _add_mode_arguments(sub)
-            sub.add_argument("--runner", choices=("beam", "flink"), default="beam",
-                             help="beam: Beam's DirectRunner (default); flink: PyFlink on a local mini-cluster")
-            sub.add_argument("--flink-master", default=None, metavar="HOST:PORT",
-                             help="with --runner flink: submit to this standalone cluster (its REST endpoint)")
+            _add_runner_arguments(sub)
+            sub.add_argument("--resume", action="store_true",
+                             help="with --runner flink: restart from the newest retained checkpoint in OUT")
         sub.set_defaults(handler=cmd_join)
 
     run = commands.add_parser("run", help="the whole job: join, sample, extract, train online")
@@ -285,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model-dir", type=Path, default=None,
                      help="publish snapshots, sparse deltas and dense weights here on the spec's schedule")
     run.add_argument("--resume", action="store_true",
-                     help="continue from the newest snapshot in --model-dir (after a crash or kill)")
+                     help="continue from the newest snapshot in --model-dir (after a crash or kill); with "
+                          "--runner flink also from the newest retained checkpoint in OUT")
+    _add_runner_arguments(run)
 
     serve = commands.add_parser("serve", help="serve a model directory over HTTP (predict, healthz, metrics)")
     serve.add_argument("--model-dir", required=True, type=Path, help="model directory written by run --model-dir")

@@ -1,0 +1,112 @@
+"""The online trainer as a PyFlink operator after the join: Example tables in, metric rows out.
+
+``TrainStream`` (a KeyedProcessFunction on one key: one model, as one Monolith training worker)
+holds the Example tables in keyed state until the watermark passes them, then trains them in the
+trainer's total order (impression time, request id, item id) in batches of
+``training.batch_size`` (``trainer.running.RunningTrainer``, the same code the Beam job runs);
+fewer than a batch's examples wait for the next timer, and the end of the input (the final
+watermark fires the timer at ``END``) trains the rest, closes the metric windows and emits the
+summary. Python workers run in process mode: torch hangs in thread mode.
+
+Recovery: the model lives in the worker's memory and is recovered from the model directory's
+newest snapshot, while Flink's checkpoint recovers the examples: the tables trained since the
+last snapshot stay in keyed state (``trained``, appended to, cleared when a snapshot is
+published), so after a restore the trainer resumes from its newest snapshot and re-trains
+exactly what follows it - the restored ``trained`` tables, then the waiting and replayed ones.
+Without a model directory there is nothing to resume from and nothing is kept.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import pyarrow as pa
+from pyflink.common import Types
+from pyflink.datastream import KeyedProcessFunction, RuntimeContext
+from pyflink.datastream.state import ListStateDescriptor
+
+from pipelines.flink_join import FINAL_WATERMARK as END
+from schemas.spec import FeatureSpec
+from trainer.running import ORDER, Publishing, after_position
+
+
+
+class TrainStream(KeyedProcessFunction):
+    """Base64 Example tables (keyed to one trainer) -> JSON metric rows; the summary row last
+    (``"final": true``).
+
+    An example is ready when no earlier one can still come: the join closes an impression of
+    time t at its first timer at or after t + window (timers are rounded up to ``emit_every_ms``),
+    so once the watermark is past T every example with impression time <= T - lag has arrived,
+    ``lag = window + max(window, emit_every_ms)``. (At the final watermark the join closes
+    everything at once; readiness by impression time keeps the trainer's order even then.)"""
+
+    def __init__(self, spec: FeatureSpec, emit_every_ms: int, device: str, progress: bool,
+                 publishing: Publishing | None):
+        self.spec, self.device, self.progress, self.publishing = spec, device, progress, publishing
+        self.lag_ms = spec.join.window_ms + max(spec.join.window_ms, emit_every_ms or 0)
+
+    def open(self, runtime_context: RuntimeContext):
+        from trainer.running import RunningTrainer
+
+        self.waiting = runtime_context.get_list_state(ListStateDescriptor("waiting", Types.PICKLED_BYTE_ARRAY()))
+        self.trained = runtime_context.get_list_state(ListStateDescriptor("trained", Types.PICKLED_BYTE_ARRAY()))
+        resume = self.publishing is not None and self.publishing.resume
+        self.running = RunningTrainer(self.spec, self.device, self.progress, self.publishing)
+        self.replay_trained = resume  # first firing after a restore: re-train the kept tables
+        self.keep = self.publishing is not None
+        self.timers: set[int] = set()
+
+    def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        self.waiting.add(value)
+        for due in (ctx.timestamp() + self.lag_ms, END):
+            if due not in self.timers:
+                ctx.timer_service().register_event_time_timer(due)
+                self.timers.add(due)
+        return []
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        import pyarrow.compute as pc
+
+        from pipelines.flink_join import decode_table, encode_table
+
+        self.timers.discard(timestamp)
+        flush = timestamp == END
+        tables = [decode_table(line) for line in (self.waiting.get() or [])]
+        if self.replay_trained:
+            tables = [decode_table(line) for line in (self.trained.get() or [])] + tables
+            self.replay_trained = False
+        examples = pa.concat_tables(tables) if tables else None
+        if examples is not None and not flush:
+            is_ready = pc.less_equal(examples.column("impression_time_ms"), timestamp - self.lag_ms)
+            examples, waiting = examples.filter(is_ready), examples.filter(pc.invert(is_ready))
+        else:
+            waiting = None
+        if examples is not None and examples.num_rows:
+            rest, rows = self.running.train([examples], flush=flush)
+        elif flush:
+            rest, rows = None, self.running.trainer.closed_windows(flush=True)
+        else:
+            return
+        kept = [] if waiting is None else [waiting]
+        if rest is not None and rest.num_rows:
+            kept.append(rest)
+        self.waiting.update([encode_table(table) for table in kept if table.num_rows])
+        if self.keep and examples is not None and examples.num_rows:
+            # keep what was trained after the newest snapshot (train() sorts into the trainer's order)
+            used = examples.num_rows - (rest.num_rows if rest is not None else 0)
+            trained = examples.sort_by(ORDER).slice(0, used)
+            if self.running.snapshot_taken:
+                self.trained.clear()
+                trained = after_position(trained, self.running.snapshot_position)
+            if trained.num_rows:
+                self.trained.add(encode_table(trained))
+        for row in rows:
+            yield json.dumps(row)
+        if flush:
+            self.running.finish()
+            self.trained.clear()
+            summary = self.running.summary()
+            print(f"trained {summary['examples']} examples: {summary}", file=sys.stderr, flush=True)
+            yield json.dumps({**summary, "final": True})
+            self.running.close()

@@ -1,0 +1,111 @@
+"""The trainer of one run, independent of the engine that feeds it (Beam's ``TrainExamples``,
+Flink's ``TrainStream``): sorts Example tables into the trainer's total order (impression time,
+request id, item id), trains full batches of ``training.batch_size``, publishes after each batch
+and skips, after a resume, what the restored snapshot had trained.
+
+The model, its tables and optimizer state live in the worker's memory, not in engine state: they
+are the trainer's working set, recovered from the model directory's snapshots.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from schemas.spec import FeatureSpec
+
+ORDER = [("impression_time_ms", "ascending"), ("request_id", "ascending"), ("item_id", "ascending")]
+
+
+@dataclass(frozen=True)
+class Publishing:
+    """Where and how the trainer publishes (see ``trainer.publish``)."""
+
+    model_dir: str
+    clock: str = "event"  # "event" when replaying logs, "processing" when live
+    resume: bool = False  # start from the newest snapshot and skip what it had trained
+
+
+def after_position(examples: pa.Table, position) -> pa.Table:
+    """Rows strictly after ``position`` in the trainer's order (time, request id, item id)."""
+    import pyarrow.compute as pc
+
+    time_ms = examples.column("impression_time_ms")
+    same = pc.equal(time_ms, position.impression_time_ms)
+    later_key = pc.or_(pc.greater(examples.column("request_id"), position.request_id),
+                       pc.and_(pc.equal(examples.column("request_id"), position.request_id),
+                               pc.greater(examples.column("item_id"), position.item_id)))
+    return examples.filter(pc.or_(pc.greater(time_ms, position.impression_time_ms), pc.and_(same, later_key)))
+
+
+class RunningTrainer:
+    """One run's trainer with its publisher, progress bar and timing (lives in the worker)."""
+
+    def __init__(self, spec: FeatureSpec, device: str, progress: bool, publishing: Publishing | None = None):
+        from trainer.online import OnlineTrainer
+        from trainer.publish import Position, Publisher, restore_trainer
+        from trainer.report import Progress
+
+        self.trainer = OnlineTrainer(spec, device=device)
+        self.position = Position()
+        self.resumed_from = None
+        self.publisher = None
+        if publishing is not None:
+            if publishing.resume:
+                self.position, entry = restore_trainer(self.trainer, publishing.model_dir)
+                self.resumed_from = entry["version"]
+                print(f"resumed from snapshot version {entry['version']}: {self.position.examples} examples trained "
+                      f"up to impression time {self.position.impression_time_ms}", file=sys.stderr, flush=True)
+            self.publisher = Publisher(self.trainer, publishing.model_dir, clock=publishing.clock)
+        self.batch_size = spec.training.batch_size
+        self.snapshot_taken = False  # whether the last train() published a snapshot
+        self.snapshot_position = None  # the position of this run's newest snapshot
+        self.progress = Progress() if progress else None
+        self.seconds = 0.0
+
+    def train(self, tables: list[pa.Table], flush: bool) -> tuple[pa.Table, list[dict]]:
+        """Train full batches of ``tables`` in (impression time, request id, item id) order;
+        returns the unused rest (everything is used when ``flush``) and the metric rows of
+        windows now closed. Rows at or before the resume position are skipped."""
+        from trainer.publish import Position
+
+        examples = pa.concat_tables(tables).sort_by(ORDER)
+        if self.resumed_from is not None:
+            examples = after_position(examples, self.position)
+        usable = examples.num_rows if flush else examples.num_rows // self.batch_size * self.batch_size
+        started = time.perf_counter()
+        self.snapshot_taken = False
+        for start in range(0, usable, self.batch_size):
+            batch = examples.slice(start, min(self.batch_size, usable - start))
+            self.trainer.train_batch(batch)
+            last = batch.slice(batch.num_rows - 1).to_pylist()[0]
+            self.position = Position(last["impression_time_ms"], last["request_id"], last["item_id"],
+                                     self.position.examples + batch.num_rows)
+            if self.publisher is not None:
+                entries = self.publisher.after_batch(self.position)
+                if any(entry["kind"] == "snapshot" for entry in entries):
+                    self.snapshot_taken, self.snapshot_position = True, self.position
+            if self.progress is not None:
+                self.progress.update(batch.num_rows, self.trainer.metrics.auc)
+        self.seconds += time.perf_counter() - started
+        return examples.slice(usable), self.trainer.closed_windows(flush=flush)
+
+    def finish(self) -> None:
+        if self.publisher is not None:
+            self.publisher.finish(self.position)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+
+    def summary(self) -> dict:
+        summary = self.trainer.metrics.summary()
+        summary["train_seconds"] = round(self.seconds, 2)
+        summary["examples_per_s"] = round(summary["examples"] / max(self.seconds, 1e-9))
+        summary["late_metric_examples"] = self.trainer.window_metrics.late_examples
+        if self.publisher is not None:
+            summary["model_version"] = self.publisher.version
+            summary["resumed_from_version"] = self.resumed_from
+        return summary
