@@ -24,7 +24,6 @@ run's id gives every DoFn instance of the run the same trainer.
 """
 from __future__ import annotations
 
-import sys
 import uuid
 
 import apache_beam as beam
@@ -35,7 +34,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from schemas.spec import FeatureSpec
-from trainer.running import Publishing, RunningTrainer
+from trainer.running import Publishing, RunningTrainer, log
 
 SUMMARY = "summary"
 _TRAINERS: dict[str, "RunningTrainer"] = {}
@@ -101,7 +100,7 @@ class TrainDoFn(beam.DoFn):
         yield from rows
         trainer.finish()
         summary = trainer.summary()
-        print(f"trained {summary['examples']} examples: {summary}", file=sys.stderr, flush=True)
+        log(f"trained {summary['examples']} examples: {summary}")
         yield beam.pvalue.TaggedOutput(SUMMARY, summary)
 
 

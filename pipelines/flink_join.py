@@ -24,6 +24,10 @@ State backend, checkpoint directory and parallelism come from the runner (``runn
 from __future__ import annotations
 
 import base64
+import json
+import os
+import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -52,9 +56,47 @@ def batch_time(line: str) -> int:
     return int(line.split("\t", 1)[0])
 
 
+class BusyClock:
+    """Seconds a Python operator spends in its own code (``with clock:`` around each call),
+    written as ``DIR/<name>-<pid>.json`` when the operator closes: what the Python workers cost,
+    as against the JVM and the transport between them."""
+
+    def __init__(self, name: str, directory: str | None):
+        self.name, self.directory, self.seconds, self.calls = name, directory, 0.0, 0
+        self.first = self.last = None  # wall-clock time of the first call and of the last return
+
+    def __enter__(self):
+        self.started = time.perf_counter()
+        if self.first is None:
+            self.first = time.time()
+
+    def __exit__(self, *_):
+        self.seconds += time.perf_counter() - self.started
+        self.calls += 1
+        self.last = time.time()
+
+    def write(self) -> None:
+        if self.directory is None:
+            return
+        path = Path(self.directory) / f"{self.name}-{os.getpid()}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"operator": self.name, "busy_s": self.seconds, "calls": self.calls,
+                                    "first": self.first, "last": self.last}))
+
+
+def read_busy_clocks(directory: Path) -> dict[str, float]:
+    """Busy seconds per operator name, summed over its workers."""
+    busy: dict[str, float] = {}
+    for path in sorted(directory.glob("*.json")):
+        entry = json.loads(path.read_text())
+        busy[entry["operator"]] = round(busy.get(entry["operator"], 0.0) + entry["busy_s"], 2)
+    return busy
+
+
 def _ipc(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as writer:
+    options = pa.ipc.IpcWriteOptions(compression="lz4")  # half the bytes between JVM and Python
+    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
 
@@ -67,26 +109,34 @@ class SplitBatch(FlatMapFunction):
     """Batch-list line ``first_ms<TAB>impressions path<TAB>actions path`` -> one record per shard:
     (shard, impressions IPC, actions IPC)."""
 
-    def __init__(self, shards: int):
-        self.shards = shards
+    def __init__(self, shards: int, timing_dir: str | None = None):
+        self.shards, self.timing_dir = shards, timing_dir
+
+    def open(self, runtime_context: RuntimeContext):
+        self.clock = BusyClock("split", self.timing_dir)
+
+    def close(self):
+        self.clock.write()
 
     def flat_map(self, value):
         from pipelines.beam_join import split_by_shard  # the same shard function as the Beam job
         from runners.beam_runner import load_replay_batch
 
-        _, impressions_path, actions_path = value.split("\t")
-        impressions, actions = load_replay_batch((impressions_path, actions_path))
-        impression_parts, action_parts = split_by_shard(impressions, self.shards), split_by_shard(actions, self.shards)
-        for shard in sorted(set(impression_parts) | set(action_parts)):
-            yield (shard, _ipc(impression_parts.get(shard, impressions.schema.empty_table())),
-                   _ipc(action_parts.get(shard, actions.schema.empty_table())))
+        with self.clock:
+            _, impressions_path, actions_path = value.split("\t")
+            impressions, actions = load_replay_batch((impressions_path, actions_path))
+            impression_parts = split_by_shard(impressions, self.shards)
+            action_parts = split_by_shard(actions, self.shards)
+            return [(shard, _ipc(impression_parts.get(shard, impressions.schema.empty_table())),
+                     _ipc(action_parts.get(shard, actions.schema.empty_table())))
+                    for shard in sorted(set(impression_parts) | set(action_parts))]
 
 
 class JoinShard(KeyedProcessFunction):
     """Per join-key shard: the columnar join in keyed state, closed on event-time timers."""
 
-    def __init__(self, spec: FeatureSpec, emit_every_ms: int | None):
-        self.spec, self.emit_every_ms = spec, emit_every_ms
+    def __init__(self, spec: FeatureSpec, emit_every_ms: int | None, timing_dir: str | None = None):
+        self.spec, self.emit_every_ms, self.timing_dir = spec, emit_every_ms, timing_dir
 
     def open(self, runtime_context: RuntimeContext):
         from transforms.examples import ExampleBuilder
@@ -100,6 +150,10 @@ class JoinShard(KeyedProcessFunction):
         self.builder = ExampleBuilder(self.spec)
         self.config = JoinConfig.from_spec(self.spec)
         self.granularity = max(self.config.window_ms, self.emit_every_ms or 0)
+        self.clock = BusyClock("join", self.timing_dir)
+
+    def close(self):
+        self.clock.write()
 
     def _new_state(self, impression_schema: pa.Schema) -> dict:
         from transforms.batch_join import BatchJoiner
@@ -115,11 +169,18 @@ class JoinShard(KeyedProcessFunction):
         self.state.update(state)
 
     @staticmethod
-    def _dead(letters):
-        for letter in letters:
-            yield DEAD_LETTERS, letter.to_json()
+    def _dead(letters) -> list:
+        return [(DEAD_LETTERS, letter.to_json()) for letter in letters]
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        with self.clock:
+            return self._add(value, ctx)
+
+    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        with self.clock:
+            return self._close(timestamp, ctx)
+
+    def _add(self, value, ctx) -> list:
         _, impressions_ipc, actions_ipc = value
         impressions, actions = _table(impressions_ipc), _table(actions_ipc)
         state = self.state.value() or self._new_state(impressions.schema)
@@ -129,28 +190,29 @@ class JoinShard(KeyedProcessFunction):
             self.pending.add(_ipc(impressions.append_column("_ref", pa.array(refs))))
         _, letters = state["joiner"].add_tables(impressions, refs, actions)  # the watermark moves only by timer
         self._save(ctx, state)
-        yield from self._dead(letters)
+        return self._dead(letters)
 
-    def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+    def _close(self, timestamp: int, ctx) -> list:
         state = self.state.value()
         if state is None:
-            return
+            return []
         # Close what is due at this timer (its output carries the timer's time, and the trainer
         # downstream orders by it) - and at the final watermark everything: a timer set from
         # Python while the final watermark fires would come too late to run.
         watermark = ctx.timer_service().current_watermark()
         closed, letters = state["joiner"].advance(watermark if watermark >= FINAL_WATERMARK else timestamp)
         state["timer"] = None
-        yield from self._dead(letters)
+        out = self._dead(letters)
         if len(closed):
             pending = pa.concat_tables([_table(part) for part in self.pending.get()])
             table, feature_letters, rest = self.builder.build_pending(pending, closed)
             self.pending.update([_ipc(rest)] if rest.num_rows else [])
-            yield from self._dead(feature_letters)
+            out += self._dead(feature_letters)
             if table.num_rows:
-                yield encode_table(table)
+                out.append(encode_table(table))
         if state["joiner"].next_due() is None:
             self.state.clear()  # nothing open in this shard: free its state
             self.pending.clear()
         else:
             self._save(ctx, state)
+        return out

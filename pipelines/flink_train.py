@@ -18,7 +18,6 @@ Without a model directory there is nothing to resume from and nothing is kept.
 from __future__ import annotations
 
 import json
-import sys
 
 import pyarrow as pa
 from pyflink.common import Types
@@ -26,8 +25,9 @@ from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor
 
 from pipelines.flink_join import FINAL_WATERMARK as END
+from pipelines.flink_join import BusyClock
 from schemas.spec import FeatureSpec
-from trainer.running import ORDER, Publishing, after_position
+from trainer.running import ORDER, Publishing, after_position, log
 
 
 
@@ -42,8 +42,9 @@ class TrainStream(KeyedProcessFunction):
     everything at once; readiness by impression time keeps the trainer's order even then.)"""
 
     def __init__(self, spec: FeatureSpec, emit_every_ms: int, device: str, progress: bool,
-                 publishing: Publishing | None):
+                 publishing: Publishing | None, timing_dir: str | None = None):
         self.spec, self.device, self.progress, self.publishing = spec, device, progress, publishing
+        self.timing_dir = timing_dir
         self.lag_ms = spec.join.window_ms + max(spec.join.window_ms, emit_every_ms or 0)
 
     def open(self, runtime_context: RuntimeContext):
@@ -56,6 +57,10 @@ class TrainStream(KeyedProcessFunction):
         self.replay_trained = resume  # first firing after a restore: re-train the kept tables
         self.keep = self.publishing is not None
         self.timers: set[int] = set()
+        self.clock = BusyClock("train", self.timing_dir)
+
+    def close(self):
+        self.clock.write()
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         self.waiting.add(value)
@@ -66,6 +71,10 @@ class TrainStream(KeyedProcessFunction):
         return []
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        with self.clock:
+            return self._train(timestamp)
+
+    def _train(self, timestamp: int) -> list[str]:
         import pyarrow.compute as pc
 
         from pipelines.flink_join import decode_table, encode_table
@@ -87,7 +96,7 @@ class TrainStream(KeyedProcessFunction):
         elif flush:
             rest, rows = None, self.running.trainer.closed_windows(flush=True)
         else:
-            return
+            return []
         kept = [] if waiting is None else [waiting]
         if rest is not None and rest.num_rows:
             kept.append(rest)
@@ -101,12 +110,12 @@ class TrainStream(KeyedProcessFunction):
                 trained = after_position(trained, self.running.snapshot_position)
             if trained.num_rows:
                 self.trained.add(encode_table(trained))
-        for row in rows:
-            yield json.dumps(row)
+        out = [json.dumps(row) for row in rows]
         if flush:
             self.running.finish()
             self.trained.clear()
             summary = self.running.summary()
-            print(f"trained {summary['examples']} examples: {summary}", file=sys.stderr, flush=True)
-            yield json.dumps({**summary, "final": True})
+            log(f"trained {summary['examples']} examples: {summary}")
+            out.append(json.dumps({**summary, "final": True}))
             self.running.close()
+        return out

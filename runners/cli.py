@@ -143,7 +143,8 @@ def _flink_submit(args: argparse.Namespace, command: str) -> int | None:
         argv.append("--resume")
     if getattr(args, "no_progress", False):
         argv.append("--no-progress")
-    argv += ["--checkpoint-every", str(args.checkpoint_every), "--events-per-step", str(args.events_per_step)]
+    argv += ["--checkpoint-every", str(args.checkpoint_every), "--events-per-step", str(args.events_per_step),
+             "--parallelism", str(args.parallelism)]
     return submit(args.flink_master, argv)
 
 
@@ -151,7 +152,7 @@ def _flink_options(args: argparse.Namespace) -> dict:
     if args.watch is not None:
         raise ValueError("--runner flink replays logs; --watch is not supported on it yet")
     return {"resume": args.resume, "checkpoint_every_ms": round(args.checkpoint_every * 1000),
-            "events_per_step": args.events_per_step}
+            "events_per_step": args.events_per_step, "parallelism": args.parallelism}
 
 
 def cmd_join(args: argparse.Namespace) -> int:
@@ -258,6 +259,8 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --runner flink: submit to this standalone cluster (its REST endpoint)")
     parser.add_argument("--checkpoint-every", type=float, default=10.0, metavar="SECONDS",
                         help="with --runner flink: checkpoint interval (checkpoints go to OUT/.checkpoints)")
+    parser.add_argument("--parallelism", type=int, default=1, metavar="N",
+                        help="with --runner flink: parallel instances of each operator (the trainer is one)")
     parser.add_argument("--events-per-step", type=int, default=16_384, metavar="N",
                         help="with --runner flink: events per replayed micro-batch (the unit the JVM hands "
                              "to the Python workers)")

@@ -14,6 +14,7 @@ newest retained checkpoint (and its model from the newest snapshot in the model 
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -30,11 +31,19 @@ def flink_environment(parallelism: int = 1, checkpoint_dir: str | None = None, c
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
 
+    # On a local mini-cluster PyFlink runs the Python operators in "loopback" mode by default:
+    # as threads of this driver process, all behind its one GIL. Separate worker processes (one
+    # per Python operator chain, as on a cluster) let the split, join and trainer run in parallel.
+    os.environ.setdefault("_python_worker_execution_mode", "process")
     config = Configuration()
     config.set_string("python.execution-mode", "process")
     config.set_string("python.executable", sys.executable)
     config.set_string("python.client.executable", sys.executable)
     config.set_string("state.backend.type", "rocksdb")
+    # a failing job fails (after a few restarts from its last checkpoint), it does not loop
+    config.set_string("restart-strategy.type", "fixed-delay")
+    config.set_string("restart-strategy.fixed-delay.attempts", "2")
+    config.set_string("restart-strategy.fixed-delay.delay", "1 s")
     config.set_string("python.fn-execution.bundle.size", "1")  # batches are already large records
 
     if checkpoint_dir is not None:
@@ -106,7 +115,7 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     from pyflink.common.watermark_strategy import TimestampAssigner
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
 
-    from pipelines.flink_join import DEAD_LETTERS, JoinShard, SplitBatch, batch_time
+    from pipelines.flink_join import DEAD_LETTERS, JoinShard, SplitBatch, batch_time, read_busy_clocks
     from pipelines.flink_train import TrainStream
     from runners.beam_runner import OUTPUTS, _finish_metrics, fresh_output_dirs, replay_batches
     from schemas.dead_letters import DeadLetterSink
@@ -141,19 +150,23 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     lines = env.from_source(source, WatermarkStrategy.no_watermarks(), "replayed log batches")
     stamped = lines.assign_timestamps_and_watermarks(
         WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(BatchTime()))
-    joined = (stamped.flat_map(SplitBatch(shards), output_type=Types.PICKLED_BYTE_ARRAY()).name("split by shard")
+    timing = out_dir / ".timing"
+    shutil.rmtree(timing, ignore_errors=True)
+    joined = (stamped.flat_map(SplitBatch(shards, str(timing)), output_type=Types.PICKLED_BYTE_ARRAY()).name("split by shard")
               .key_by(lambda value: value[0], key_type=Types.INT())
-              .process(JoinShard(spec, step_ms), output_type=Types.STRING()).name("join, sample, features"))
+              .process(JoinShard(spec, step_ms, str(timing)), output_type=Types.STRING()).name("join, sample, features"))
     joined.sink_to(_file_sink(out_dir / "examples", ".examples")).name("examples")
     joined.get_side_output(DEAD_LETTERS).sink_to(_file_sink(out_dir / "dead_letters", ".jsonl")).name("dead letters")
     if train:
         publishing = None if model_dir is None else Publishing(str(model_dir), clock="event", resume=resume)
         metrics = (joined.key_by(lambda _: 0, key_type=Types.INT())
-                   .process(TrainStream(spec, step_ms, device, progress, publishing), output_type=Types.STRING()).name("train"))
-        metrics.sink_to(_file_sink(out_dir / "metrics", ".jsonl")).name("metrics")
+                   .process(TrainStream(spec, step_ms, device, progress, publishing, str(timing)),
+                            output_type=Types.STRING()).name("train").set_parallelism(1))  # one model
+        metrics.sink_to(_file_sink(out_dir / "metrics", ".jsonl")).name("metrics").set_parallelism(1)
     env.execute(f"streamrec {'run' if train else 'join'} {spec.name}")
     elapsed = time.perf_counter() - started
-    for done in (spill, checkpoints):  # a finished job has nothing to restore
+    python_busy_s = read_busy_clocks(timing)
+    for done in (spill, checkpoints, timing):  # a finished job has nothing to restore
         shutil.rmtree(done, ignore_errors=True)
     compact_examples(out_dir / "examples")
     counts: dict[str, int] = {}
@@ -163,7 +176,8 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
             counts[reason] = counts.get(reason, 0) + 1
     summary = _finish_metrics(spec, out_dir) if train else {}
     summary.update({"mode": "flink", "seconds": round(elapsed, 2), "dead_letters": counts,
-                    "restored_from_checkpoint": None if restore_from is None else restore_from.name})
+                    "restored_from_checkpoint": None if restore_from is None else restore_from.name,
+                    "python_busy_s": python_busy_s})
     return summary
 
 
@@ -171,7 +185,6 @@ def submit(master: str, argv: list[str]) -> int:
     """Run ``streamrec ARGV`` through the wheel's ``flink run`` against the standalone cluster at
     ``master`` (HOST:PORT of its REST endpoint); the job's Python workers use this interpreter.
     Paths in ``argv`` must be absolute and visible to the cluster's TaskManagers."""
-    import os
     import subprocess
 
     from runners.flink_cluster import flink_home

@@ -16,6 +16,13 @@ import pyarrow as pa
 
 from schemas.spec import FeatureSpec
 
+def log(message: str) -> None:
+    """A line on stderr. (Not ``print``: PyFlink's process-mode workers replace it with one that
+    takes no ``flush`` argument.)"""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
+
+
 ORDER = [("impression_time_ms", "ascending"), ("request_id", "ascending"), ("item_id", "ascending")]
 
 
@@ -56,8 +63,8 @@ class RunningTrainer:
             if publishing.resume:
                 self.position, entry = restore_trainer(self.trainer, publishing.model_dir)
                 self.resumed_from = entry["version"]
-                print(f"resumed from snapshot version {entry['version']}: {self.position.examples} examples trained "
-                      f"up to impression time {self.position.impression_time_ms}", file=sys.stderr, flush=True)
+                log(f"resumed from snapshot version {entry['version']}: {self.position.examples} examples trained "
+                    f"up to impression time {self.position.impression_time_ms}")
             self.publisher = Publisher(self.trainer, publishing.model_dir, clock=publishing.clock)
         self.batch_size = spec.training.batch_size
         self.snapshot_taken = False  # whether the last train() published a snapshot
