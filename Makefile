@@ -5,6 +5,7 @@ VENV ?= .venv
 OUT ?= out
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo -n)
 
 .PHONY: run test venv
 
@@ -12,6 +13,11 @@ venv: $(STAMP)
 
 $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@# redis-server for the Redis store's tests (they start their own): apt, where we may
+	command -v redis-server >/dev/null || $(SUDO) sh -c 'apt-get install -y -qq redis-server || \
+	  (apt-get update -qq && apt-get install -y -qq redis-server)' >/dev/null 2>&1 || true
+	@command -v redis-server >/dev/null || echo "warning: no redis-server (apt-get install redis-server);" \
+	  "the Redis store tests will be skipped"
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)

@@ -33,6 +33,8 @@ setup(
         # Serving: the HTTP predict API.
         "fastapi>=0.110",
         "uvicorn>=0.29",
+        # The external row store (Redis; hiredis parses replies in C).
+        "redis[hiredis]>=5,<6",
     ],
     extras_require={
         # scikit-learn is the reference the metric tests compare against.

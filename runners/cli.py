@@ -18,6 +18,7 @@ Exit codes: 0 success, 1 invalid input (spec errors, dead letters in checked log
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -143,6 +144,8 @@ def _flink_submit(args: argparse.Namespace, command: str) -> int | None:
         argv.append("--resume")
     if getattr(args, "no_progress", False):
         argv.append("--no-progress")
+    if getattr(args, "store", None):
+        argv += ["--store", args.store]
     argv += ["--checkpoint-every", str(args.checkpoint_every), "--events-per-step", str(args.events_per_step),
              "--parallelism", str(args.parallelism)]
     return submit(args.flink_master, argv)
@@ -200,6 +203,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not (args.logs / "manifest.json").is_file():
             movielens.convert(args.logs)
     spec = load_spec(args.spec or "movielens")
+    if args.store is not None:
+        from trainer.redis_store import RedisStoreConfig
+
+        RedisStoreConfig.from_uri(args.store)  # a bad URI fails here, naming the parameter
+        spec = dataclasses.replace(spec, store=args.store)
     submitted = _flink_submit(args, "run")
     if submitted is not None:
         return submitted
@@ -222,7 +230,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.app import serve
 
-    serve(str(args.model_dir), host=args.host, port=args.port, poll_s=args.poll, device=args.device, fp16=args.fp16)
+    serve(str(args.model_dir), host=args.host, port=args.port, poll_s=args.poll, device=args.device, fp16=args.fp16,
+          store=args.store)
     return 0
 
 
@@ -334,6 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from the newest snapshot in --model-dir (after a crash or kill); with "
                           "--runner flink also from the newest retained checkpoint in OUT")
     _add_runner_arguments(run)
+    run.add_argument("--store", default=None, metavar="URI",
+                     help="keep embedding rows in Redis behind a bounded cache: redis://host:port[,host:port...]"
+                          "[/db][?prefix=P&cache_rows=N&ttl=on|off] or redis+cluster://host:port (overrides the spec's store)")
 
     serve = commands.add_parser("serve", help="serve a model directory over HTTP (predict, healthz, metrics)")
     serve.add_argument("--model-dir", required=True, type=Path, help="model directory written by run --model-dir")
@@ -342,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--poll", type=float, default=1.0, metavar="SECONDS", help="how often to look for new versions")
     serve.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     serve.add_argument("--fp16", action="store_true", help="hold serving rows in float16")
+    serve.add_argument("--store", default=None, metavar="URI",
+                       help="the trainer's redis:// store: rows no version holds are read from it on a miss")
     serve.set_defaults(handler=cmd_serve)
     run.set_defaults(handler=cmd_run)
 

@@ -405,6 +405,9 @@ class _SpecParser:
         if store is not None and not isinstance(store, str):
             self.error(f"store: expected a URI string, got {store!r}")
             store = None
+        elif store is not None and store.split("://", 1)[0] not in ("redis", "redis+cluster"):
+            self.error(f"store: expected redis://host:port[,host:port...] or redis+cluster://host:port, got {store!r}")
+            store = None
         if self.errors:
             raise SpecError(self.source, self.errors)
         return FeatureSpec(name=name, events=events, slots=slots, dense=dense, labels=labels, join=join,

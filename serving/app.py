@@ -68,10 +68,10 @@ def create_app(model: ServingModel, poll_s: float = 1.0) -> FastAPI:
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8080, poll_s: float = 1.0, device: str = "cpu",
-          fp16: bool = False) -> None:
+          fp16: bool = False, store: str | None = None) -> None:
     import uvicorn
 
-    model = ServingModel(model_dir, device=device, fp16=fp16)
+    model = ServingModel(model_dir, device=device, fp16=fp16, store=store)
     try:
         model.refresh()
     except ModelDirError as exc:  # nothing published yet: the poller picks it up later

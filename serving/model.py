@@ -19,6 +19,7 @@ from pathlib import Path
 import fastavro
 import fastavro.validation
 import numpy as np
+import pyarrow as pa
 import torch
 
 from trainer.embedding_table import EmbeddingTable
@@ -27,6 +28,7 @@ from trainer.publish import ModelDirError, newest_snapshot, read_manifest, read_
 from trainer.table_snapshot import read_rows
 from transforms.features import FeatureExtractor
 from schemas.events import load_schema
+from schemas.fids import HASH_BITS
 
 
 class BadRequest(ValueError):
@@ -34,9 +36,15 @@ class BadRequest(ValueError):
 
 
 class ServingModel:
-    def __init__(self, model_dir: str | Path, device: str = "cpu", fp16: bool = False):
+    def __init__(self, model_dir: str | Path, device: str = "cpu", fp16: bool = False, store: str | None = None):
+        """``store``: the trainer's ``redis://`` store, read on a miss (optional). A trainer with
+        an external store snapshots only its cache; the rows it had evicted are in the store.
+        Rows read through may be newer than the version served (the store holds what the trainer
+        last wrote back); they are kept, and later versions overwrite them."""
         self.dir, self.device, self.fp16 = Path(model_dir), device, fp16
         self.spec = read_spec(self.dir)
+        self.stores = self._stores(store) if store else None
+        self.read_through_rows = 0
         self.extractor = FeatureExtractor(self.spec)
         self.schema = fastavro.parse_schema(load_schema(self.spec.events.impression))
         self.model: OnlineTrainer | None = None
@@ -80,6 +88,32 @@ class ServingModel:
             if not applied:
                 raise ModelDirError(self.last_error) from exc
         return applied
+
+    def _stores(self, uri: str) -> list:
+        """One ``RedisStore`` per table, named and shaped as the trainer's (rows hold its
+        optimizer state, which serving drops)."""
+        from trainer.redis_store import RedisStore, RedisStoreConfig
+
+        config = RedisStoreConfig.from_uri(uri)
+        trainer_shape = OnlineTrainer(self.spec)
+        return [RedisStore(config, group.table.config, name=f"{self.spec.name}:g{index}")
+                for index, group in enumerate(trainer_shape.groups)]
+
+    def _read_through(self, fids: pa.ListArray) -> None:
+        """Fetch the request's fids that no version has given us from the store (under the lock)."""
+        flat = fids.combine_chunks().values.to_numpy(zero_copy_only=False) if isinstance(fids, pa.ChunkedArray) \
+            else fids.values.to_numpy(zero_copy_only=False)
+        group_of = self.model.group_of_slot[flat >> HASH_BITS]
+        for index, (group, store) in enumerate(zip(self.model.groups, self.stores)):
+            unique = torch.unique(torch.from_numpy(flat[group_of == index]))
+            missing = unique[group.table.lookup(unique).cpu() < 0]
+            if len(missing) == 0:
+                continue
+            found, rows = store.get_rows(missing)
+            if len(rows):
+                rows.state = torch.zeros(len(rows), 0)
+                group.table.put_rows(rows)
+                self.read_through_rows += len(rows)
 
     def _new_model(self) -> OnlineTrainer:
         return OnlineTrainer(self.spec, device=self.device, serving=True)
@@ -164,6 +198,8 @@ class ServingModel:
         with self.lock:
             if self.model is None:
                 raise ModelDirError("no model loaded yet")
+            if self.stores is not None:
+                self._read_through(fids)
             logits = self.model.predict_features(fids, dense)
             version = self.version
         return 1.0 / (1.0 + np.exp(-logits.astype(np.float64))), version
@@ -172,4 +208,5 @@ class ServingModel:
         return {"version": self.version, "data_time_ms": self.data_time_ms,
                 "seconds_behind_trainer": round(max(0.0, self.trainer_published_at - self.applied_published_at), 3),
                 "seconds_since_applied": round(time.time() - self.applied_published_at, 3) if self.version else None,
-                "applied_versions": len(self.applied), "last_error": self.last_error, "fp16": self.fp16}
+                "applied_versions": len(self.applied), "last_error": self.last_error, "fp16": self.fp16,
+                "read_through_rows": self.read_through_rows if self.stores is not None else None}

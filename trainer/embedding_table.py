@@ -184,13 +184,18 @@ class EmbeddingTable:
         self.data_time_ms = 0
         self.removed_fids: list[torch.Tensor] = []
         self.evicted_touched: list[RowBatch] = []
+        # Two random streams: new rows' initial values, and the cuckoo's displacement choices. Kept
+        # apart, a fid's initial value depends only on the inserts before it, not on how the index
+        # was laid out (a bounded cache that evicts and fetches initialises exactly as a big table).
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(config.seed)
+        self.placement_generator = torch.Generator(device=self.device)
+        self.placement_generator.manual_seed(config.seed ^ 0x5EED)
         self._policy_tables()
         self.sketch = (CountMinSketch(config.filter_width, config.filter_depth, config.seed, self.device)
                        if self._uses_filter else None)
         self.stats = {"inserts": 0, "filtered": 0, "expired": 0, "evicted": 0, "fetched": 0, "grows": 0,
-                      "stashed": 0}
+                      "stashed": 0, "lookups": 0, "hits": 0}
 
     # ---------------------------------------------------------------------------------------
     # policies per slot, as lookup tensors indexed by slot id
@@ -329,7 +334,8 @@ class EmbeddingTable:
             kick_buckets = target[kick]
             # One random offset per bucket, plus the rank: a bucket's kickers take distinct slots,
             # and the displacement is a random walk (a fixed choice can cycle).
-            offset = torch.randint(0, SLOTS_PER_BUCKET, (len(keys),), generator=self.generator, device=self.device)
+            offset = torch.randint(0, SLOTS_PER_BUCKET, (len(keys),), generator=self.placement_generator,
+                                   device=self.device)
             group_offset = offset[torch.arange(len(keys), device=self.device) - rank]
             kick_slots = (rank[kick] + group_offset[kick]) % SLOTS_PER_BUCKET
             victim_keys = self.index_keys[kick_buckets, kick_slots]
@@ -500,6 +506,8 @@ class EmbeddingTable:
             self.data_time_ms = max(self.data_time_ms, int(times.max()))
         rows, _ = self._find(fids)
         missing = rows < 0
+        self.stats["lookups"] += len(fids)
+        self.stats["hits"] += len(fids) - int(missing.sum())
         if bool(missing.any()):
             rows[missing] = self._insert_missing(fids[missing], times[missing], counts[missing], protect=rows[~missing])
         present = rows >= 0
@@ -609,7 +617,8 @@ class EmbeddingTable:
         now = self.data_time_ms if data_time_ms is None else data_time_ms
         expired = self.expire_fids(now)
         if self.store is not None and hasattr(self.store, "expire_fids"):
-            expired = torch.cat([expired, self.store.expire_fids(now).to(self.device)])
+            # a written-back row expires in both tiers: count it once
+            expired = torch.unique(torch.cat([expired, self.store.expire_fids(now).to(self.device)]))
         self._record_removed(expired)
         self.stats["expired"] += len(expired)
         return len(expired)
@@ -632,7 +641,12 @@ class EmbeddingTable:
         """
         positions, keys, rows = self._live()
         touched = self.touched[rows]
-        parts = self.evicted_touched + [self._read_rows(rows[touched], keys[touched])]
+        current = self._read_rows(rows[touched], keys[touched])
+        if self.store is not None:  # write back: the store holds every row as of this delta
+            self.store.put_rows(current)
+            if hasattr(self.store, "flush"):
+                self.store.flush()
+        parts = self.evicted_touched + [current]
         updated = RowBatch.concat(parts)
         if len(self.evicted_touched):
             # A row evicted and fetched back later appears twice: keep the newest (last) copy.
@@ -644,11 +658,28 @@ class EmbeddingTable:
             updated = updated.select(last)
         removed = torch.cat(self.removed_fids) if self.removed_fids else torch.empty(0, dtype=torch.int64,
                                                                                    device=self.device)
-        self.reset_delta()
+        self._clear_delta()
         return Delta(updated, removed)
 
+    def write_back(self) -> int:
+        """Write the rows touched since the last delta to the backing store (they stay cached and
+        touched); returns how many. With a store, ``take_delta`` and ``reset_delta`` do this too."""
+        if self.store is None:
+            return 0
+        _, keys, rows = self._live()
+        touched = self.touched[rows]
+        self.store.put_rows(self._read_rows(rows[touched], keys[touched]))
+        if hasattr(self.store, "flush"):  # a write-behind store: done when it is acknowledged
+            self.store.flush()
+        return int(touched.sum())
+
     def reset_delta(self) -> None:
-        """Start the next delta here (e.g. after a full snapshot, which holds every row)."""
+        """Start the next delta here (e.g. after a full snapshot, which holds every row); with a
+        backing store, the touched rows are written back first."""
+        self.write_back()
+        self._clear_delta()
+
+    def _clear_delta(self) -> None:
         self.touched.zero_()
         self.evicted_touched, self.removed_fids = [], []
 

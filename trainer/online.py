@@ -55,8 +55,12 @@ class OnlineTrainer:
     """``serving=True`` builds the same model and tables without optimizer state (rows hold the
     embedding and wide weight only) for prediction."""
 
-    def __init__(self, spec: FeatureSpec, device: str = "cpu", seed: int = 0, serving: bool = False):
+    def __init__(self, spec: FeatureSpec, device: str = "cpu", seed: int = 0, serving: bool = False,
+                 store: str | None = None):
+        """``store`` (default: the spec's ``store``): a ``redis://`` URI - each table is then a
+        bounded cache (``cache_rows``) in front of rows kept in Redis (``trainer.redis_store``)."""
         self.spec, self.device, self.serving = spec, torch.device(device), serving
+        self.store_uri = store if store is not None else spec.store
         torch.manual_seed(seed)
         self.slot_position = np.full(MAX_SLOT_ID + 1, -1, dtype=np.int64)
         for position, slot in enumerate(spec.slots):
@@ -71,7 +75,8 @@ class OnlineTrainer:
             state_width = 0 if serving else SparseOptimizer.state_width(optimizer.kind, width)
             config = TableConfig.for_slots(slots, state_width=state_width,
                                            state_init=sparse.state_init, device=device, seed=seed + index)
-            table = EmbeddingTable(dataclasses.replace(config, dim=width))
+            config = dataclasses.replace(config, dim=width)
+            table = EmbeddingTable(config) if self.store_uri is None else self._cached_table(config, index)
             self.groups.append(_Group([s.slot_id for s in slots], table, sparse))
         self.group_of_slot = np.full(MAX_SLOT_ID + 1, -1, dtype=np.int64)
         for index, group in enumerate(self.groups):
@@ -213,6 +218,18 @@ class OnlineTrainer:
         dense_values = dense.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
         logits, _ = self._forward_fids(flat, example_of, n, dense_values, None, train=False)
         return logits.cpu().numpy()
+
+    def _cached_table(self, config: TableConfig, index: int) -> EmbeddingTable:
+        from trainer.redis_store import RedisStore, RedisStoreConfig
+
+        store_config = RedisStoreConfig.from_uri(self.store_uri)
+        store = RedisStore(store_config, config, name=f"{self.spec.name}:g{index}")
+        return EmbeddingTable(dataclasses.replace(config, max_rows=store_config.cache_rows), store=store)
+
+    def write_back(self) -> None:
+        """Write every table's touched rows to its backing store (nothing without one)."""
+        for group in self.groups:
+            group.table.write_back()
 
     def training_state(self) -> dict:
         """Everything but the tables needed to continue training exactly (for snapshots)."""

@@ -250,7 +250,10 @@ def restore_trainer(trainer, model_dir: str | Path) -> tuple[Position, dict]:
         raise ModelDirError(f"{model_dir}: no snapshot to resume from")
     verify(model_dir, entry)
     for index, group in enumerate(trainer.groups):
-        loaded = load_table(model_dir / entry["path"] / f"table-{index}.arrow", device=str(trainer.device))
+        store = group.table.store  # with an external store the snapshot holds the cache; the store the rest
+        cached = {} if store is None else {"max_rows": group.table.config.max_rows}
+        loaded = load_table(model_dir / entry["path"] / f"table-{index}.arrow", store=store,
+                            device=str(trainer.device), **cached)
         group.table = loaded
     state = torch.load(model_dir / entry["path"] / "state.pt", map_location=trainer.device, weights_only=False)
     trainer.load_training_state(state)

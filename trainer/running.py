@@ -101,7 +101,9 @@ class RunningTrainer:
 
     def finish(self) -> None:
         if self.publisher is not None:
-            self.publisher.finish(self.position)
+            self.publisher.finish(self.position)  # its deltas write back to an external store
+        else:
+            self.trainer.write_back()
 
     def close(self) -> None:
         if self.progress is not None:
@@ -112,6 +114,11 @@ class RunningTrainer:
         summary["train_seconds"] = round(self.seconds, 2)
         summary["examples_per_s"] = round(summary["examples"] / max(self.seconds, 1e-9))
         summary["late_metric_examples"] = self.trainer.window_metrics.late_examples
+        tables = [group.table for group in self.trainer.groups]
+        if any(table.store is not None for table in tables):  # the cache in front of the external store
+            stats = {key: sum(table.stats[key] for table in tables) for key in ("lookups", "hits", "evicted", "fetched")}
+            summary["cache"] = {"rows": sum(table.config.max_rows for table in tables),
+                                "hit_rate": round(stats["hits"] / max(stats["lookups"], 1), 4), **stats}
         if self.publisher is not None:
             summary["model_version"] = self.publisher.version
             summary["resumed_from_version"] = self.resumed_from
