@@ -82,8 +82,9 @@ class TrainStream(KeyedProcessFunction):
         self.timers.discard(timestamp)
         flush = timestamp == END
         tables = [decode_table(line) for line in (self.waiting.get() or [])]
-        if self.replay_trained:
+        if self.replay_trained:  # they are trained (or skipped) again below, and kept again
             tables = [decode_table(line) for line in (self.trained.get() or [])] + tables
+            self.trained.clear()
             self.replay_trained = False
         examples = pa.concat_tables(tables) if tables else None
         if examples is not None and not flush:
