@@ -6,10 +6,11 @@
     streamrec data synthetic --out DIR --events N --seed S
     streamrec logs check DIR --spec SPEC
     streamrec join --spec SPEC --logs DIR --out DIR [--streaming | --watch SECONDS [--stop-after SECONDS]]
+    streamrec join --runner flink [--flink-master HOST:PORT] [--resume] --spec SPEC --logs DIR --out DIR
     streamrec backfill --spec SPEC --logs DIR --out DIR
     streamrec run [--spec SPEC --logs DIR] --out DIR [--device cpu|cuda] [--streaming | --watch S]
-                  [--model-dir DIR [--resume]]
-    streamrec serve --model-dir DIR [--host 127.0.0.1 --port N --poll S --fp16]
+                  [--model-dir DIR [--resume]] [--store redis://HOST:PORT[,...]] [--runner flink ...]
+    streamrec serve --model-dir DIR [--host 127.0.0.1 --port N --poll S --fp16 --store URI]
     streamrec table-stats SNAPSHOT
 
 Commands print a human summary and, as their last line, a JSON object with the figures.
@@ -136,7 +137,7 @@ def _flink_submit(args: argparse.Namespace, command: str) -> int | None:
         return None
     from runners.flink_runner import submit
 
-    argv = [command, "--runner", "flink", "--spec", args.spec, "--logs", str(args.logs.resolve()),
+    argv = [command, "--runner", "flink", "--spec", args.spec or "movielens", "--logs", str(args.logs.resolve()),
             "--out", str(args.out.resolve())]
     if getattr(args, "model_dir", None) is not None:
         argv += ["--model-dir", str(args.model_dir.resolve())]

@@ -20,6 +20,7 @@ import fastavro
 import fastavro.validation
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from trainer.embedding_table import EmbeddingTable
@@ -101,8 +102,7 @@ class ServingModel:
 
     def _read_through(self, fids: pa.ListArray) -> None:
         """Fetch the request's fids that no version has given us from the store (under the lock)."""
-        flat = fids.combine_chunks().values.to_numpy(zero_copy_only=False) if isinstance(fids, pa.ChunkedArray) \
-            else fids.values.to_numpy(zero_copy_only=False)
+        flat = pc.list_flatten(fids).to_numpy(zero_copy_only=False)  # respects slices, unlike .values
         group_of = self.model.group_of_slot[flat >> HASH_BITS]
         for index, (group, store) in enumerate(zip(self.model.groups, self.stores)):
             unique = torch.unique(torch.from_numpy(flat[group_of == index]))

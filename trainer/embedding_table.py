@@ -643,9 +643,7 @@ class EmbeddingTable:
         touched = self.touched[rows]
         current = self._read_rows(rows[touched], keys[touched])
         if self.store is not None:  # write back: the store holds every row as of this delta
-            self.store.put_rows(current)
-            if hasattr(self.store, "flush"):
-                self.store.flush()
+            self._store_rows(current)
         parts = self.evicted_touched + [current]
         updated = RowBatch.concat(parts)
         if len(self.evicted_touched):
@@ -668,10 +666,14 @@ class EmbeddingTable:
             return 0
         _, keys, rows = self._live()
         touched = self.touched[rows]
-        self.store.put_rows(self._read_rows(rows[touched], keys[touched]))
-        if hasattr(self.store, "flush"):  # a write-behind store: done when it is acknowledged
-            self.store.flush()
+        self._store_rows(self._read_rows(rows[touched], keys[touched]))
         return int(touched.sum())
+
+    def _store_rows(self, batch: RowBatch) -> None:
+        """Put rows to the store and wait until it has them (a write-behind store acknowledges later)."""
+        self.store.put_rows(batch)
+        if hasattr(self.store, "flush"):
+            self.store.flush()
 
     def reset_delta(self) -> None:
         """Start the next delta here (e.g. after a full snapshot, which holds every row); with a
