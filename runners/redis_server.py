@@ -22,10 +22,27 @@ def redis_server_binary() -> str:
     return binary
 
 
+def _free_cluster_port() -> int:
+    """A free loopback port P <= 55535 whose cluster bus port P + 10000 is free too."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20_000, 55_535)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10_000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a Redis Cluster node on loopback")
+
+
 class RedisServer:
     def __init__(self, directory: str | Path, cluster: bool = False, port: int | None = None):
         self.directory, self.cluster = Path(directory), cluster
-        self.port = port or free_port()
+        self.port = port or (_free_cluster_port() if cluster else free_port())
         self.process: subprocess.Popen | None = None
 
     @property

@@ -293,3 +293,47 @@ def test_serving_reads_rows_the_snapshot_lacks_from_redis(shards, movielens_exam
             assert model.status()["read_through_rows"] > 100
     assert np.allclose(served["read-through"], expected, atol=1e-6)
     assert not np.allclose(served["plain"], expected, atol=1e-3)
+
+
+def test_killed_trainer_restarts_on_the_same_redis(shards, tmp_path):
+    """``streamrec run --store --model-dir`` is SIGKILLed (its process group) after two snapshots;
+    ``--resume`` on the same Redis finishes the stream: every example trained once, and the
+    restarted trainer reads rows the killed one had written back."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from datasets.synthetic import SyntheticConfig, generate
+    from tests.test_flink import ROOT
+    from trainer.publish import read_manifest
+
+    logs, model = tmp_path / "logs", tmp_path / "model"
+    generate(logs, SyntheticConfig(events=40_000, span_hours=72, seed=2))  # daily snapshots: two mid-stream
+    command = [sys.executable, "-m", "runners.cli", "run", "--spec", "synthetic", "--logs", str(logs), "--out",
+               str(tmp_path / "out"), "--streaming", "--no-progress", "--model-dir", str(model),
+               "--store", store_uri(shards, cache_rows=60_000)]
+    first = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while first.poll() is None and time.monotonic() < deadline:
+            if model.exists() and sum(e["kind"] == "snapshot" for e in read_manifest(model)) >= 2:
+                break
+            time.sleep(0.1)
+        assert first.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    resumed = subprocess.run(command + ["--resume"], cwd=ROOT, start_new_session=True, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from_version"] is not None
+    examples = summary["examples"]
+    total = json.loads(subprocess.run([sys.executable, "-m", "runners.cli", "join", "--spec", "synthetic", "--logs",
+                                       str(logs), "--out", str(tmp_path / "join")], cwd=ROOT, capture_output=True,
+                                      text=True, timeout=300).stdout.strip().splitlines()[-1])["examples"]
+    assert examples == total  # trained once each: the snapshot's count plus the rest
+    assert summary["cache"]["fetched"] > 0  # rows the killed trainer had written back (evicted or published)
