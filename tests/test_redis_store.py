@@ -7,6 +7,7 @@ import itertools
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -194,7 +195,7 @@ def _all_rows(trainer) -> list[dict[int, list[float]]]:
         rows = {}
         if table.store is not None:
             table.write_back()
-            fids = torch.tensor(sorted(_stored_fids(table.store)), dtype=torch.int64)
+            fids = torch.from_numpy(np.sort(table.store.stored_fids()))
             found, stored = table.store.get_rows(fids)
             rows.update({f: e + s for f, e, s in zip(stored.fids.tolist(), stored.embeddings.tolist(),
                                                       stored.state.tolist())})
@@ -203,11 +204,6 @@ def _all_rows(trainer) -> list[dict[int, list[float]]]:
                                                   cached.state.tolist())})
         tables.append(rows)
     return tables
-
-
-def _stored_fids(store: RedisStore) -> list[int]:
-    keys = [key for client in store.clients for key in client.scan_iter(match=store.key_prefix + b"*")]
-    return store._fids([key for key in keys if len(key) == len(store.key_prefix) + 8]).tolist()
 
 
 def test_trainer_with_redis_equals_the_in_memory_trainer_and_a_restart_continues(shards, movielens_examples,
@@ -264,8 +260,6 @@ def test_run_command_with_a_redis_store_gives_the_in_memory_figures(shards, obd_
 def test_serving_reads_rows_the_snapshot_lacks_from_redis(shards, movielens_examples, tmp_path):
     """A Redis-backed trainer snapshots only its cache; serving with ``store`` reads the other
     rows from Redis on a miss and answers as the trainer does; without it, it cannot."""
-    import numpy as np
-
     from schemas.spec import load_spec
     from serving.model import ServingModel
     from trainer.online import OnlineTrainer

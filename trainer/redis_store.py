@@ -373,15 +373,17 @@ class RedisStore:
         fids = np.concatenate(expired) if expired else np.empty(0, dtype=np.int64)
         return torch.from_numpy(fids)
 
-    def __len__(self) -> int:
-        """Rows stored under this table's prefix (a SCAN: for tests and tools, not the hot path)."""
+    def stored_fids(self) -> np.ndarray:
+        """Every fid with a row under this table's prefix (a SCAN: for tests and tools, not the hot path)."""
         self.flush()
-        total = 0
+        keys = []
         for shard, client in enumerate(self.clients):
-            keys = self._retrying(shard, "counting rows",
-                                  lambda: list(client.scan_iter(match=self.key_prefix + b"*", count=10_000)))
-            total += sum(1 for key in keys if len(key) == len(self.key_prefix) + 8)
-        return total
+            keys += self._retrying(shard, "listing rows",
+                                   lambda: list(client.scan_iter(match=self.key_prefix + b"*", count=10_000)))
+        return self._fids([key for key in keys if len(key) == len(self.key_prefix) + 8])
+
+    def __len__(self) -> int:
+        return len(self.stored_fids())
 
     def clear(self) -> None:
         """Remove every key of this table (rows and expiry indexes)."""
