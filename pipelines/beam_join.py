@@ -34,11 +34,10 @@ from schemas.events import load_schema
 import pyarrow as pa
 
 from schemas.events import arrow_schema
-from schemas.logs import read_log_table
+from schemas.logs import read_event_file, read_log_table
 from schemas.spec import FeatureSpec
-from transforms.batch_join import join_keys, join_tables
+from transforms.batch_join import join_tables, split_by_shard
 from transforms.examples import ExampleBuilder
-from transforms.sampling import fnv1a64
 from transforms.join import JoinConfig, Joined, KeyJoin, KeyState
 
 DEAD = "dead_letters"
@@ -50,17 +49,6 @@ def dead_letter_outputs(letters: Iterable[DeadLetter]):
     for letter in letters:
         Metrics.counter(NAMESPACE, f"dead_letters.{letter.stage}.{letter.reason}").inc()
         yield beam.pvalue.TaggedOutput(DEAD, letter)
-
-
-def split_by_shard(table: pa.Table, shards: int) -> dict[int, pa.Table]:
-    """The rows of ``table`` per join-key shard: ``fnv1a64(request_id \x1f item_id) % shards``."""
-    if table.num_rows == 0:
-        return {}
-    import numpy as np
-
-    keys = join_keys(table.column("request_id"), table.column("item_id"))
-    shard_of_row = (fnv1a64(keys) % np.uint64(shards)).astype(np.int64)
-    return {shard: table.filter(pa.array(shard_of_row == shard)) for shard in np.unique(shard_of_row).tolist()}
 
 
 def event_key(record: dict) -> str:
@@ -392,10 +380,7 @@ class LoadLogFile(beam.DoFn):
     def process(self, element):
         kind, path = element
         sink = DeadLetterSink(keep=None)
-        table = read_log_table(path, self.schemas[kind], sink)
-        empty = {k: arrow_schema(s).empty_table() for k, s in self.schemas.items()}
-        empty[kind] = table
-        yield empty["impressions"], empty["actions"]
+        yield read_event_file(path, kind, self.schemas, sink)
         yield from dead_letter_outputs(sink.letters)
 
 

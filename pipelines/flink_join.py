@@ -51,8 +51,14 @@ def decode_table(line: str) -> pa.Table:
     return _table(base64.b64decode(line))
 
 
+def dead_letter_records(letters) -> list:
+    """Dead letters as records for the ``DEAD_LETTERS`` side output (JSON lines)."""
+    return [(DEAD_LETTERS, letter.to_json()) for letter in letters]
+
+
 def batch_time(line: str) -> int:
-    """The first event time (ms) of a replay batch-list line."""
+    """The time (ms) a source line carries: a replay batch's first event time, or the wall clock
+    of a live announcement line."""
     return int(line.split("\t", 1)[0])
 
 
@@ -105,9 +111,21 @@ def _table(data: bytes) -> pa.Table:
     return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
 
 
+def shard_records(impressions: pa.Table, actions: pa.Table, shards: int) -> list[tuple[int, bytes, bytes]]:
+    """A micro-batch -> one (shard, impressions IPC, actions IPC) record per join-key shard it touches
+    (the same shard function as the Beam job)."""
+    from transforms.batch_join import split_by_shard
+
+    impression_parts = split_by_shard(impressions, shards)
+    action_parts = split_by_shard(actions, shards)
+    return [(shard, _ipc(impression_parts.get(shard, impressions.schema.empty_table())),
+             _ipc(action_parts.get(shard, actions.schema.empty_table())))
+            for shard in sorted(set(impression_parts) | set(action_parts))]
+
+
 class SplitBatch(FlatMapFunction):
-    """Batch-list line ``first_ms<TAB>impressions path<TAB>actions path`` -> one record per shard:
-    (shard, impressions IPC, actions IPC)."""
+    """Replay batch-list line ``first_ms<TAB>impressions path<TAB>actions path`` -> one record per
+    shard: (shard, impressions IPC, actions IPC)."""
 
     def __init__(self, shards: int, timing_dir: str | None = None):
         self.shards, self.timing_dir = shards, timing_dir
@@ -119,18 +137,56 @@ class SplitBatch(FlatMapFunction):
         self.clock.write()
 
     def flat_map(self, value):
-        from pipelines.beam_join import split_by_shard  # the same shard function as the Beam job
-        from runners.beam_runner import load_replay_batch
-
         with self.clock:
             _, impressions_path, actions_path = value.split("\t")
-            impressions, actions = load_replay_batch((impressions_path, actions_path))
-            impression_parts = split_by_shard(impressions, self.shards)
-            action_parts = split_by_shard(actions, self.shards)
-            return [(shard, _ipc(impression_parts.get(shard, impressions.schema.empty_table())),
-                     _ipc(action_parts.get(shard, actions.schema.empty_table())))
-                    for shard in sorted(set(impression_parts) | set(action_parts))]
+            impressions, actions = (pa.ipc.open_file(pa.memory_map(path)).read_all()
+                                    for path in (impressions_path, actions_path))
+            return shard_records(impressions, actions, self.shards)
 
+
+class ReadAnnouncedLogs(KeyedProcessFunction):
+    """Live input: announcement lines (``runners.log_announcer``) -> the announced log files read
+    (bad records to dead letters) and split into shard records, as ``SplitBatch`` does.
+
+    One key (the announcements are few; each names a whole file). Keyed state counts the lines
+    read; once the END line has come and every line before it was read - in whatever order the
+    source's splits came - ``ended_marker`` is written: the runner then drains the job. Heartbeat
+    lines yield nothing: they only move the watermark."""
+
+    def __init__(self, spec: FeatureSpec, shards: int, ended_marker: str, timing_dir: str | None = None):
+        self.spec, self.shards, self.ended_marker, self.timing_dir = spec, shards, ended_marker, timing_dir
+
+    def open(self, runtime_context: RuntimeContext):
+        from schemas.events import load_schema
+
+        self.schemas = {"impressions": load_schema(self.spec.events.impression),
+                        "actions": load_schema(self.spec.events.action)}
+        self.read = runtime_context.get_state(ValueStateDescriptor("lines_read", Types.LONG()))
+        self.end = runtime_context.get_state(ValueStateDescriptor("lines_before_end", Types.LONG()))
+        self.clock = BusyClock("split", self.timing_dir)
+
+    def close(self):
+        self.clock.write()
+
+    def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        from runners.log_announcer import END, parse_announcement
+        from schemas.dead_letters import DeadLetterSink
+        from schemas.logs import read_event_file
+
+        with self.clock:
+            _, kind, path = parse_announcement(value)
+            out: list = []
+            if kind == END:
+                self.end.update(int(path))
+            else:
+                self.read.update((self.read.value() or 0) + 1)
+                if kind:
+                    sink = DeadLetterSink(keep=None)
+                    impressions, actions = read_event_file(path, kind, self.schemas, sink)
+                    out = dead_letter_records(sink.letters) + shard_records(impressions, actions, self.shards)
+            if self.end.value() is not None and (self.read.value() or 0) >= self.end.value():
+                Path(self.ended_marker).write_text(str(self.read.value()))
+            return out
 
 class JoinShard(KeyedProcessFunction):
     """Per join-key shard: the columnar join in keyed state, closed on event-time timers."""
@@ -168,9 +224,6 @@ class JoinShard(KeyedProcessFunction):
             ctx.timer_service().register_event_time_timer(state["timer"])
         self.state.update(state)
 
-    @staticmethod
-    def _dead(letters) -> list:
-        return [(DEAD_LETTERS, letter.to_json()) for letter in letters]
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         with self.clock:
@@ -190,7 +243,7 @@ class JoinShard(KeyedProcessFunction):
             self.pending.add(_ipc(impressions.append_column("_ref", pa.array(refs))))
         _, letters = state["joiner"].add_tables(impressions, refs, actions)  # the watermark moves only by timer
         self._save(ctx, state)
-        return self._dead(letters)
+        return dead_letter_records(letters)
 
     def _close(self, timestamp: int, ctx) -> list:
         state = self.state.value()
@@ -202,12 +255,12 @@ class JoinShard(KeyedProcessFunction):
         watermark = ctx.timer_service().current_watermark()
         closed, letters = state["joiner"].advance(watermark if watermark >= FINAL_WATERMARK else timestamp)
         state["timer"] = None
-        out = self._dead(letters)
+        out = dead_letter_records(letters)
         if len(closed):
             pending = pa.concat_tables([_table(part) for part in self.pending.get()])
             table, feature_letters, rest = self.builder.build_pending(pending, closed)
             self.pending.update([_ipc(rest)] if rest.num_rows else [])
-            out += self._dead(feature_letters)
+            out += dead_letter_records(feature_letters)
             if table.num_rows:
                 out.append(encode_table(table))
         if state["joiner"].next_due() is None:

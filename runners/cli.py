@@ -6,7 +6,7 @@
     streamrec data synthetic --out DIR --events N --seed S
     streamrec logs check DIR --spec SPEC
     streamrec join --spec SPEC --logs DIR --out DIR [--streaming | --watch SECONDS [--stop-after SECONDS]]
-    streamrec join --runner flink [--flink-master HOST:PORT] [--resume] --spec SPEC --logs DIR --out DIR
+    streamrec join --runner flink [--flink-master HOST:PORT] [--resume] [--watch S [--stop-after S]] --spec SPEC --logs DIR --out DIR
     streamrec backfill --spec SPEC --logs DIR --out DIR
     streamrec run [--spec SPEC --logs DIR] --out DIR [--device cpu|cuda] [--streaming | --watch S]
                   [--model-dir DIR [--resume]] [--store redis://HOST:PORT[,...]] [--runner flink ...]
@@ -149,14 +149,17 @@ def _flink_submit(args: argparse.Namespace, command: str) -> int | None:
         argv += ["--store", args.store]
     argv += ["--checkpoint-every", str(args.checkpoint_every), "--events-per-step", str(args.events_per_step),
              "--parallelism", str(args.parallelism)]
+    if args.watch is not None:
+        argv += ["--watch", str(args.watch)]
+    if args.stop_after is not None:
+        argv += ["--stop-after", str(args.stop_after)]
     return submit(args.flink_master, argv)
 
 
 def _flink_options(args: argparse.Namespace) -> dict:
-    if args.watch is not None:
-        raise ValueError("--runner flink replays logs; --watch is not supported on it yet")
     return {"resume": args.resume, "checkpoint_every_ms": round(args.checkpoint_every * 1000),
-            "events_per_step": args.events_per_step, "parallelism": args.parallelism}
+            "events_per_step": args.events_per_step, "parallelism": args.parallelism,
+            "watch_interval_s": args.watch, "stop_after_s": args.stop_after}
 
 
 def cmd_join(args: argparse.Namespace) -> int:

@@ -25,7 +25,7 @@ from trainer.running import Publishing
 
 
 def flink_environment(parallelism: int = 1, checkpoint_dir: str | None = None, checkpoint_every_ms: int = 10_000,
-                      restore_from: str | None = None):
+                      restore_from: str | None = None, bundle_size: int = 1_000):
     """The StreamExecutionEnvironment: a local mini-cluster, or - inside ``flink run`` - the
     cluster that command submits to. ``restore_from``: a retained checkpoint to start from."""
     from pyflink.common import Configuration
@@ -35,6 +35,10 @@ def flink_environment(parallelism: int = 1, checkpoint_dir: str | None = None, c
     # as threads of this driver process, all behind its one GIL. Separate worker processes (one
     # per Python operator chain, as on a cluster) let the split, join and trainer run in parallel.
     os.environ.setdefault("_python_worker_execution_mode", "process")
+    # The mini-cluster's JVM (started with the first PyFlink call) mostly moves bytes to the Python
+    # workers; on a short job its C2 JIT compiler alone took ~5 CPU-s of a 2-core machine. C1 only
+    # (~2 s less on 360k events); a user's own JVM_ARGS win.
+    os.environ.setdefault("JVM_ARGS", "-XX:TieredStopAtLevel=1")
     config = Configuration()
     config.set_string("python.execution-mode", "process")
     config.set_string("python.executable", sys.executable)
@@ -44,7 +48,10 @@ def flink_environment(parallelism: int = 1, checkpoint_dir: str | None = None, c
     config.set_string("restart-strategy.type", "fixed-delay")
     config.set_string("restart-strategy.fixed-delay.attempts", "2")
     config.set_string("restart-strategy.fixed-delay.delay", "1 s")
-    config.set_string("python.fn-execution.bundle.size", "1")  # batches are already large records
+    # Keyed state goes back to the JVM when a bundle finishes, and a checkpoint barrier waits for
+    # the bundle in flight. See ``run_flink_job`` for the sizes.
+    config.set_string("python.fn-execution.bundle.size", str(bundle_size))
+    config.set_string("python.fn-execution.bundle.time", "1000")
 
     if checkpoint_dir is not None:
         config.set_string("execution.checkpointing.dir", checkpoint_dir)
@@ -101,9 +108,17 @@ def compact_examples(directory: Path) -> int:
 def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, train: bool = False,
                   device: str = "cpu", progress: bool = True, model_dir: str | Path | None = None,
                   resume: bool = False, shards: int = 4, parallelism: int = 1, events_per_step: int = 16_384,
-                  checkpoint_every_ms: int = 10_000) -> dict:
-    """Backfill/replay through the PyFlink job; returns the mode, seconds, dead letters by reason
-    and, with ``train``, the trainer's summary.
+                  checkpoint_every_ms: int = 10_000, watch_interval_s: float | None = None,
+                  stop_after_s: float | None = None) -> dict:
+    """Backfill/replay (or, with ``watch_interval_s``, live logs) through the PyFlink job; returns
+    the mode, seconds, dead letters by reason and, with ``train``, the trainer's summary.
+
+    Live: ``runners.log_announcer`` announces new log files every ``watch_interval_s`` into
+    ``OUT/.live/announced``, a continuously monitored ``FileSource`` reads the announcements, and the
+    watermark follows the wall clock (less twice the interval, for announcements read out of
+    order). The job runs until ``stop_after_s`` or SIGTERM/SIGINT; then every announced file is
+    read and the job is stopped with a draining savepoint (every window closes, the trainer
+    trains the rest, the sinks commit).
 
     ``events_per_step``: events per micro-batch. Larger batches mean fewer state round trips
     between the JVM and the Python worker (on 360k synthetic events: 4,096 -> 52 s, 16,384 -> 28 s,
@@ -111,62 +126,103 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     retained checkpoint under ``OUT/.checkpoints`` (a fresh start if there is none)."""
     import json
 
-    from pyflink.common import Types, WatermarkStrategy
+    from pyflink.common import Duration, Types, WatermarkStrategy
     from pyflink.common.watermark_strategy import TimestampAssigner
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
 
-    from pipelines.flink_join import DEAD_LETTERS, JoinShard, SplitBatch, batch_time, read_busy_clocks
+    from pipelines.flink_join import (DEAD_LETTERS, JoinShard, ReadAnnouncedLogs, SplitBatch, batch_time,
+                                      read_busy_clocks)
     from pipelines.flink_train import TrainStream
     from runners.beam_runner import OUTPUTS, _finish_metrics, fresh_output_dirs, replay_batches
+    from runners.log_announcer import LogAnnouncer
     from schemas.dead_letters import DeadLetterSink
 
     out_dir = Path(out_dir)
-    checkpoints = out_dir / ".checkpoints"
+    live = watch_interval_s is not None
+    # (the source's directory must not be hidden itself: Flink's file filter skips ".name"/"_name")
+    checkpoints, live_dir = out_dir / ".checkpoints", out_dir / ".live"
+    announcements = live_dir / "announced"
     restore_from = newest_checkpoint(checkpoints) if resume else None
     if restore_from is None:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        for stale in (checkpoints, live_dir):
+            shutil.rmtree(stale, ignore_errors=True)
         fresh_output_dirs(out_dir, OUTPUTS if train else OUTPUTS[:2])
     spill = out_dir / ".replay"
     shutil.rmtree(spill, ignore_errors=True)
-    spill.mkdir()
-    read_dead = DeadLetterSink(keep=None)
-    # the same logs give the same batch files and list: a restored source continues where it was
-    batches, step_ms, _ = replay_batches(spec, log_dir, spill, events_per_step, read_dead)
-    batch_list = spill / "batches.tsv"
-    batch_list.write_text("".join(f"{first}\t{imp}\t{act}\n" for first, imp, act in batches))
-    if restore_from is None:
-        with open(out_dir / "dead_letters" / "read.jsonl", "w") as out:
-            out.writelines(letter.to_json() + "\n" for letter in read_dead.letters)
 
     class BatchTime(TimestampAssigner):
         def extract_timestamp(self, value, record_timestamp):
             return batch_time(value)
 
     started = time.perf_counter()
+    if live:
+        announcer = LogAnnouncer(log_dir, announcements)
+        ended_marker = live_dir / "ended"
+        ended_marker.unlink(missing_ok=True)
+        step_ms = max(1, round(watch_interval_s * 1000))
+        source_path = announcements
+    else:
+        spill.mkdir()
+        read_dead = DeadLetterSink(keep=None)
+        # the same logs give the same batch files and list: a restored source continues where it was
+        batches, step_ms, _ = replay_batches(spec, log_dir, spill, events_per_step, read_dead)
+        source_path = spill / "batches.tsv"
+        source_path.write_text("".join(f"{first}\t{imp}\t{act}\n" for first, imp, act in batches))
+        if restore_from is None:
+            with open(out_dir / "dead_letters" / "read.jsonl", "w") as out:
+                out.writelines(letter.to_json() + "\n" for letter in read_dead.letters)
+
+    # Bundles: a join-only job takes up to 1,000 records or 1 s per bundle, so the joiner's state
+    # goes back to the JVM about once a second, not after every shard record (360k events: ~24 s
+    # -> ~18.5 s). A training job keeps one record per bundle: the trainer's bundles would hold
+    # checkpoint barriers back for as long as they train (the kill test saw no checkpoint complete
+    # before training ended).
     env = flink_environment(parallelism, checkpoint_dir=checkpoints.resolve().as_uri(),
                             checkpoint_every_ms=checkpoint_every_ms,
-                            restore_from=None if restore_from is None else restore_from.resolve().as_uri())
-    source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), batch_list.resolve().as_uri()).build()
-    lines = env.from_source(source, WatermarkStrategy.no_watermarks(), "replayed log batches")
-    stamped = lines.assign_timestamps_and_watermarks(
-        WatermarkStrategy.for_monotonous_timestamps().with_timestamp_assigner(BatchTime()))
+                            restore_from=None if restore_from is None else restore_from.resolve().as_uri(),
+                            bundle_size=1 if train else 1_000)
+    source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), source_path.resolve().as_uri())
+    if live:
+        source = source.monitor_continuously(Duration.of_millis(step_ms))
+        watermarks = WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(2 * step_ms))
+    else:
+        watermarks = WatermarkStrategy.for_monotonous_timestamps()
+    lines = env.from_source(source.build(), WatermarkStrategy.no_watermarks(),
+                            "announced log files" if live else "replayed log batches")
+    stamped = lines.assign_timestamps_and_watermarks(watermarks.with_timestamp_assigner(BatchTime()))
     timing = out_dir / ".timing"
     shutil.rmtree(timing, ignore_errors=True)
-    joined = (stamped.flat_map(SplitBatch(shards, str(timing)), output_type=Types.PICKLED_BYTE_ARRAY()).name("split by shard")
-              .key_by(lambda value: value[0], key_type=Types.INT())
+    if live:
+        read = (stamped.key_by(lambda _: 0, key_type=Types.INT())
+                .process(ReadAnnouncedLogs(spec, shards, str(ended_marker), str(timing)),
+                         output_type=Types.PICKLED_BYTE_ARRAY()).name("read logs, split by shard").set_parallelism(1))
+        read_dead_letters = read.get_side_output(DEAD_LETTERS)
+    else:
+        read = stamped.flat_map(SplitBatch(shards, str(timing)), output_type=Types.PICKLED_BYTE_ARRAY()).name("split by shard")
+        read_dead_letters = None
+    joined = (read.key_by(lambda value: value[0], key_type=Types.INT())
               .process(JoinShard(spec, step_ms, str(timing)), output_type=Types.STRING()).name("join, sample, features"))
     joined.sink_to(_file_sink(out_dir / "examples", ".examples")).name("examples")
-    joined.get_side_output(DEAD_LETTERS).sink_to(_file_sink(out_dir / "dead_letters", ".jsonl")).name("dead letters")
+    dead_letters = joined.get_side_output(DEAD_LETTERS)
+    if read_dead_letters is not None:
+        dead_letters = dead_letters.union(read_dead_letters)
+    dead_letters.sink_to(_file_sink(out_dir / "dead_letters", ".jsonl")).name("dead letters")
     if train:
-        publishing = None if model_dir is None else Publishing(str(model_dir), clock="event", resume=resume)
+        publishing = None if model_dir is None else Publishing(
+            str(model_dir), clock="processing" if live else "event", resume=resume)
         metrics = (joined.key_by(lambda _: 0, key_type=Types.INT())
                    .process(TrainStream(spec, step_ms, device, progress, publishing, str(timing)),
                             output_type=Types.STRING()).name("train").set_parallelism(1))  # one model
         metrics.sink_to(_file_sink(out_dir / "metrics", ".jsonl")).name("metrics").set_parallelism(1)
-    env.execute(f"streamrec {'run' if train else 'join'} {spec.name}")
+    name = f"streamrec {'run' if train else 'join'} {spec.name}{' (live)' if live else ''}"
+    if live:
+        _run_live(env.execute_async(name), announcer, ended_marker, watch_interval_s, stop_after_s,
+                  (out_dir / ".savepoints").resolve().as_uri())
+    else:
+        env.execute(name)
     elapsed = time.perf_counter() - started
     python_busy_s = read_busy_clocks(timing)
-    for done in (spill, checkpoints, timing):  # a finished job has nothing to restore
+    for done in (spill, checkpoints, timing, live_dir, out_dir / ".savepoints"):  # nothing left to restore
         shutil.rmtree(done, ignore_errors=True)
     compact_examples(out_dir / "examples")
     counts: dict[str, int] = {}
@@ -175,10 +231,64 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
             reason = json.loads(line)["reason"]
             counts[reason] = counts.get(reason, 0) + 1
     summary = _finish_metrics(spec, out_dir) if train else {}
-    summary.update({"mode": "flink", "seconds": round(elapsed, 2), "dead_letters": counts,
+    summary.update({"mode": "flink live" if live else "flink", "seconds": round(elapsed, 2), "dead_letters": counts,
                     "restored_from_checkpoint": None if restore_from is None else restore_from.name,
                     "python_busy_s": python_busy_s})
     return summary
+
+
+def _run_live(client, announcer, ended_marker: Path, interval_s: float, stop_after_s: float | None,
+              savepoint_dir: str, end_timeout_s: float = 300.0) -> None:
+    """Announce new logs every ``interval_s`` while the submitted job runs, until ``stop_after_s``
+    (None: until SIGTERM/SIGINT); then announce the end, wait until the job has read every
+    announcement, and stop it with a draining savepoint. A job that fails raises its error."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGTERM, signal.SIGINT):
+            handlers[number] = signal.signal(number, lambda *_: stop.set())
+    announcing = threading.Thread(target=announcer.run, args=(interval_s, stop), name="log announcer", daemon=True)
+    announcing.start()
+    try:
+        deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
+        while not stop.wait(min(interval_s, 1.0)):
+            _raise_if_ended(client)
+            if deadline is not None and time.monotonic() >= deadline:
+                stop.set()
+        announcing.join()
+        announcer.end()
+        deadline = time.monotonic() + end_timeout_s
+        while not ended_marker.exists():
+            _raise_if_ended(client)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the live job had not read its announced logs after {end_timeout_s:.0f} s")
+            time.sleep(0.1)
+        _stop_draining(client, savepoint_dir)
+        client.get_job_execution_result().result()
+    finally:
+        stop.set()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def _stop_draining(client, savepoint_dir: str) -> str:
+    """``flink stop --drain``: a savepoint, MAX_WATERMARK first (every window closes and the sinks
+    commit). PyFlink's ``JobClient.stop_with_savepoint`` misses Flink 2's format argument."""
+    from pyflink.common.completable_future import CompletableFuture
+    from pyflink.java_gateway import get_gateway
+
+    format_type = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType.DEFAULT
+    return CompletableFuture(client._j_job_client.stopWithSavepoint(True, savepoint_dir, format_type), str).result()
+
+
+def _raise_if_ended(client) -> None:
+    status = client.get_job_status().result()
+    if status.is_globally_terminal_state():
+        client.get_job_execution_result().result()  # raises the job's failure
+        raise RuntimeError(f"the live job ended early ({status.name})")
 
 
 def submit(master: str, argv: list[str]) -> int:

@@ -361,6 +361,15 @@ def read_log_file(path: str | Path, schema: dict, dead_letters: DeadLetterSink |
         dead_letters.add(DeadLetter(stage, "corrupt_file", message, str(path)))
 
 
+def read_event_file(path: str | Path, kind: str, schemas: dict[str, dict],
+                    dead_letters: DeadLetterSink) -> tuple[pa.Table, pa.Table]:
+    """One log file of ``kind`` as an (impressions, actions) micro-batch: its rows in their
+    table, the other table empty. ``schemas``: the Avro schema per kind."""
+    tables = {k: arrow_schema(schema).empty_table() for k, schema in schemas.items()}
+    tables[kind] = read_log_table(path, schemas[kind], dead_letters)
+    return tables["impressions"], tables["actions"]
+
+
 def read_log_tables(log_dir: str | Path, kind: str, schema: dict, dead_letters: DeadLetterSink) -> pa.Table:
     """Every file of one kind as one Arrow table (file after file), bad records to ``dead_letters``."""
     parts = [read_log_table(path, schema, dead_letters) for path in log_files(log_dir, kind)]

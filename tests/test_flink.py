@@ -19,22 +19,26 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run_flink_join(spec: str, logs: Path, out: Path, timeout_s: float = 300) -> dict:
-    job = subprocess.Popen([sys.executable, "-m", "runners.cli", "join", "--runner", "flink", "--spec", spec,
-                            "--logs", str(logs), "--out", str(out)], cwd=ROOT, start_new_session=True,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def _run_to_end(command: list[str], timeout_s: float = 300) -> dict:
+    """Run a ``streamrec`` command in its own process group to its end (the group - driver, JVM,
+    Python workers - is SIGKILLed afterwards or on timeout); returns its JSON summary."""
+    job = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = job.communicate(timeout=timeout_s)
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
-            job.wait()
         try:
             os.killpg(job.pid, signal.SIGKILL)  # a JVM left behind by the driver
         except ProcessLookupError:
             pass
+        job.wait()
     assert job.returncode == 0, stderr[-3000:]
     return json.loads(stdout.strip().splitlines()[-1])
+
+
+def _run_flink_join(spec: str, logs: Path, out: Path, timeout_s: float = 300) -> dict:
+    return _run_to_end([sys.executable, "-m", "runners.cli", "join", "--runner", "flink", "--spec", spec,
+                        "--logs", str(logs), "--out", str(out)], timeout_s)
 
 
 def _examples(out: Path) -> pa.Table:
@@ -104,7 +108,7 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
     from trainer.publish import read_manifest
 
     logs, out, model = tmp_path / "logs", tmp_path / "flink", tmp_path / "model"
-    generate(logs, SyntheticConfig(events=60_000, span_hours=72, seed=1))  # snapshots daily: 2 mid-stream
+    generate(logs, SyntheticConfig(events=80_000, span_hours=96, seed=1))  # snapshots daily: 3 mid-stream
     command = [sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--spec", "synthetic", "--logs",
                str(logs), "--out", str(out), "--model-dir", str(model), "--no-progress", "--checkpoint-every", "1",
                "--events-per-step", "2048"]
@@ -124,18 +128,11 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
             first.wait()
     committed_before = sum(len(path.read_text().splitlines()) for path in _committed(out / "examples", ".examples"))
     assert committed_before > 0
+    finished = [line for path in _committed(out / "metrics", ".jsonl") for line in path.read_text().splitlines()
+                if json.loads(line).get("final")]
+    assert not finished, "the trainer had finished before the kill: nothing left to resume"
 
-    resumed = subprocess.Popen(command + ["--resume"], cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = resumed.communicate(timeout=300)
-    finally:
-        try:
-            os.killpg(resumed.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    assert resumed.returncode == 0, stderr[-3000:]
-    summary = json.loads(stdout.strip().splitlines()[-1])
+    summary = _run_to_end(command + ["--resume"])
     assert summary["restored_from_checkpoint"] and summary["resumed_from_version"] is not None
 
     run_join(load_spec("synthetic"), logs, tmp_path / "beam", streaming=True)
@@ -144,3 +141,100 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
     assert flink_examples.equals(beam_examples)
     assert summary["examples"] == beam_examples.num_rows  # each example trained once
     assert not (out / ".checkpoints").exists()  # a finished job leaves nothing to restore
+
+
+def _live_spec(tmp_path: Path, window: str) -> Path:
+    import yaml
+
+    from schemas.spec import spec_path
+
+    raw = yaml.safe_load(spec_path("movielens").read_text())
+    raw["join"]["window"] = window
+    path = tmp_path / "live.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _write_live_logs(logs: Path, requests: list[str], time_ms: int, liked: set[str], name: str) -> None:
+    """Impressions of ``requests`` at ``time_ms`` (+ i ms) and a like 1 s later for ``liked``."""
+    from schemas.events import load_schema
+    from schemas.logs import write_log
+
+    impressions = pa.Table.from_pylist(
+        [{"request_id": r, "user_id": "u", "item_id": "m", "event_time_ms": time_ms + i, "position": 0, "age": 30,
+          "gender": "F", "occupation": "x", "zip_code": "1", "release_year": 1990, "genres": ["Drama"]}
+         for i, r in enumerate(requests)])
+    actions = pa.Table.from_pylist([{"request_id": r, "item_id": "m", "user_id": "u", "action_type": "like",
+                                     "event_time_ms": time_ms + 1000, "value": 1.0} for r in requests if r in liked])
+    for kind, table, schema in (("impressions", impressions, "movielens_impression"), ("actions", actions, "action")):
+        (logs / kind).mkdir(parents=True, exist_ok=True)
+        for path in write_log(table, logs, kind, load_schema(schema), "avro"):
+            path.rename(path.with_name(f"{name}-{path.name}"))
+
+
+def test_live_job_reads_log_files_as_they_appear_and_drains_when_stopped(tmp_path):
+    """``run --runner flink --watch``: log files written while the job runs (some before it
+    starts, more and a truncated one after) are read; at ``--stop-after`` every announced file
+    is read, the draining stop closes every window, the trainer trains the rest and the sinks
+    commit."""
+    import time
+
+    spec, logs, out = _live_spec(tmp_path, "30s"), tmp_path / "logs", tmp_path / "out"
+    _write_live_logs(logs, ["r1", "r2", "r3"], int(time.time() * 1000), {"r1"}, "a")
+    job = subprocess.Popen([sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--spec", str(spec),
+                            "--logs", str(logs), "--out", str(out), "--watch", "0.5", "--stop-after", "6",
+                            "--checkpoint-every", "2", "--no-progress"],
+                           cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((out / ".live" / "announced").glob("*.tsv")) and time.monotonic() < deadline and job.poll() is None:
+            time.sleep(0.2)
+        time.sleep(1.0)  # files that appear after the job started
+        _write_live_logs(logs, ["r4", "r5"], int(time.time() * 1000), {"r4"}, "b")
+        good = sorted((logs / "actions").glob("b-*"))[0]
+        good.with_name("zz-truncated.avro").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        stdout, stderr = job.communicate(timeout=240)
+    finally:
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert job.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["mode"] == "flink live" and summary["examples"] == 5  # joined and trained
+    assert summary["dead_letters"] == {"corrupt_file": 1}
+    table = _examples(out)
+    assert [(r["request_id"], dict(r["labels"])["like"]) for r in table.to_pylist()] == [
+        ("r1", 1), ("r2", 0), ("r3", 0), ("r4", 1), ("r5", 0)]
+    assert not (out / ".live").exists() and not (out / ".checkpoints").exists()
+
+
+def test_killed_live_job_resumes_from_its_checkpoint_and_reads_what_came_meanwhile(tmp_path):
+    """Live: logs A are read, joined and committed; the job is SIGKILLed (process group); logs B
+    appear while it is down; ``--resume`` restores the checkpoint (source position, join state),
+    reads B and drains: every impression of A and B becomes exactly one Example, labels right."""
+    import time
+
+    spec, logs, out = _live_spec(tmp_path, "5s"), tmp_path / "logs", tmp_path / "out"
+    now = int(time.time() * 1000) + 30_000  # event times ahead of the clock: the job starts in time
+    first = [f"a{i:02d}" for i in range(40)]
+    _write_live_logs(logs, first, now, set(first[::3]), "a")
+    command = [sys.executable, "-m", "runners.cli", "join", "--runner", "flink", "--spec", str(spec), "--logs",
+               str(logs), "--out", str(out), "--watch", "0.5", "--checkpoint-every", "1"]
+    with open(tmp_path / "first.log", "w") as log:
+        job = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and job.poll() is None and not _committed(out / "examples", ".examples"):
+                time.sleep(0.2)
+            assert job.poll() is None and _committed(out / "examples", ".examples"), (tmp_path / "first.log").read_text()[-2000:]
+        finally:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+    second = [f"b{i:02d}" for i in range(40)]
+    _write_live_logs(logs, second, int(time.time() * 1000), set(second[::4]), "b")
+    summary = _run_to_end(command + ["--resume", "--stop-after", "3"], 240)
+    assert summary["restored_from_checkpoint"] and summary["dead_letters"] == {}
+    labels = {r["request_id"]: dict(r["labels"])["like"] for r in _examples(out).to_pylist()}
+    assert _examples(out).num_rows == len(labels) == 80  # no loss, no duplicates
+    assert labels == {r: int(r in set(first[::3]) | set(second[::4])) for r in first + second}

@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 
 from schemas.dead_letters import DeadLetter
 from transforms.join import JoinConfig, Joined
+from transforms.sampling import fnv1a64
 
 _EMPTY_KEYS = pa.array([], pa.string())
 
@@ -89,7 +90,7 @@ class BatchJoiner:
         self.held_keys = _EMPTY_KEYS
         self.held_types = np.zeros(0, np.int64)
         self.held_times = np.zeros(0, np.int64)
-        self.held_refs: list = []
+        self.held_refs: list | pa.Table = []  # as given: rows of an actions table or a list
         self.seen = _EMPTY_KEYS  # "key|type|time" of every action still relevant
         self.seen_times = np.zeros(0, np.int64)
 
@@ -98,18 +99,20 @@ class BatchJoiner:
         return len(self.open.keys) + len(self.tomb_keys) + len(self.held_keys)
 
     def _letters(self, reason: str, keys: pa.Array, detail: str, refs) -> list[DeadLetter]:
+        records = refs.to_pylist() if isinstance(refs, pa.Table) else refs
         return [DeadLetter("join", reason, f"{detail} (key {k!r})", record=repr(r))
-                for k, r in zip(keys.to_pylist(), refs)]
+                for k, r in zip(keys.to_pylist(), records)]
 
     def add_tables(self, impressions: pa.Table, refs: np.ndarray, actions: pa.Table,
                    watermark_ms: int = -(1 << 62)) -> tuple[ClosedImpressions, list[DeadLetter]]:
-        """``add`` for event tables: impressions (with their row references) and actions (kept
-        as records, for dead letters); by default the watermark does not move."""
+        """``add`` for event tables: impressions (with their row references) and actions (their
+        rows kept as an Arrow table, made records only for dead letters); by default the
+        watermark does not move."""
         return self.add(join_keys(impressions.column("request_id"), impressions.column("item_id")),
                         impressions.column("event_time_ms").to_numpy(), refs,
                         join_keys(actions.column("request_id"), actions.column("item_id")),
                         actions.column("action_type").to_pylist(), actions.column("event_time_ms").to_numpy(),
-                        actions.to_pylist(), watermark_ms)
+                        actions, watermark_ms)
 
     def add(self, impression_keys: pa.Array, impression_times: np.ndarray, impression_refs: np.ndarray,
             action_keys: pa.Array, action_types: list[str], action_times: np.ndarray, action_refs: list,
@@ -145,7 +148,7 @@ class BatchJoiner:
                                    f"{self.labels}", record=repr(action_refs[i])) for i in bad]
             good = np.flatnonzero(codes >= 0)
             action_keys, codes, action_times = action_keys.take(pa.array(good)), codes[good], action_times[good]
-            action_refs = [action_refs[i] for i in good]
+            action_refs = _pick(action_refs, good)
         if len(codes):
             ids = pc.binary_join_element_wise(action_keys, pa.array(codes.astype(str)),
                                               pa.array(action_times.astype(str)), "|")
@@ -153,17 +156,17 @@ class BatchJoiner:
             if duplicate.any():
                 index = np.flatnonzero(duplicate)
                 letters += self._letters("duplicate_action", action_keys.take(pa.array(index)),
-                                         "same action type and time seen before", [action_refs[i] for i in index])
+                                         "same action type and time seen before", _pick(action_refs, index))
                 good = np.flatnonzero(~duplicate)
                 action_keys, codes, action_times = action_keys.take(pa.array(good)), codes[good], action_times[good]
-                action_refs = [action_refs[i] for i in good]
+                action_refs = _pick(action_refs, good)
                 ids = ids.take(pa.array(good))
             self.seen = _concat(self.seen, ids)
             self.seen_times = np.concatenate([self.seen_times, action_times])
         keys = _concat(self.held_keys, action_keys)
         codes = np.concatenate([self.held_types, codes])
         times = np.concatenate([self.held_times, action_times])
-        refs = self.held_refs + list(action_refs)
+        refs = _append(self.held_refs, action_refs)
         open_match = _positions(keys, self.open.keys)
         tomb_match = _positions(keys, self.tomb_keys)
         impression_time = np.zeros(len(keys), np.int64)
@@ -178,7 +181,7 @@ class BatchJoiner:
                                      ("late_action", late, "after its impression's window")):
             index = np.flatnonzero(mask)
             if len(index):
-                letters += self._letters(reason, keys.take(pa.array(index)), detail, [refs[i] for i in index])
+                letters += self._letters(reason, keys.take(pa.array(index)), detail, _pick(refs, index))
         if joins.any():
             # first time per (impression, action type): a scatter-min, with -1 (none) read as +inf
             never = np.iinfo(np.int64).max
@@ -189,7 +192,7 @@ class BatchJoiner:
         index = np.flatnonzero(held)
         self.held_keys = keys.take(pa.array(index))
         self.held_types, self.held_times = codes[index], times[index]
-        self.held_refs = [refs[i] for i in index]
+        self.held_refs = _pick(refs, index)
         return self._advance(watermark_ms, letters)
 
     def _advance(self, watermark_ms: int, letters: list[DeadLetter]) -> tuple[ClosedImpressions, list[DeadLetter]]:
@@ -209,11 +212,11 @@ class BatchJoiner:
         if orphans.any():
             index = np.flatnonzero(orphans)
             letters += self._letters("orphan_action", self.held_keys.take(pa.array(index)),
-                                     "found no impression within the window", [self.held_refs[i] for i in index])
+                                     "found no impression within the window", _pick(self.held_refs, index))
             keep = np.flatnonzero(~orphans)
             self.held_keys = self.held_keys.take(pa.array(keep))
             self.held_types, self.held_times = self.held_types[keep], self.held_times[keep]
-            self.held_refs = [self.held_refs[i] for i in keep]
+            self.held_refs = _pick(self.held_refs, keep)
         # Seen actions matter while their impression may still be open or a tombstone: 3 windows back.
         stale = self.seen_times + 3 * window < watermark_ms
         if stale.any():
@@ -237,6 +240,22 @@ class BatchJoiner:
         return self._advance(1 << 62, [])
 
 
+def _pick(refs, index: np.ndarray):
+    """Action references at ``index``: rows of an Arrow table, or items of a list."""
+    if isinstance(refs, pa.Table):
+        return refs.take(pa.array(index, pa.int64()))
+    return [refs[i] for i in index]
+
+
+def _append(held, refs):
+    """Held action references followed by a batch's (both tables, or both lists; [] = none yet)."""
+    if isinstance(refs, pa.Table):
+        if isinstance(held, pa.Table) and held.num_rows:
+            return pa.concat_tables([held, refs], promote_options="default")
+        return refs
+    return list(held) + list(refs)
+
+
 def _repeats(keys: pa.Array, earlier: pa.Array) -> np.ndarray:
     """True where a key is in ``earlier`` or repeats one before it in ``keys``."""
     seen_before = (pc.is_in(keys, value_set=earlier).to_numpy(zero_copy_only=False) if len(earlier)
@@ -252,6 +271,15 @@ def _positions(keys: pa.Array, value_set: pa.Array) -> np.ndarray:
     if len(keys) == 0 or len(value_set) == 0:
         return np.full(len(keys), -1, np.int64)
     return pc.fill_null(pc.index_in(keys, value_set=value_set), -1).to_numpy().astype(np.int64)
+
+
+def split_by_shard(table: pa.Table, shards: int) -> dict[int, pa.Table]:
+    """The rows of ``table`` per join-key shard: ``fnv1a64(request_id \x1f item_id) % shards``."""
+    if table.num_rows == 0:
+        return {}
+    keys = join_keys(table.column("request_id"), table.column("item_id"))
+    shard_of_row = (fnv1a64(keys) % np.uint64(shards)).astype(np.int64)
+    return {shard: table.filter(pa.array(shard_of_row == shard)) for shard in np.unique(shard_of_row).tolist()}
 
 
 def join_tables(config: JoinConfig, impressions: pa.Table, actions: pa.Table,
