@@ -5,11 +5,16 @@
 * ``naive_events_per_s`` (baseline): the same job written the obvious way - records as dicts,
   a dict join, and every feature value hashed one by one;
 * ``beam_batch_events_per_s``: ``streamrec backfill`` on Beam's DirectRunner (reading included);
-* ``beam_stream_events_per_s``: ``streamrec join --streaming`` (replay on the streaming DirectRunner).
+* ``beam_stream_events_per_s``: ``streamrec join --streaming`` (replay on the streaming DirectRunner);
+* with ``--runner flink``: ``flink_events_per_s``, the PyFlink job (``join --runner flink``, local
+  mini-cluster, its default parallelism) as a process from start to exit, and ``flink_p2_events_per_s`` at
+  parallelism 2, with Beam streaming (``join --streaming``, also its own process) on the same logs
+  in the same run (``flink_vs_beam_stream``); the job's start and stop are measured on a
+  200-impression log (``flink_job_startup_s``).
 
 Events = impressions + actions. Reading the logs is outside the pure/naive timings.
 
-    python -m bench.pipeline [--quick]
+    python -m bench.pipeline [--quick] [--runner flink]
 """
 from __future__ import annotations
 
@@ -17,6 +22,10 @@ import argparse
 import hashlib
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -91,14 +100,33 @@ def beam_run(spec, logs: Path, out: Path, streaming: bool) -> float:
     return time.perf_counter() - started
 
 
-def flink_run(spec, logs: Path, out: Path, parallelism: int = 1) -> tuple[float, dict[str, float]]:
-    """Seconds of the whole job (mini-cluster start to stop) and the Python operators' busy
-    seconds (``split``, ``join``: the time spent in our code, state access included)."""
-    from runners.flink_runner import run_flink_job
-
+def cli_run(args: list[str], timeout_s: float = 600) -> tuple[float, dict]:
+    """Seconds of one ``streamrec ARGS`` process, start to exit (in its own process group, killed
+    afterwards: the driver's JVM goes with it), and its JSON summary."""
     started = time.perf_counter()
-    summary = run_flink_job(spec, logs, out, parallelism=parallelism)
-    return time.perf_counter() - started, summary["python_busy_s"]
+    job = subprocess.Popen([sys.executable, "-m", "runners.cli", *args], start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = job.communicate(timeout=timeout_s)
+    finally:
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    seconds = time.perf_counter() - started
+    if job.returncode != 0:
+        raise RuntimeError(f"streamrec {' '.join(args)} failed: {stderr[-2000:]}")
+    return seconds, json.loads(stdout.strip().splitlines()[-1])
+
+
+def flink_run(logs: Path, out: Path, parallelism: int | None = None) -> tuple[float, dict[str, float]]:
+    """Seconds of ``streamrec join --runner flink`` as a user runs it (its own process: Python and
+    JVM start, mini-cluster start and stop included) and the Python operators' busy seconds
+    (``split``, ``join``: the time spent in our code, state access included)."""
+    extra = [] if parallelism is None else ["--parallelism", str(parallelism)]
+    seconds, summary = cli_run(["join", "--runner", "flink", "--spec", "synthetic", "--logs", str(logs),
+                                "--out", str(out), *extra])
+    return seconds, summary["python_busy_s"]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -117,12 +145,16 @@ def main(argv: list[str] | None = None) -> dict:
         impressions, actions = load_events(spec, logs)
         pure_s, pure_examples = pure(spec, impressions, actions)
         if args.runner == "flink":
+            from runners.flink_runner import DEFAULT_PARALLELISM
+
             tiny = Path(tmp) / "tiny"
             generate(tiny, SyntheticConfig(events=200, seed=4, span_hours=0.1))
-            startup_s, _ = flink_run(spec, tiny, Path(tmp) / "flink-tiny")  # job start and stop, ~no data
-            flink_s, busy = flink_run(spec, logs, Path(tmp) / "flink")
-            flink2_s, _ = flink_run(spec, logs, Path(tmp) / "flink2", parallelism=2)
-            stream_s = beam_run(spec, logs, Path(tmp) / "stream", streaming=True)
+            startup_s, _ = flink_run(tiny, Path(tmp) / "flink-tiny")  # start and stop, ~no data
+            flink_s, busy = flink_run(logs, Path(tmp) / "flink")
+            flink2_s, _ = flink_run(logs, Path(tmp) / "flink2", parallelism=2)
+            # Beam streaming the same way: its own process, Python start included
+            stream_s, _ = cli_run(["join", "--streaming", "--spec", "synthetic", "--logs", str(logs),
+                                   "--out", str(Path(tmp) / "stream")])
             processing_s = max(flink_s - startup_s, 1e-9)
             figures = {"benchmark": "pipeline", "runner": "flink", "events": events,
                        "pure_events_per_s": round(events / pure_s),
@@ -133,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                        # access included) vs the rest (JVM, transport between JVM and Python workers)
                        "flink_python_busy_s": busy,
                        "flink_python_share": round(sum(busy.values()) / processing_s, 2),
+                       "flink_parallelism": DEFAULT_PARALLELISM,
                        "flink_p2_events_per_s": round(events / flink2_s),
                        "beam_stream_events_per_s": round(events / stream_s),
                        "flink_vs_beam_stream": round(stream_s / flink_s, 2),

@@ -148,7 +148,7 @@ def _flink_submit(args: argparse.Namespace, command: str) -> int | None:
     if getattr(args, "store", None):
         argv += ["--store", args.store]
     argv += ["--checkpoint-every", str(args.checkpoint_every), "--events-per-step", str(args.events_per_step),
-             "--parallelism", str(args.parallelism)]
+             *(["--parallelism", str(args.parallelism)] if args.parallelism else [])]
     if args.watch is not None:
         argv += ["--watch", str(args.watch)]
     if args.stop_after is not None:
@@ -272,8 +272,9 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --runner flink: submit to this standalone cluster (its REST endpoint)")
     parser.add_argument("--checkpoint-every", type=float, default=10.0, metavar="SECONDS",
                         help="with --runner flink: checkpoint interval (checkpoints go to OUT/.checkpoints)")
-    parser.add_argument("--parallelism", type=int, default=1, metavar="N",
-                        help="with --runner flink: parallel instances of each operator (the trainer is one)")
+    parser.add_argument("--parallelism", type=int, default=None, metavar="N",
+                        help="with --runner flink: parallel instances of each operator (the trainer and the "
+                             "live log reader are one; default 1)")
     parser.add_argument("--events-per-step", type=int, default=16_384, metavar="N",
                         help="with --runner flink: events per replayed micro-batch (the unit the JVM hands "
                              "to the Python workers)")

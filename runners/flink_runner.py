@@ -24,7 +24,10 @@ from schemas.spec import FeatureSpec
 from trainer.running import Publishing
 
 
-def flink_environment(parallelism: int = 1, checkpoint_dir: str | None = None, checkpoint_every_ms: int = 10_000,
+DEFAULT_PARALLELISM = 1  # 2 is faster on 2 cores (BENCHMARKS.md); a resume at 2 is not exact yet (README)
+
+
+def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: str | None = None, checkpoint_every_ms: int = 10_000,
                       restore_from: str | None = None, bundle_size: int = 1_000):
     """The StreamExecutionEnvironment: a local mini-cluster, or - inside ``flink run`` - the
     cluster that command submits to. ``restore_from``: a retained checkpoint to start from."""
@@ -107,7 +110,7 @@ def compact_examples(directory: Path) -> int:
 
 def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, train: bool = False,
                   device: str = "cpu", progress: bool = True, model_dir: str | Path | None = None,
-                  resume: bool = False, shards: int = 4, parallelism: int = 1, events_per_step: int = 16_384,
+                  resume: bool = False, shards: int = 4, parallelism: int | None = None, events_per_step: int = 16_384,
                   checkpoint_every_ms: int = 10_000, watch_interval_s: float | None = None,
                   stop_after_s: float | None = None) -> dict:
     """Backfill/replay (or, with ``watch_interval_s``, live logs) through the PyFlink job; returns
@@ -122,8 +125,10 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
 
     ``events_per_step``: events per micro-batch. Larger batches mean fewer state round trips
     between the JVM and the Python worker (on 360k synthetic events: 4,096 -> 52 s, 16,384 -> 28 s,
-    of which ~10 s are the mini-cluster's start and stop). ``resume``: start from the newest
-    retained checkpoint under ``OUT/.checkpoints`` (a fresh start if there is none)."""
+    of which ~10 s are the mini-cluster's start and stop). ``parallelism``: instances of each
+    operator but the trainer and the live reader (None: ``DEFAULT_PARALLELISM``). ``resume``:
+    start from the newest retained checkpoint under ``OUT/.checkpoints`` (a fresh start if there
+    is none)."""
     import json
 
     from pyflink.common import Duration, Types, WatermarkStrategy
@@ -177,7 +182,7 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     # -> ~18.5 s). A training job keeps one record per bundle: the trainer's bundles would hold
     # checkpoint barriers back for as long as they train (the kill test saw no checkpoint complete
     # before training ended).
-    env = flink_environment(parallelism, checkpoint_dir=checkpoints.resolve().as_uri(),
+    env = flink_environment(parallelism or DEFAULT_PARALLELISM, checkpoint_dir=checkpoints.resolve().as_uri(),
                             checkpoint_every_ms=checkpoint_every_ms,
                             restore_from=None if restore_from is None else restore_from.resolve().as_uri(),
                             bundle_size=1 if train else 1_000)
