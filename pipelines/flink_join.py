@@ -249,11 +249,14 @@ class JoinShard(KeyedProcessFunction):
         state = self.state.value()
         if state is None:
             return []
-        # Close what is due at this timer (its output carries the timer's time, and the trainer
-        # downstream orders by it) - and at the final watermark everything: a timer set from
-        # Python while the final watermark fires would come too late to run.
-        watermark = ctx.timer_service().current_watermark()
-        closed, letters = state["joiner"].advance(watermark if watermark >= FINAL_WATERMARK else timestamp)
+        # Close everything the watermark has passed, not only what was due at this timer: a timer
+        # that Python registers while the JVM's watermark is already past it (its registration
+        # comes back after the JVM fired the timers due) would fire only at the next watermark,
+        # and its Examples would reach the trainer behind the watermark it had already passed.
+        # Closing up to the watermark leaves no due time behind it. (At the final watermark this
+        # closes everything; labels do not depend on when a window is closed.)
+        watermark = max(timestamp, ctx.timer_service().current_watermark())
+        closed, letters = state["joiner"].advance(watermark)
         state["timer"] = None
         out = dead_letter_records(letters)
         if len(closed):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor
@@ -37,8 +38,8 @@ class TrainStream(KeyedProcessFunction):
 
     An example is ready when no earlier one can still come: the join closes an impression of
     time t at its first timer at or after t + window (timers are rounded up to ``emit_every_ms``),
-    so once the watermark is past T every example with impression time <= T - lag has arrived,
-    ``lag = window + max(window, emit_every_ms)``. (At the final watermark the join closes
+    before it passes that watermark on, so once the watermark is past T every example with
+    impression time <= T - lag has arrived, ``lag = window + max(window, emit_every_ms)``. (At the final watermark the join closes
     everything at once; readiness by impression time keeps the trainer's order even then.)"""
 
     def __init__(self, spec: FeatureSpec, emit_every_ms: int, device: str, progress: bool,
@@ -63,8 +64,14 @@ class TrainStream(KeyedProcessFunction):
         self.clock.write()
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
+        from pipelines.flink_join import decode_table
+
         self.waiting.add(value)
-        for due in (ctx.timestamp() + self.lag_ms, END):
+        # its examples are ready once the watermark is past the newest of them + lag (the join
+        # may close them later than their own timer: it closes up to its watermark)
+        newest = pc.max(decode_table(value).column("impression_time_ms")).as_py()
+        ready = ctx.timestamp() if newest is None else max(ctx.timestamp(), newest + self.lag_ms)
+        for due in (ready, END):
             if due not in self.timers:
                 ctx.timer_service().register_event_time_timer(due)
                 self.timers.add(due)
@@ -75,7 +82,6 @@ class TrainStream(KeyedProcessFunction):
             return self._train(timestamp)
 
     def _train(self, timestamp: int) -> list[str]:
-        import pyarrow.compute as pc
 
         from pipelines.flink_join import decode_table, encode_table
 

@@ -24,7 +24,7 @@ from schemas.spec import FeatureSpec
 from trainer.running import Publishing
 
 
-DEFAULT_PARALLELISM = 1  # 2 is faster on 2 cores (BENCHMARKS.md); a resume at 2 is not exact yet (README)
+DEFAULT_PARALLELISM = 1  # of the split and join (the trainer is one); 2 is ~10 % faster on 2 cores
 
 
 def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: str | None = None, checkpoint_every_ms: int = 10_000,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,8 +95,10 @@ def _committed(directory: Path, suffix: str) -> list[Path]:
     return sorted(directory.glob(f"part-*{suffix}"))
 
 
-def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_path):
-    """The training job is SIGKILLed (its process group: driver, JVM, Python workers) after a
+@pytest.mark.parametrize("parallelism", [1, 2])
+def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_path, parallelism):
+    """The training job (at parallelism 2: two split and join instances feeding the one trainer)
+    is SIGKILLed (its process group: driver, JVM, Python workers) after a
     checkpoint and a model snapshot; ``--resume`` restarts it from the newest retained checkpoint
     and snapshot. Every Example is written exactly once (the committed parts of the killed run
     plus the restarted run's) and trained exactly once."""
@@ -111,7 +114,7 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
     generate(logs, SyntheticConfig(events=80_000, span_hours=96, seed=1))  # snapshots daily: 3 mid-stream
     command = [sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--spec", "synthetic", "--logs",
                str(logs), "--out", str(out), "--model-dir", str(model), "--no-progress", "--checkpoint-every", "1",
-               "--events-per-step", "2048"]
+               "--events-per-step", "2048", "--parallelism", str(parallelism)]
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -140,6 +143,7 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
     assert flink_examples.num_rows == beam_examples.num_rows > 50_000  # no loss, no duplicates
     assert flink_examples.equals(beam_examples)
     assert summary["examples"] == beam_examples.num_rows  # each example trained once
+    assert summary["out_of_order_examples"] == 0  # and in the trainer's order
     assert not (out / ".checkpoints").exists()  # a finished job leaves nothing to restore
 
 

@@ -58,11 +58,13 @@ class RunningTrainer:
         self.trainer = OnlineTrainer(spec, device=device)
         self.position = Position()
         self.resumed_from = None
+        self.resumed_at = None  # the restored snapshot's position: what it had trained
+        self.out_of_order = 0  # examples that came after the trainer had trained past them
         self.publisher = None
         if publishing is not None:
             if publishing.resume:
                 self.position, entry = restore_trainer(self.trainer, publishing.model_dir)
-                self.resumed_from = entry["version"]
+                self.resumed_from, self.resumed_at = entry["version"], self.position
                 log(f"resumed from snapshot version {entry['version']}: {self.position.examples} examples trained "
                     f"up to impression time {self.position.impression_time_ms}")
             self.publisher = Publisher(self.trainer, publishing.model_dir, clock=publishing.clock)
@@ -75,12 +77,15 @@ class RunningTrainer:
     def train(self, tables: list[pa.Table], flush: bool) -> tuple[pa.Table, list[dict]]:
         """Train full batches of ``tables`` in (impression time, request id, item id) order;
         returns the unused rest (everything is used when ``flush``) and the metric rows of
-        windows now closed. Rows at or before the resume position are skipped."""
+        windows now closed. Rows at or before the restored snapshot's position are skipped (it
+        had trained them); rows behind what this run has trained already are trained all the
+        same, and counted (``out_of_order_examples``: none when the input keeps its order)."""
         from trainer.publish import Position
 
         examples = pa.concat_tables(tables).sort_by(ORDER)
-        if self.resumed_from is not None:
-            examples = after_position(examples, self.position)
+        if self.resumed_at is not None:
+            examples = after_position(examples, self.resumed_at)
+        self.out_of_order += examples.num_rows - after_position(examples, self.position).num_rows
         usable = examples.num_rows if flush else examples.num_rows // self.batch_size * self.batch_size
         started = time.perf_counter()
         self.snapshot_taken = False
@@ -114,6 +119,7 @@ class RunningTrainer:
         summary["train_seconds"] = round(self.seconds, 2)
         summary["examples_per_s"] = round(summary["examples"] / max(self.seconds, 1e-9))
         summary["late_metric_examples"] = self.trainer.window_metrics.late_examples
+        summary["out_of_order_examples"] = self.out_of_order
         tables = [group.table for group in self.trainer.groups]
         if any(table.store is not None for table in tables):  # the cache in front of the external store
             stats = {key: sum(table.stats[key] for table in tables) for key in ("lookups", "hits", "evicted", "fetched")}
