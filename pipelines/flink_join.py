@@ -8,13 +8,18 @@ workers in **micro-batches** (Arrow tables, a few thousand events each), never o
 * source: a ``FileSource`` over the replay's batch list (one line per micro-batch: its first event
   time and the paths of its spilled Arrow IPC files), in event-time order; the source's read
   position is checkpointed. Each batch is stamped with its first event time; watermarks are
-  monotonous, so a batch's arrival says nothing earlier follows;
+  monotonous, so a batch's arrival says nothing earlier follows. Live (``--watch``): a
+  continuously monitored ``FileSource`` over announcement lines naming new log files
+  (``runners.log_announcer``), stamped with the wall clock;
 * ``SplitBatch``: a batch -> one record per join-key shard (``fnv1a64(request_id, item_id) % S``);
+  live, ``ReadAnnouncedLogs`` reads each announced log file (bad records to dead letters) and
+  splits it the same way;
 * ``key_by(shard)`` -> ``JoinShard`` (KeyedProcessFunction): the shard's ``BatchJoiner`` and open
   impressions in keyed state (freed as windows close), one event-time timer at the next due time
-  rounded up to ``emit_every_ms`` (at least the join window); on the timer the closed impressions
-  become Examples (sampling + features) - one Example table per record, as a line of base64
-  Arrow IPC (``encode_table``) - and dead letters leave on a side output;
+  rounded up to ``emit_every_ms`` (at least the join window); on a timer the impressions whose
+  window the watermark has passed become Examples (sampling + features) - one Example table per
+  record, as a line of base64 Arrow IPC (``encode_table``) - and dead letters leave on a side
+  output;
 * sinks: ``FileSink``s (exactly once: part files are committed when a checkpoint completes) for
   the Example lines and the dead letters; the runner compacts the committed Example lines of a
   finished run into Parquet.
@@ -188,6 +193,7 @@ class ReadAnnouncedLogs(KeyedProcessFunction):
                 Path(self.ended_marker).write_text(str(self.read.value()))
             return out
 
+
 class JoinShard(KeyedProcessFunction):
     """Per join-key shard: the columnar join in keyed state, closed on event-time timers."""
 
@@ -223,7 +229,6 @@ class JoinShard(KeyedProcessFunction):
             state["timer"] = -(-due // step) * step
             ctx.timer_service().register_event_time_timer(state["timer"])
         self.state.update(state)
-
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         with self.clock:

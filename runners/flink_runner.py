@@ -27,8 +27,8 @@ from trainer.running import Publishing
 DEFAULT_PARALLELISM = 1  # of the split and join (the trainer is one); 2 is ~10 % faster on 2 cores
 
 
-def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: str | None = None, checkpoint_every_ms: int = 10_000,
-                      restore_from: str | None = None, bundle_size: int = 1_000):
+def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: str | None = None,
+                      checkpoint_every_ms: int = 10_000, restore_from: str | None = None, bundle_size: int = 1_000):
     """The StreamExecutionEnvironment: a local mini-cluster, or - inside ``flink run`` - the
     cluster that command submits to. ``restore_from``: a retained checkpoint to start from."""
     from pyflink.common import Configuration
@@ -110,8 +110,8 @@ def compact_examples(directory: Path) -> int:
 
 def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, train: bool = False,
                   device: str = "cpu", progress: bool = True, model_dir: str | Path | None = None,
-                  resume: bool = False, shards: int = 4, parallelism: int | None = None, events_per_step: int = 16_384,
-                  checkpoint_every_ms: int = 10_000, watch_interval_s: float | None = None,
+                  resume: bool = False, shards: int = 4, parallelism: int | None = None,
+                  events_per_step: int = 16_384, checkpoint_every_ms: int = 10_000, watch_interval_s: float | None = None,
                   stop_after_s: float | None = None) -> dict:
     """Backfill/replay (or, with ``watch_interval_s``, live logs) through the PyFlink job; returns
     the mode, seconds, dead letters by reason and, with ``train``, the trainer's summary.
