@@ -142,10 +142,11 @@ class SplitBatch(FlatMapFunction):
         self.clock.write()
 
     def flat_map(self, value):
+        from runners.replay import load_replay_batch
+
         with self.clock:
             _, impressions_path, actions_path = value.split("\t")
-            impressions, actions = (pa.ipc.open_file(pa.memory_map(path)).read_all()
-                                    for path in (impressions_path, actions_path))
+            impressions, actions = load_replay_batch((impressions_path, actions_path))
             return shard_records(impressions, actions, self.shards)
 
 

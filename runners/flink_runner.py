@@ -138,7 +138,7 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     from pipelines.flink_join import (DEAD_LETTERS, JoinShard, ReadAnnouncedLogs, SplitBatch, batch_time,
                                       read_busy_clocks)
     from pipelines.flink_train import TrainStream
-    from runners.beam_runner import OUTPUTS, _finish_metrics, fresh_output_dirs, replay_batches
+    from runners.replay import OUTPUTS, finish_metrics, fresh_output_dirs, replay_batches
     from runners.log_announcer import LogAnnouncer
     from schemas.dead_letters import DeadLetterSink
 
@@ -235,7 +235,7 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
         for line in part.read_text().splitlines():
             reason = json.loads(line)["reason"]
             counts[reason] = counts.get(reason, 0) + 1
-    summary = _finish_metrics(spec, out_dir) if train else {}
+    summary = finish_metrics(spec, out_dir) if train else {}
     summary.update({"mode": "flink live" if live else "flink", "seconds": round(elapsed, 2), "dead_letters": counts,
                     "restored_from_checkpoint": None if restore_from is None else restore_from.name,
                     "python_busy_s": python_busy_s})
@@ -252,9 +252,15 @@ def _run_live(client, announcer, ended_marker: Path, interval_s: float, stop_aft
 
     stop = threading.Event()
     handlers = {}
+
+    def stop_gracefully(*_):  # the first SIGTERM/SIGINT drains; a second one acts as usual
+        stop.set()
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGTERM, signal.SIGINT):
-            handlers[number] = signal.signal(number, lambda *_: stop.set())
+            handlers[number] = signal.signal(number, stop_gracefully)
     announcing = threading.Thread(target=announcer.run, args=(interval_s, stop), name="log announcer", daemon=True)
     announcing.start()
     try:

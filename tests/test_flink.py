@@ -178,15 +178,14 @@ def _write_live_logs(logs: Path, requests: list[str], time_ms: int, liked: set[s
 
 def test_live_job_reads_log_files_as_they_appear_and_drains_when_stopped(tmp_path):
     """``run --runner flink --watch``: log files written while the job runs (some before it
-    starts, more and a truncated one after) are read; at ``--stop-after`` every announced file
-    is read, the draining stop closes every window, the trainer trains the rest and the sinks
-    commit."""
+    starts, more and a truncated one after) are read; on SIGTERM every announced file is read,
+    the draining stop closes every window, the trainer trains the rest and the sinks commit."""
     import time
 
     spec, logs, out = _live_spec(tmp_path, "30s"), tmp_path / "logs", tmp_path / "out"
     _write_live_logs(logs, ["r1", "r2", "r3"], int(time.time() * 1000), {"r1"}, "a")
     job = subprocess.Popen([sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--spec", str(spec),
-                            "--logs", str(logs), "--out", str(out), "--watch", "0.5", "--stop-after", "6",
+                            "--logs", str(logs), "--out", str(out), "--watch", "0.5",
                             "--checkpoint-every", "2", "--no-progress"],
                            cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -197,6 +196,8 @@ def test_live_job_reads_log_files_as_they_appear_and_drains_when_stopped(tmp_pat
         _write_live_logs(logs, ["r4", "r5"], int(time.time() * 1000), {"r4"}, "b")
         good = sorted((logs / "actions").glob("b-*"))[0]
         good.with_name("zz-truncated.avro").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        time.sleep(2.0)  # announced
+        job.send_signal(signal.SIGTERM)  # the driver: a graceful, draining stop
         stdout, stderr = job.communicate(timeout=240)
     finally:
         try:

@@ -116,6 +116,7 @@ def test_expiry_runs_on_data_time_and_ttls_follow_it(shards):
     rows.last_seen_ms[2] = 1_080
     for target in (store, memory):
         target.put_rows(rows)
+    store.flush()  # the write goes out behind the caller: wait for it before reading Redis directly
     # the plain slot never expires: no TTL; the expiring one: rest of its data-time life + grace
     keys = store._keys(rows.fids.numpy())
     shard_of = store.ring.shard_of(rows.fids)

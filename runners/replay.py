@@ -1,0 +1,99 @@
+"""Log replay for the streaming jobs, free of engine imports (Beam and Flink runners share it).
+
+The logs are read once, sorted by event time and cut into micro-batches of ``events_per_step``
+events, each spilled as two Arrow IPC files (impressions, actions); a runner streams the batch
+list (Beam: a ``TestStream``; Flink: a ``FileSource`` over a batch-list file). Also the output
+directory layout both runners write and the merge of the trainer's metric parts.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.dead_letters import DeadLetterSink
+from schemas.durations import format_duration_ms
+from schemas.events import load_schema
+from schemas.logs import read_log_tables
+from schemas.spec import FeatureSpec
+
+
+def _spill(table: pa.Table, path: Path) -> str:
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    return str(path)
+
+
+def load_replay_batch(paths: tuple[str, str]) -> tuple[pa.Table, pa.Table]:
+    """(impressions, actions) of one spilled micro-batch."""
+    return tuple(pa.ipc.open_file(pa.memory_map(path)).read_all() for path in paths)
+
+
+class Replay(NamedTuple):
+    batches: list[tuple[int, str, str]]  # (first event time ms, impressions file, actions file)
+    step_ms: int  # median event-time span of a batch
+    last_event_ms: int | None  # None for empty logs
+
+
+def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, events_per_step: int = 4_096,
+                   dead_letters: DeadLetterSink | None = None) -> Replay:
+    """The logs as micro-batches in event-time order, spilled as Arrow IPC under ``spill_dir``:
+    each batch holds the events from its first event time up to the next batch's."""
+    sink = dead_letters if dead_letters is not None else DeadLetterSink(keep=None)
+    impressions, actions = (read_log_tables(log_dir, kind, load_schema(schema), sink).sort_by("event_time_ms")
+                            for kind, schema in (("impressions", spec.events.impression),
+                                                 ("actions", spec.events.action)))
+    times = np.concatenate([impressions.column("event_time_ms").to_numpy(), actions.column("event_time_ms").to_numpy()])
+    times.sort()
+    impression_times = impressions.column("event_time_ms").to_numpy()
+    action_times = actions.column("event_time_ms").to_numpy()
+    bounds = [int(t) for t in times[::events_per_step][1:]] + [None]
+    imp_start = act_start = 0
+    first = int(times[0]) if len(times) else 0
+    batches = []
+    for step, bound in enumerate(bounds):
+        imp_end = len(impression_times) if bound is None else int(np.searchsorted(impression_times, bound, "left"))
+        act_end = len(action_times) if bound is None else int(np.searchsorted(action_times, bound, "left"))
+        batches.append((first,
+                        _spill(impressions.slice(imp_start, imp_end - imp_start), spill_dir / f"{step:06d}-impressions.arrow"),
+                        _spill(actions.slice(act_start, act_end - act_start), spill_dir / f"{step:06d}-actions.arrow")))
+        if bound is not None:
+            first = bound
+        imp_start, act_start = imp_end, act_end
+    step_ms = int(np.median(np.diff(times[::events_per_step]))) if len(times) > events_per_step else 0
+    return Replay(batches, step_ms, int(times[-1]) if len(times) else None)
+
+
+OUTPUTS = ("examples", "dead_letters", "metrics")
+
+
+def fresh_output_dirs(out_dir: Path, subdirs: tuple[str, ...] = OUTPUTS[:2]) -> None:
+    """Empty (or create) the output subdirectories a run writes: examples, dead letters and,
+    when training, the metric parts."""
+    for sub in subdirs:
+        shutil.rmtree(out_dir / sub, ignore_errors=True)
+        (out_dir / sub).mkdir(parents=True)
+
+
+def finish_metrics(spec: FeatureSpec, out_dir: Path) -> dict:
+    """Merge the metric rows into ``metrics.jsonl`` + ``metrics.png``; returns the summary."""
+    from trainer.report import plot_metrics, read_metric_rows, write_metric_rows
+
+    summary, rows = {}, []
+    for part in sorted((out_dir / "metrics").glob("*.jsonl")):
+        for row in read_metric_rows(part):
+            if row.get("final"):  # a summary; the last one has the most examples
+                if row["examples"] >= summary.get("examples", -1):
+                    summary = {k: v for k, v in row.items() if k != "final"}
+            else:
+                rows.append(row)
+    shutil.rmtree(out_dir / "metrics", ignore_errors=True)
+    rows = write_metric_rows(rows, out_dir / "metrics.jsonl")
+    if rows:
+        plot_metrics(rows, out_dir / "metrics.png", f"{spec.name}: progressive validation per "
+                     f"{format_duration_ms(spec.training.metrics_window_ms)} of event time")
+    summary["metric_windows"] = len(rows)
+    return summary
