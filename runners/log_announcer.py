@@ -48,6 +48,9 @@ class LogAnnouncer:
         self.last_ms = 0
         self.files = 0
         for path in sorted(self.announce_dir.glob("*.tsv")):  # what an earlier run announced
+            if path.name.startswith("."):  # written but not renamed when it was killed: never read
+                path.unlink()
+                continue
             self.files += 1
             for line in path.read_text().splitlines():
                 time_ms, kind, logged = parse_announcement(line)

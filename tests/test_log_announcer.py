@@ -28,10 +28,12 @@ def test_each_file_is_announced_once_with_heartbeats_between_and_a_counted_end(t
     assert [t for t, _, _ in lines] == [10_000, 10_000, 12_000]
     assert not list(announce.glob(".*"))  # written under a hidden name, then renamed
 
+    (announce / ".000000003.tsv").write_text("11000\timpressions\t/killed/before/rename.avro\n")
     restarted = LogAnnouncer(logs, announce, clock=lambda: next(clock))  # finds what was announced
     assert restarted.scan() == 0 and restarted.lines == 4
     assert restarted.end() == 5  # its last scan (a heartbeat), then END naming the lines before it
     assert _lines(announce)[-1][1:] == (END, "5")
+    assert not (announce / ".000000003.tsv").exists()  # a half-done announcement of a killed run is dropped
 
 
 def test_a_line_with_an_unknown_kind_is_refused_by_name(tmp_path):
