@@ -69,9 +69,13 @@ def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: st
 
 def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest completed checkpoint (a ``chk-N`` directory with its ``_metadata``) under
-    ``checkpoint_dir``, over every job that wrote there."""
-    completed = [meta.parent for meta in checkpoint_dir.glob("*/chk-*/_metadata")]
-    return max(completed, key=lambda chk: chk.stat().st_mtime, default=None)
+    ``checkpoint_dir``, over every job that wrote there: by the time its ``_metadata`` was
+    written, then N. (Not by the directory's time: a checkpoint being discarded after a newer
+    one completed has its files deleted - which touches its directory - and a kill can leave it
+    with its ``_metadata`` but without its state.)"""
+    completed = list(checkpoint_dir.glob("*/chk-*/_metadata"))
+    newest = max(completed, key=lambda meta: (meta.stat().st_mtime, int(meta.parent.name[4:])), default=None)
+    return None if newest is None else newest.parent
 
 
 def _file_sink(directory: Path, suffix: str):

@@ -160,7 +160,8 @@ def _live_spec(tmp_path: Path, window: str) -> Path:
 
 
 def _write_live_logs(logs: Path, requests: list[str], time_ms: int, liked: set[str], name: str) -> None:
-    """Impressions of ``requests`` at ``time_ms`` (+ i ms) and a like 1 s later for ``liked``."""
+    """Impressions of ``requests`` at ``time_ms`` (+ i ms) and a like 1 s later for ``liked``,
+    written beside ``logs`` and moved in whole (a running announcer sees each file once)."""
     from schemas.events import load_schema
     from schemas.logs import write_log
 
@@ -170,10 +171,11 @@ def _write_live_logs(logs: Path, requests: list[str], time_ms: int, liked: set[s
          for i, r in enumerate(requests)])
     actions = pa.Table.from_pylist([{"request_id": r, "item_id": "m", "user_id": "u", "action_type": "like",
                                      "event_time_ms": time_ms + 1000, "value": 1.0} for r in requests if r in liked])
+    staging = logs.parent / f"staging-{name}"
     for kind, table, schema in (("impressions", impressions, "movielens_impression"), ("actions", actions, "action")):
         (logs / kind).mkdir(parents=True, exist_ok=True)
-        for path in write_log(table, logs, kind, load_schema(schema), "avro"):
-            path.rename(path.with_name(f"{name}-{path.name}"))
+        for path in write_log(table, staging, kind, load_schema(schema), "avro"):
+            path.rename(logs / kind / f"{name}-{path.name}")
 
 
 def test_live_job_reads_log_files_as_they_appear_and_drains_when_stopped(tmp_path):
@@ -195,7 +197,9 @@ def test_live_job_reads_log_files_as_they_appear_and_drains_when_stopped(tmp_pat
         time.sleep(1.0)  # files that appear after the job started
         _write_live_logs(logs, ["r4", "r5"], int(time.time() * 1000), {"r4"}, "b")
         good = sorted((logs / "actions").glob("b-*"))[0]
-        good.with_name("zz-truncated.avro").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        truncated = tmp_path / "zz-truncated.avro"
+        truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+        truncated.rename(good.with_name(truncated.name))
         time.sleep(2.0)  # announced
         job.send_signal(signal.SIGTERM)  # the driver: a graceful, draining stop
         stdout, stderr = job.communicate(timeout=240)
