@@ -39,8 +39,9 @@ class TrainStream(KeyedProcessFunction):
     An example is ready when no earlier one can still come: the join closes an impression of
     time t at its first timer at or after t + window (timers are rounded up to ``emit_every_ms``),
     before it passes that watermark on, so once the watermark is past T every example with
-    impression time <= T - lag has arrived, ``lag = window + max(window, emit_every_ms)``. (At the final watermark the join closes
-    everything at once; readiness by impression time keeps the trainer's order even then.)"""
+    impression time <= T - lag has arrived, ``lag = window + max(window, emit_every_ms)``. (At
+    the final watermark the join closes everything at once; readiness by impression time keeps
+    the trainer's order even then.)"""
 
     def __init__(self, spec: FeatureSpec, emit_every_ms: int, device: str, progress: bool,
                  publishing: Publishing | None, timing_dir: str | None = None):
