@@ -5,21 +5,22 @@ same shape as Beam's ``StreamingJoin``, because per-record Python state access i
 PyFlink here (~0.6k records/s in process mode): records move between the JVM and the Python
 workers in **micro-batches** (Arrow tables, a few thousand events each), never one by one.
 
-* source: a ``FileSource`` over the replay's batch list (one line per micro-batch: its first event
-  time and the paths of its spilled Arrow IPC files), in event-time order; the source's read
-  position is checkpointed. Each batch is stamped with its first event time; watermarks are
-  monotonous, so a batch's arrival says nothing earlier follows. Live (``--watch``): a
-  continuously monitored ``FileSource`` over announcement lines naming new log files
-  (``runners.log_announcer``), stamped with the wall clock;
-* ``SplitBatch``: a batch -> one record per join-key shard (``fnv1a64(request_id, item_id) % S``);
-  live, ``ReadAnnouncedLogs`` reads each announced log file (bad records to dead letters) and
-  splits it the same way;
-* ``key_by(shard)`` -> ``JoinShard`` (KeyedProcessFunction): the shard's ``BatchJoiner`` and open
-  impressions in keyed state (freed as windows close), one event-time timer at the next due time
-  rounded up to ``emit_every_ms`` (at least the join window); on a timer the impressions whose
-  window the watermark has passed become Examples (sampling + features) - one Example table per
-  record, as a line of base64 Arrow IPC (``encode_table``) - and dead letters leave on a side
-  output;
+* source: a ``FileSource`` over the replay's batch list, in event-time order: one line per
+  micro-batch and join-key shard (``fnv1a64(request_id, item_id) % S``): its first event time,
+  its shard and the paths of its spilled Arrow IPC files (the replay splits the batches, so only
+  paths cross between the JVM and the Python workers, and each shard reads its own rows,
+  memory-mapped); the source's read position is checkpointed. Each record is stamped with its
+  batch's first event time; watermarks are monotonous, so a batch's arrival says nothing earlier
+  follows. Live (``--watch``): a continuously monitored ``FileSource`` over announcement lines
+  naming new log files (``runners.log_announcer``), stamped with the wall clock;
+  ``ReadAnnouncedLogs`` reads each announced file (bad records to dead letters) and splits it
+  into shard records that carry the tables themselves (Arrow IPC);
+* ``key_by(shard)`` -> ``JoinShard`` (KeyedProcessFunction): the shard's ``BatchJoiner`` and its
+  open impressions' references (paths, or live their IPC bytes) in keyed state (freed as windows
+  close), one event-time timer at the next due time rounded up to ``emit_every_ms`` (at least the
+  join window); on a timer the impressions whose window the watermark has passed become Examples
+  (sampling + features) - one Example table per record, as a line of base64 Arrow IPC
+  (``encode_table``) - and dead letters leave on a side output;
 * sinks: ``FileSink``s (exactly once: part files are committed when a checkpoint completes) for
   the Example lines and the dead letters; the runner compacts the committed Example lines of a
   finished run into Parquet.
@@ -38,7 +39,6 @@ import numpy as np
 import pyarrow as pa
 from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
-from pyflink.datastream.functions import FlatMapFunction
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from schemas.spec import FeatureSpec
@@ -128,31 +128,25 @@ def shard_records(impressions: pa.Table, actions: pa.Table, shards: int) -> list
             for shard in sorted(set(impression_parts) | set(action_parts))]
 
 
-class SplitBatch(FlatMapFunction):
-    """Replay batch-list line ``first_ms<TAB>impressions path<TAB>actions path`` -> one record per
-    shard: (shard, impressions IPC, actions IPC)."""
+def shard_record(line: str) -> tuple[int, str, str]:
+    """Replay batch-list line ``first_ms<TAB>shard<TAB>impressions path<TAB>actions path`` -> the
+    shard record (shard, impressions path, actions path): the replay has split the batch by shard
+    already, so only paths cross between the JVM and the Python workers."""
+    _, shard, impressions_path, actions_path = line.split("\t")
+    return int(shard), impressions_path, actions_path
 
-    def __init__(self, shards: int, timing_dir: str | None = None):
-        self.shards, self.timing_dir = shards, timing_dir
 
-    def open(self, runtime_context: RuntimeContext):
-        self.clock = BusyClock("split", self.timing_dir)
+def load_shard_table(ref) -> pa.Table:
+    """A shard record's table: the path of a spilled replay file (memory-mapped) or, live, the
+    table itself as Arrow IPC bytes."""
+    from runners.replay import load_spilled
 
-    def close(self):
-        self.clock.write()
-
-    def flat_map(self, value):
-        from runners.replay import load_replay_batch
-
-        with self.clock:
-            _, impressions_path, actions_path = value.split("\t")
-            impressions, actions = load_replay_batch((impressions_path, actions_path))
-            return shard_records(impressions, actions, self.shards)
+    return load_spilled(ref) if isinstance(ref, str) else _table(ref)
 
 
 class ReadAnnouncedLogs(KeyedProcessFunction):
     """Live input: announcement lines (``runners.log_announcer``) -> the announced log files read
-    (bad records to dead letters) and split into shard records, as ``SplitBatch`` does.
+    (bad records to dead letters) and split into shard records, as the replay does.
 
     One key (the announcements are few; each names a whole file). Keyed state counts the lines
     read; once the END line has come and every line before it was read - in whatever order the
@@ -206,8 +200,9 @@ class JoinShard(KeyedProcessFunction):
         from transforms.join import JoinConfig
 
         # The joiner (open keys, times, held actions: numeric arrays) in one value; the open
-        # impressions' rows appended batch by batch to a list (no read-modify-write per batch:
-        # PyFlink moves state between the JVM and the Python worker on every access).
+        # impressions as (first ref, rows, path or IPC bytes) entries appended to a list (no
+        # read-modify-write per batch: PyFlink moves state between the JVM and the Python worker
+        # on every access), pruned when all of an entry's rows have closed.
         self.state = runtime_context.get_state(ValueStateDescriptor("shard_join", Types.PICKLED_BYTE_ARRAY()))
         self.pending = runtime_context.get_list_state(ListStateDescriptor("open_impressions", Types.PICKLED_BYTE_ARRAY()))
         self.builder = ExampleBuilder(self.spec)
@@ -240,13 +235,15 @@ class JoinShard(KeyedProcessFunction):
             return self._close(timestamp, ctx)
 
     def _add(self, value, ctx) -> list:
-        _, impressions_ipc, actions_ipc = value
-        impressions, actions = _table(impressions_ipc), _table(actions_ipc)
+        _, impressions_ref, actions_ref = value
+        impressions, actions = load_shard_table(impressions_ref), load_shard_table(actions_ref)
         state = self.state.value() or self._new_state(impressions.schema)
-        refs = np.arange(state["next_ref"], state["next_ref"] + impressions.num_rows)
+        first = state["next_ref"]
         state["next_ref"] += impressions.num_rows
         if impressions.num_rows:
-            self.pending.add(_ipc(impressions.append_column("_ref", pa.array(refs))))
+            # the reference as it came (a path, or live the IPC bytes) and the refs it numbers
+            self.pending.add((first, impressions.num_rows, impressions_ref))
+        refs = np.arange(first, first + impressions.num_rows)
         _, letters = state["joiner"].add_tables(impressions, refs, actions)  # the watermark moves only by timer
         self._save(ctx, state)
         return dead_letter_records(letters)
@@ -266,9 +263,19 @@ class JoinShard(KeyedProcessFunction):
         state["timer"] = None
         out = dead_letter_records(letters)
         if len(closed):
-            pending = pa.concat_tables([_table(part) for part in self.pending.get()])
+            entries = list(self.pending.get())
+            pending = pa.concat_tables([load_shard_table(ref).append_column("_ref", pa.array(np.arange(first, first + rows)))
+                                        for first, rows, ref in entries])
             table, feature_letters, rest = self.builder.build_pending(pending, closed)
-            self.pending.update([_ipc(rest)] if rest.num_rows else [])
+            # keep the entries with a row still open (their closed rows are never asked for again)
+            open_refs = rest.column("_ref").to_numpy()  # ascending: entries come in ref order
+            firsts = np.array([first for first, _, _ in entries])
+            ends = firsts + np.array([rows for _, rows, _ in entries])
+            at = np.searchsorted(open_refs, firsts)
+            still_open = (at < len(open_refs)) & (open_refs[np.minimum(at, len(open_refs) - 1)] < ends) \
+                if len(open_refs) else np.zeros(len(entries), bool)
+            if not still_open.all():
+                self.pending.update([entry for entry, keep in zip(entries, still_open) if keep])
             out += dead_letter_records(feature_letters)
             if table.num_rows:
                 out.append(encode_table(table))

@@ -163,7 +163,6 @@ def _flink_options(args: argparse.Namespace) -> dict:
 
 
 def cmd_join(args: argparse.Namespace) -> int:
-    from runners.beam_runner import run_join
     from schemas.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -177,6 +176,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     else:
         if getattr(args, "resume", False):
             raise ValueError("--resume restarts a Flink job from its checkpoint: it needs --runner flink")
+        from runners.beam_runner import run_join  # (Beam's imports take ~1 s: only where Beam runs)
+
         summary = run_join(spec, args.logs, args.out, **_mode(args))
     summary.update(_examples_summary(Path(args.out), spec))
     from schemas.logs import read_manifest
@@ -195,7 +196,6 @@ def cmd_join(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job: logs -> join -> sample -> features -> online training (backfill, streaming
     replay or live), with progressive metrics per event-time window."""
-    from runners.beam_runner import run_training
     from schemas.spec import load_spec
 
     if args.logs is None:
@@ -221,6 +221,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = run_flink_job(spec, args.logs, args.out, train=True, device=args.device,
                                 progress=not args.no_progress, model_dir=args.model_dir, **_flink_options(args))
     else:
+        from runners.beam_runner import run_training
+
         summary = run_training(spec, args.logs, args.out, device=args.device, progress=not args.no_progress,
                                model_dir=args.model_dir, resume=args.resume, **_mode(args))
     print(f"trained on {summary.get('examples', 0)} examples: progressive AUC {summary.get('auc')}, "

@@ -34,14 +34,7 @@ def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: st
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
 
-    # On a local mini-cluster PyFlink runs the Python operators in "loopback" mode by default:
-    # as threads of this driver process, all behind its one GIL. Separate worker processes (one
-    # per Python operator chain, as on a cluster) let the split, join and trainer run in parallel.
-    os.environ.setdefault("_python_worker_execution_mode", "process")
-    # The mini-cluster's JVM (started with the first PyFlink call) mostly moves bytes to the Python
-    # workers; on a short job its C2 JIT compiler alone took ~5 CPU-s of a 2-core machine. C1 only
-    # (~2 s less on 360k events); a user's own JVM_ARGS win.
-    os.environ.setdefault("JVM_ARGS", "-XX:TieredStopAtLevel=1")
+    _jvm_environment()
     config = Configuration()
     config.set_string("python.execution-mode", "process")
     config.set_string("python.executable", sys.executable)
@@ -65,6 +58,31 @@ def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: st
     env = StreamExecutionEnvironment.get_execution_environment(config)
     env.set_parallelism(parallelism)
     return env
+
+
+def _jvm_environment() -> None:
+    """Environment variables PyFlink reads when it starts its JVM."""
+    # On a local mini-cluster PyFlink runs the Python operators in "loopback" mode by default:
+    # as threads of this driver process, all behind its one GIL. A worker process (as on a
+    # cluster) lets the join and the trainer run beside the driver and the JVM.
+    os.environ.setdefault("_python_worker_execution_mode", "process")
+    # The mini-cluster's JVM (started with the first PyFlink call) mostly moves bytes to the Python
+    # workers; on a short job its C2 JIT compiler alone took ~5 CPU-s of a 2-core machine. C1 only
+    # (~2 s less on 360k events); a user's own JVM_ARGS win.
+    os.environ.setdefault("JVM_ARGS", "-XX:TieredStopAtLevel=1")
+
+
+def start_jvm_in_background():
+    """Start PyFlink's JVM (its gateway: ~2 s) on a thread, so that it boots while the driver
+    replays the logs; the first PyFlink call waits for it. Returns the thread."""
+    import threading
+
+    from pyflink.java_gateway import get_gateway
+
+    _jvm_environment()
+    starting = threading.Thread(target=get_gateway, name="start PyFlink's JVM", daemon=True)
+    starting.start()
+    return starting
 
 
 def newest_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -139,8 +157,8 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     from pyflink.common.watermark_strategy import TimestampAssigner
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
 
-    from pipelines.flink_join import (DEAD_LETTERS, JoinShard, ReadAnnouncedLogs, SplitBatch, batch_time,
-                                      read_busy_clocks)
+    from pipelines.flink_join import (DEAD_LETTERS, JoinShard, ReadAnnouncedLogs, batch_time, read_busy_clocks,
+                                      shard_record)
     from pipelines.flink_train import TrainStream
     from runners.replay import OUTPUTS, finish_metrics, fresh_output_dirs, replay_batches
     from runners.log_announcer import LogAnnouncer
@@ -164,6 +182,7 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
             return batch_time(value)
 
     started = time.perf_counter()
+    start_jvm_in_background()
     if live:
         announcer = LogAnnouncer(log_dir, announcements)
         ended_marker = live_dir / "ended"
@@ -174,9 +193,9 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
         spill.mkdir()
         read_dead = DeadLetterSink(keep=None)
         # the same logs give the same batch files and list: a restored source continues where it was
-        batches, step_ms, _ = replay_batches(spec, log_dir, spill, events_per_step, read_dead)
+        batches, step_ms, _ = replay_batches(spec, log_dir, spill, events_per_step, read_dead, shards=shards)
         source_path = spill / "batches.tsv"
-        source_path.write_text("".join(f"{first}\t{imp}\t{act}\n" for first, imp, act in batches))
+        source_path.write_text("".join("\t".join(map(str, batch)) + "\n" for batch in batches))
         if restore_from is None:
             with open(out_dir / "dead_letters" / "read.jsonl", "w") as out:
                 out.writelines(letter.to_json() + "\n" for letter in read_dead.letters)
@@ -207,7 +226,7 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
                          output_type=Types.PICKLED_BYTE_ARRAY()).name("read logs, split by shard").set_parallelism(1))
         read_dead_letters = read.get_side_output(DEAD_LETTERS)
     else:
-        read = stamped.flat_map(SplitBatch(shards, str(timing)), output_type=Types.PICKLED_BYTE_ARRAY()).name("split by shard")
+        read = stamped.map(shard_record, output_type=Types.PICKLED_BYTE_ARRAY()).name("shard records")
         read_dead_letters = None
     joined = (read.key_by(lambda value: value[0], key_type=Types.INT())
               .process(JoinShard(spec, step_ms, str(timing)), output_type=Types.STRING()).name("join, sample, features"))

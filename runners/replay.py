@@ -27,21 +27,33 @@ def _spill(table: pa.Table, path: Path) -> str:
     return str(path)
 
 
+def load_spilled(path: str) -> pa.Table:
+    """One spilled table (memory-mapped: its buffers are the file's pages)."""
+    return pa.ipc.open_file(pa.memory_map(path)).read_all()
+
+
 def load_replay_batch(paths: tuple[str, str]) -> tuple[pa.Table, pa.Table]:
     """(impressions, actions) of one spilled micro-batch."""
-    return tuple(pa.ipc.open_file(pa.memory_map(path)).read_all() for path in paths)
+    return tuple(load_spilled(path) for path in paths)
 
 
 class Replay(NamedTuple):
-    batches: list[tuple[int, str, str]]  # (first event time ms, impressions file, actions file)
+    batches: list[tuple]  # (first event time ms, impressions file, actions file) or, by shard,
+    #                       (first event time ms, shard, impressions file, actions file)
     step_ms: int  # median event-time span of a batch
     last_event_ms: int | None  # None for empty logs
 
 
 def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, events_per_step: int = 4_096,
-                   dead_letters: DeadLetterSink | None = None) -> Replay:
+                   dead_letters: DeadLetterSink | None = None, shards: int | None = None) -> Replay:
     """The logs as micro-batches in event-time order, spilled as Arrow IPC under ``spill_dir``:
-    each batch holds the events from its first event time up to the next batch's."""
+    each batch holds the events from its first event time up to the next batch's.
+
+    ``shards``: each batch is spilled as one pair of files per join-key shard it touches
+    (``transforms.batch_join.split_by_shard``), in shard order - the Flink job's records then
+    carry only paths, and each shard's join reads its own rows."""
+    from transforms.batch_join import split_by_shard
+
     sink = dead_letters if dead_letters is not None else DeadLetterSink(keep=None)
     impressions, actions = (read_log_tables(log_dir, kind, load_schema(schema), sink).sort_by("event_time_ms")
                             for kind, schema in (("impressions", spec.events.impression),
@@ -57,9 +69,16 @@ def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, even
     for step, bound in enumerate(bounds):
         imp_end = len(impression_times) if bound is None else int(np.searchsorted(impression_times, bound, "left"))
         act_end = len(action_times) if bound is None else int(np.searchsorted(action_times, bound, "left"))
-        batches.append((first,
-                        _spill(impressions.slice(imp_start, imp_end - imp_start), spill_dir / f"{step:06d}-impressions.arrow"),
-                        _spill(actions.slice(act_start, act_end - act_start), spill_dir / f"{step:06d}-actions.arrow")))
+        batch = impressions.slice(imp_start, imp_end - imp_start), actions.slice(act_start, act_end - act_start)
+        if shards is None:
+            batches.append((first, _spill(batch[0], spill_dir / f"{step:06d}-impressions.arrow"),
+                            _spill(batch[1], spill_dir / f"{step:06d}-actions.arrow")))
+        else:
+            parts = [split_by_shard(table, shards) for table in batch]
+            for shard in sorted(set(parts[0]) | set(parts[1])):
+                batches.append((first, shard, *(
+                    _spill(part.get(shard, table.schema.empty_table()), spill_dir / f"{step:06d}-{shard}-{kind}.arrow")
+                    for part, table, kind in zip(parts, batch, ("impressions", "actions")))))
         if bound is not None:
             first = bound
         imp_start, act_start = imp_end, act_end

@@ -31,9 +31,10 @@ _FNV_PRIME = np.uint64(0x100000001B3)
 
 def fnv1a64(strings: pa.Array) -> np.ndarray:
     """FNV-1a (64-bit) of each string's UTF-8 bytes, vectorised over the column (one pass per byte position)."""
-    strings = pa.array(strings, pa.string()) if not isinstance(strings, pa.Array) else strings
-    if isinstance(strings, pa.ChunkedArray):
+    if isinstance(strings, pa.ChunkedArray):  # (a table's column: pa.array() would go through Python objects)
         strings = strings.combine_chunks()
+    elif not isinstance(strings, pa.Array):
+        strings = pa.array(strings, pa.string())
     n = len(strings)
     offsets = np.frombuffer(strings.buffers()[1], dtype=np.int32)[strings.offset:strings.offset + n + 1]
     data = np.frombuffer(strings.buffers()[2], dtype=np.uint8) if n and strings.buffers()[2] is not None \
