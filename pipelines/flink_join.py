@@ -19,17 +19,16 @@ workers in **micro-batches** (Arrow tables, a few thousand events each), never o
   open impressions' references (paths, or live their IPC bytes) in keyed state (freed as windows
   close), one event-time timer at the next due time rounded up to ``emit_every_ms`` (at least the
   join window); on a timer the impressions whose window the watermark has passed become Examples
-  (sampling + features) - one Example table per record, as a line of base64 Arrow IPC
-  (``encode_table``) - and dead letters leave on a side output;
+  (sampling + features) - one Example table per record, staged as a Parquet file whose path is
+  the record (``stage_examples``) - and dead letters leave on a side output;
 * sinks: ``FileSink``s (exactly once: part files are committed when a checkpoint completes) for
-  the Example lines and the dead letters; the runner compacts the committed Example lines of a
-  finished run into Parquet.
+  the staged Examples' paths and the dead letters; when the job ends the runner publishes the
+  staged files that a committed line names into ``examples/`` (a killed attempt's others go).
 
 State backend, checkpoint directory and parallelism come from the runner (``runners.flink_runner``).
 """
 from __future__ import annotations
 
-import base64
 import json
 import os
 import time
@@ -47,13 +46,39 @@ DEAD_LETTERS = OutputTag("dead_letters", Types.STRING())
 FINAL_WATERMARK = (1 << 63) - 1  # Long.MAX_VALUE: the end of a bounded input
 
 
-def encode_table(table: pa.Table) -> str:
-    """An Arrow table as one text line (base64 of its IPC stream): how tables cross row sinks."""
-    return base64.b64encode(_ipc(table)).decode("ascii")
+def load_table(ref) -> pa.Table:
+    """A table passed by reference between operators: a file's path (a Parquet file, or an Arrow
+    IPC file, memory-mapped) or the table's Arrow IPC stream bytes (``ipc_bytes``)."""
+    if isinstance(ref, bytes):
+        return pa.ipc.open_stream(pa.py_buffer(ref)).read_all()
+    if ref.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(ref)
+    return pa.ipc.open_file(pa.memory_map(ref)).read_all()
 
 
-def decode_table(line: str) -> pa.Table:
-    return _table(base64.b64decode(line))
+def ipc_bytes(table: pa.Table) -> bytes:
+    """A table as Arrow IPC stream bytes (LZ4: half the bytes between JVM and Python)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def stage_examples(table: pa.Table, directory: str) -> str:
+    """An Example table written as a Parquet file (unique name) under ``directory``; its path is
+    what the join emits: the runner publishes the files whose paths a checkpoint committed."""
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    from schemas.logs import atomic_write
+
+    path = Path(directory) / f"part-{uuid.uuid4().hex}.parquet"
+    with atomic_write(path) as out:
+        pq.write_table(table, out)
+    return str(path)
 
 
 def dead_letter_records(letters) -> list:
@@ -104,18 +129,6 @@ def read_busy_clocks(directory: Path) -> dict[str, float]:
     return busy
 
 
-def _ipc(table: pa.Table) -> bytes:
-    sink = pa.BufferOutputStream()
-    options = pa.ipc.IpcWriteOptions(compression="lz4")  # half the bytes between JVM and Python
-    with pa.ipc.new_stream(sink, table.schema, options=options) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def _table(data: bytes) -> pa.Table:
-    return pa.ipc.open_stream(pa.py_buffer(data)).read_all()
-
-
 def shard_records(impressions: pa.Table, actions: pa.Table, shards: int) -> list[tuple[int, bytes, bytes]]:
     """A micro-batch -> one (shard, impressions IPC, actions IPC) record per join-key shard it touches
     (the same shard function as the Beam job)."""
@@ -123,8 +136,8 @@ def shard_records(impressions: pa.Table, actions: pa.Table, shards: int) -> list
 
     impression_parts = split_by_shard(impressions, shards)
     action_parts = split_by_shard(actions, shards)
-    return [(shard, _ipc(impression_parts.get(shard, impressions.schema.empty_table())),
-             _ipc(action_parts.get(shard, actions.schema.empty_table())))
+    return [(shard, ipc_bytes(impression_parts.get(shard, impressions.schema.empty_table())),
+             ipc_bytes(action_parts.get(shard, actions.schema.empty_table())))
             for shard in sorted(set(impression_parts) | set(action_parts))]
 
 
@@ -134,14 +147,6 @@ def shard_record(line: str) -> tuple[int, str, str]:
     already, so only paths cross between the JVM and the Python workers."""
     _, shard, impressions_path, actions_path = line.split("\t")
     return int(shard), impressions_path, actions_path
-
-
-def load_shard_table(ref) -> pa.Table:
-    """A shard record's table: the path of a spilled replay file (memory-mapped) or, live, the
-    table itself as Arrow IPC bytes."""
-    from runners.replay import load_spilled
-
-    return load_spilled(ref) if isinstance(ref, str) else _table(ref)
 
 
 class ReadAnnouncedLogs(KeyedProcessFunction):
@@ -192,8 +197,8 @@ class ReadAnnouncedLogs(KeyedProcessFunction):
 class JoinShard(KeyedProcessFunction):
     """Per join-key shard: the columnar join in keyed state, closed on event-time timers."""
 
-    def __init__(self, spec: FeatureSpec, emit_every_ms: int | None, timing_dir: str | None = None):
-        self.spec, self.emit_every_ms, self.timing_dir = spec, emit_every_ms, timing_dir
+    def __init__(self, spec: FeatureSpec, emit_every_ms: int | None, staging_dir: str, timing_dir: str | None = None):
+        self.spec, self.emit_every_ms, self.staging_dir, self.timing_dir = spec, emit_every_ms, staging_dir, timing_dir
 
     def open(self, runtime_context: RuntimeContext):
         from transforms.examples import ExampleBuilder
@@ -236,7 +241,7 @@ class JoinShard(KeyedProcessFunction):
 
     def _add(self, value, ctx) -> list:
         _, impressions_ref, actions_ref = value
-        impressions, actions = load_shard_table(impressions_ref), load_shard_table(actions_ref)
+        impressions, actions = load_table(impressions_ref), load_table(actions_ref)
         state = self.state.value() or self._new_state(impressions.schema)
         first = state["next_ref"]
         state["next_ref"] += impressions.num_rows
@@ -264,7 +269,7 @@ class JoinShard(KeyedProcessFunction):
         out = dead_letter_records(letters)
         if len(closed):
             entries = list(self.pending.get())
-            pending = pa.concat_tables([load_shard_table(ref).append_column("_ref", pa.array(np.arange(first, first + rows)))
+            pending = pa.concat_tables([load_table(ref).append_column("_ref", pa.array(np.arange(first, first + rows)))
                                         for first, rows, ref in entries])
             table, feature_letters, rest = self.builder.build_pending(pending, closed)
             # keep the entries with a row still open (their closed rows are never asked for again)
@@ -278,7 +283,7 @@ class JoinShard(KeyedProcessFunction):
                 self.pending.update([entry for entry, keep in zip(entries, still_open) if keep])
             out += dead_letter_records(feature_letters)
             if table.num_rows:
-                out.append(encode_table(table))
+                out.append(stage_examples(table, self.staging_dir))
         if state["joiner"].next_due() is None:
             self.state.clear()  # nothing open in this shard: free its state
             self.pending.clear()

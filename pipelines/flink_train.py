@@ -33,8 +33,10 @@ from trainer.running import ORDER, Publishing, after_position, log
 
 
 class TrainStream(KeyedProcessFunction):
-    """Base64 Example tables (keyed to one trainer) -> JSON metric rows; the summary row last
-    (``"final": true``).
+    """Example tables (the join's staged Parquet paths, keyed to one trainer) -> JSON metric rows;
+    the summary row last (``"final": true``). Tables wait (and trained ones are kept) in keyed
+    state as references (``flink_join.load_table``): the staged paths, or the Arrow IPC bytes of
+    the part of a table that still waits.
 
     An example is ready when no earlier one can still come: the join closes an impression of
     time t at its first timer at or after t + window (timers are rounded up to ``emit_every_ms``),
@@ -65,12 +67,12 @@ class TrainStream(KeyedProcessFunction):
         self.clock.write()
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
-        from pipelines.flink_join import decode_table
+        import pyarrow.parquet as pq
 
         self.waiting.add(value)
         # its examples are ready once the watermark is past the newest of them + lag (the join
         # may close them later than their own timer: it closes up to its watermark)
-        newest = pc.max(decode_table(value).column("impression_time_ms")).as_py()
+        newest = pc.max(pq.read_table(value, columns=["impression_time_ms"]).column(0)).as_py()
         ready = ctx.timestamp() if newest is None else max(ctx.timestamp(), newest + self.lag_ms)
         for due in (ready, END):
             if due not in self.timers:
@@ -83,14 +85,13 @@ class TrainStream(KeyedProcessFunction):
             return self._train(timestamp)
 
     def _train(self, timestamp: int) -> list[str]:
-
-        from pipelines.flink_join import decode_table, encode_table
+        from pipelines.flink_join import ipc_bytes, load_table
 
         self.timers.discard(timestamp)
         flush = timestamp == END
-        tables = [decode_table(line) for line in (self.waiting.get() or [])]
+        tables = [load_table(ref) for ref in (self.waiting.get() or [])]
         if self.replay_trained:  # they are trained (or skipped) again below, and kept again
-            tables = [decode_table(line) for line in (self.trained.get() or [])] + tables
+            tables = [load_table(ref) for ref in (self.trained.get() or [])] + tables
             self.trained.clear()
             self.replay_trained = False
         examples = pa.concat_tables(tables) if tables else None
@@ -108,7 +109,7 @@ class TrainStream(KeyedProcessFunction):
         kept = [] if waiting is None else [waiting]
         if rest is not None and rest.num_rows:
             kept.append(rest)
-        self.waiting.update([encode_table(table) for table in kept if table.num_rows])
+        self.waiting.update([ipc_bytes(table) for table in kept if table.num_rows])
         if self.keep and examples is not None and examples.num_rows:
             # keep what was trained after the newest snapshot (train() sorts into the trainer's order)
             used = examples.num_rows - (rest.num_rows if rest is not None else 0)
@@ -117,7 +118,7 @@ class TrainStream(KeyedProcessFunction):
                 self.trained.clear()
                 trained = after_position(trained, self.running.snapshot_position)
             if trained.num_rows:
-                self.trained.add(encode_table(trained))
+                self.trained.add(ipc_bytes(trained))
         out = [json.dumps(row) for row in rows]
         if flush:
             self.running.finish()

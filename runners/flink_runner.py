@@ -1,15 +1,16 @@
 """Runs the job on PyFlink: a local mini-cluster by default, a standalone cluster on request.
 
-The logs are replayed in event-time order as micro-batches (spilled to Arrow IPC files, as the
-Beam replay does; a batch-list file is the checkpointed source) and flow through
+The logs are replayed in event-time order as micro-batches (spilled to Arrow IPC files by join-key
+shard; a batch-list file is the checkpointed source) and flow through
 ``pipelines.flink_join`` and, when training, ``pipelines.flink_train``. Python operators run in
 process mode (torch must not run in thread mode); state lives in RocksDB and checkpoints go to
 ``OUT/.checkpoints`` every ``checkpoint_every_ms``, retained when the job dies.
 
 Outputs match the Beam runner's: ``OUT/examples/*.parquet``, ``OUT/dead_letters/*.jsonl`` and,
-when training, ``OUT/metrics.jsonl`` + ``metrics.png``. Sinks are exactly once: Example tables
-are committed as base64 Arrow IPC lines (``*.examples``) when a checkpoint completes and, when
-the job finishes, compacted into one Parquet file. ``resume`` restarts a killed job from its
+when training, ``OUT/metrics.jsonl`` + ``metrics.png``. Sinks are exactly once: the join stages
+each Example table as a Parquet file and emits its path; the paths are committed (``*.examples``
+lines) when a checkpoint completes, and when the job finishes the committed files move into
+``examples/`` (``publish_examples``). ``resume`` restarts a killed job from its
 newest retained checkpoint (and its model from the newest snapshot in the model directory).
 """
 from __future__ import annotations
@@ -108,25 +109,23 @@ def _file_sink(directory: Path, suffix: str):
             .build())
 
 
-def compact_examples(directory: Path) -> int:
-    """The committed Example lines (``*.examples``) -> one ``examples.parquet``; returns its rows.
-    Uncommitted leftovers of a killed attempt (hidden ``.part-*`` files) are removed."""
-    import pyarrow as pa
+def publish_examples(directory: Path, staging: Path) -> int:
+    """The Examples a completed checkpoint committed -> ``directory``: each line of a committed
+    part file (``part-*.examples``) names a Parquet file the join staged, which moves into
+    ``directory``; staged files no committed line names (a killed attempt's) and the uncommitted
+    parts (hidden ``.part-*``) are removed. Returns the rows published."""
     import pyarrow.parquet as pq
 
-    from pipelines.flink_join import decode_table
-    from schemas.logs import atomic_write
-
     committed = sorted(directory.glob("part-*.examples"))
-    tables = [decode_table(line) for path in committed for line in path.read_text().splitlines() if line]
     rows = 0
-    if tables:
-        table = pa.concat_tables(tables)
-        with atomic_write(directory / "examples.parquet") as out:
-            pq.write_table(table, out)
-        rows = table.num_rows
+    for path in committed:
+        for line in path.read_text().splitlines():
+            staged = Path(line)
+            rows += pq.read_metadata(staged).num_rows
+            staged.replace(directory / staged.name)
     for path in committed + sorted(directory.glob(".part-*")):
         path.unlink()
+    shutil.rmtree(staging, ignore_errors=True)
     return rows
 
 
@@ -167,11 +166,11 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     out_dir = Path(out_dir)
     live = watch_interval_s is not None
     # (the source's directory must not be hidden itself: Flink's file filter skips ".name"/"_name")
-    checkpoints, live_dir = out_dir / ".checkpoints", out_dir / ".live"
+    checkpoints, live_dir, staging = out_dir / ".checkpoints", out_dir / ".live", out_dir / ".examples-staged"
     announcements = live_dir / "announced"
     restore_from = newest_checkpoint(checkpoints) if resume else None
     if restore_from is None:
-        for stale in (checkpoints, live_dir):
+        for stale in (checkpoints, live_dir, staging):  # (a resumed job's state names staged files)
             shutil.rmtree(stale, ignore_errors=True)
         fresh_output_dirs(out_dir, OUTPUTS if train else OUTPUTS[:2])
     spill = out_dir / ".replay"
@@ -229,7 +228,8 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
         read = stamped.map(shard_record, output_type=Types.PICKLED_BYTE_ARRAY()).name("shard records")
         read_dead_letters = None
     joined = (read.key_by(lambda value: value[0], key_type=Types.INT())
-              .process(JoinShard(spec, step_ms, str(timing)), output_type=Types.STRING()).name("join, sample, features"))
+              .process(JoinShard(spec, step_ms, str(staging.resolve()), str(timing)), output_type=Types.STRING())
+              .name("join, sample, features"))
     joined.sink_to(_file_sink(out_dir / "examples", ".examples")).name("examples")
     dead_letters = joined.get_side_output(DEAD_LETTERS)
     if read_dead_letters is not None:
@@ -252,7 +252,7 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     python_busy_s = read_busy_clocks(timing)
     for done in (spill, checkpoints, timing, live_dir, out_dir / ".savepoints"):  # nothing left to restore
         shutil.rmtree(done, ignore_errors=True)
-    compact_examples(out_dir / "examples")
+    publish_examples(out_dir / "examples", staging)
     counts: dict[str, int] = {}
     for part in (out_dir / "dead_letters").glob("*.jsonl"):
         for line in part.read_text().splitlines():
