@@ -247,3 +247,18 @@ def test_killed_live_job_resumes_from_its_checkpoint_and_reads_what_came_meanwhi
     labels = {r["request_id"]: dict(r["labels"])["like"] for r in _examples(out).to_pylist()}
     assert _examples(out).num_rows == len(labels) == 80  # no loss, no duplicates
     assert labels == {r: int(r in set(first[::3]) | set(second[::4])) for r in first + second}
+
+
+def test_local_jobs_start_their_jvm_from_a_class_data_sharing_archive(monkeypatch):
+    from runners.flink_cds import archive_works, build
+    from runners.flink_runner import _jvm_environment
+
+    path = build()  # (``make test`` has built it; then this returns at once)
+    assert path.is_file() and archive_works(path)  # -Xshare:on: the JVM maps it or fails
+    monkeypatch.delenv("JVM_ARGS", raising=False)
+    monkeypatch.delenv("_python_worker_execution_mode", raising=False)  # (restored afterwards)
+    _jvm_environment()
+    assert f"-XX:SharedArchiveFile={path}" in os.environ["JVM_ARGS"].split()
+    monkeypatch.setenv("JVM_ARGS", "-Xmx1g")  # a user's own JVM_ARGS win
+    _jvm_environment()
+    assert os.environ["JVM_ARGS"] == "-Xmx1g"
