@@ -134,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="60k impressions (under a minute)")
     parser.add_argument("--impressions", type=int, default=None,
-                        help="impressions in the synthetic logs (default 300k; 60k with --quick)")
+                        help="impressions in the synthetic logs (default 300k over 2 h of event time; 60k with "
+                             "--quick); N spans N/300k x 2 h, so the event rate, and the open join window, stay")
     parser.add_argument("--runner", choices=("beam", "flink"), default="beam",
                         help="flink: also the PyFlink job (local mini-cluster) on the same logs, with Beam streaming")
     args = parser.parse_args(argv)
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict:
     spec = load_spec("synthetic")
     with tempfile.TemporaryDirectory() as tmp:
         logs = Path(tmp) / "logs"
-        manifest = generate(logs, SyntheticConfig(events=n, seed=4, span_hours=2))
+        span_hours = 2.0 if args.impressions is None else 2.0 * n / 300_000
+        manifest = generate(logs, SyntheticConfig(events=n, seed=4, span_hours=span_hours))
         events = manifest["impressions"] + manifest["actions"]["click"]
         impressions, actions = load_events(spec, logs)
         pure_s, pure_examples = pure(spec, impressions, actions)

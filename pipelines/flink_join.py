@@ -197,8 +197,10 @@ class ReadAnnouncedLogs(KeyedProcessFunction):
 class JoinShard(KeyedProcessFunction):
     """Per join-key shard: the columnar join in keyed state, closed on event-time timers."""
 
-    def __init__(self, spec: FeatureSpec, emit_every_ms: int | None, staging_dir: str, timing_dir: str | None = None):
-        self.spec, self.emit_every_ms, self.staging_dir, self.timing_dir = spec, emit_every_ms, staging_dir, timing_dir
+    def __init__(self, spec: FeatureSpec, emit_every_ms: int | None, staging_dir: str, in_order: bool = False,
+                 timing_dir: str | None = None):
+        self.spec, self.emit_every_ms, self.staging_dir = spec, emit_every_ms, staging_dir
+        self.in_order, self.timing_dir = in_order, timing_dir
 
     def open(self, runtime_context: RuntimeContext):
         from transforms.examples import ExampleBuilder
@@ -250,8 +252,17 @@ class JoinShard(KeyedProcessFunction):
             self.pending.add((first, impressions.num_rows, impressions_ref))
         refs = np.arange(first, first + impressions.num_rows)
         _, letters = state["joiner"].add_tables(impressions, refs, actions)  # the watermark moves only by timer
+        out = dead_letter_records(letters)
+        # In order (the replay): a record stamped T says every event before T has come, as the
+        # watermark T - 1 will - but PyFlink holds watermarks back until the upstream Python
+        # operator's bundle ends, and a replay's whole batch list can be one bundle: without this
+        # the join would hold every impression open until the end (state and per-batch work
+        # growing with the log). So close what is due now, as that timer would.
+        if self.in_order and state["timer"] is not None and state["timer"] < ctx.timestamp():
+            ctx.timer_service().delete_event_time_timer(state["timer"])
+            return out + self._close_to(state, ctx.timestamp() - 1, ctx)
         self._save(ctx, state)
-        return dead_letter_records(letters)
+        return out
 
     def _close(self, timestamp: int, ctx) -> list:
         state = self.state.value()
@@ -263,7 +274,10 @@ class JoinShard(KeyedProcessFunction):
         # and its Examples would reach the trainer behind the watermark it had already passed.
         # Closing up to the watermark leaves no due time behind it. (At the final watermark this
         # closes everything; labels do not depend on when a window is closed.)
-        watermark = max(timestamp, ctx.timer_service().current_watermark())
+        return self._close_to(state, timestamp, ctx)
+
+    def _close_to(self, state: dict, watermark: int, ctx) -> list:
+        watermark = max(watermark, ctx.timer_service().current_watermark())
         closed, letters = state["joiner"].advance(watermark)
         state["timer"] = None
         out = dead_letter_records(letters)

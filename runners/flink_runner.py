@@ -231,7 +231,8 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
         read = stamped.map(shard_record, output_type=Types.PICKLED_BYTE_ARRAY()).name("shard records")
         read_dead_letters = None
     joined = (read.key_by(lambda value: value[0], key_type=Types.INT())
-              .process(JoinShard(spec, step_ms, str(staging.resolve()), str(timing)), output_type=Types.STRING())
+              .process(JoinShard(spec, step_ms, str(staging.resolve()), in_order=not live, timing_dir=str(timing)),
+                       output_type=Types.STRING())
               .name("join, sample, features"))
     joined.sink_to(_file_sink(out_dir / "examples", ".examples")).name("examples")
     dead_letters = joined.get_side_output(DEAD_LETTERS)
