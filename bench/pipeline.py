@@ -123,7 +123,7 @@ def cli_run(args: list[str], timeout_s: float = 600) -> tuple[float, dict]:
 def flink_run(logs: Path, out: Path, parallelism: int | None = None) -> tuple[float, dict[str, float]]:
     """Seconds of ``streamrec join --runner flink`` as a user runs it (its own process: Python and
     JVM start, mini-cluster start and stop included) and the Python operators' busy seconds
-    (``split``, ``join``: the time spent in our code, state access included)."""
+    (``join``: the time spent in our code, state access included)."""
     extra = [] if parallelism is None else ["--parallelism", str(parallelism)]
     seconds, summary = cli_run(["join", "--runner", "flink", "--spec", "synthetic", "--logs", str(logs),
                                 "--out", str(out), *extra])

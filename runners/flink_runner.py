@@ -25,7 +25,7 @@ from schemas.spec import FeatureSpec
 from trainer.running import Publishing
 
 
-DEFAULT_PARALLELISM = 1  # of the split and join (the trainer is one); 2 is ~10 % faster on 2 cores
+DEFAULT_PARALLELISM = 1  # of the join (the trainer is one); 2 is 8-37 % faster on 2 cores (BENCHMARKS.md)
 
 
 def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: str | None = None,
@@ -147,9 +147,10 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     read and the job is stopped with a draining savepoint (every window closes, the trainer
     trains the rest, the sinks commit).
 
-    ``events_per_step``: events per micro-batch. Larger batches mean fewer state round trips
-    between the JVM and the Python worker (on 360k synthetic events: 4,096 -> 52 s, 16,384 -> 28 s,
-    of which ~10 s are the mini-cluster's start and stop). ``parallelism``: instances of each
+    ``events_per_step``: events per micro-batch (each split into a record per join-key shard).
+    Larger batches mean fewer state round trips between the JVM and the Python worker (measured
+    when records still carried rows, 360k synthetic events: 4,096 -> 52 s, 16,384 -> 28 s).
+    ``parallelism``: instances of each
     operator but the trainer and the live reader (None: ``DEFAULT_PARALLELISM``). ``resume``:
     start from the newest retained checkpoint under ``OUT/.checkpoints`` (a fresh start if there
     is none)."""
