@@ -47,9 +47,10 @@ def archive_path() -> Path:
 
 
 def jvm_options() -> list[str]:
-    """``-XX:SharedArchiveFile=...`` when this environment's archive exists, else nothing."""
+    """``-XX:SharedArchiveFile=...`` when this environment's archive exists, else nothing (also
+    when its path has white space: PyFlink splits ``JVM_ARGS`` on it)."""
     path = archive_path()
-    return [f"-XX:SharedArchiveFile={path}"] if path.is_file() else []
+    return [f"-XX:SharedArchiveFile={path}"] if path.is_file() and not any(c.isspace() for c in str(path)) else []
 
 
 def build(force: bool = False, timeout_s: float = 300) -> Path:
