@@ -2,8 +2,9 @@
 
 The same pure logic as the Beam job (``transforms.batch_join``, ``transforms.examples``), and the
 same shape as Beam's ``StreamingJoin``, because per-record Python state access is what limits
-PyFlink here (~0.6k records/s in process mode): records move between the JVM and the Python
-workers in **micro-batches** (Arrow tables, a few thousand events each), never one by one.
+PyFlink here (~0.6k records/s in process mode): records are **micro-batches** (a few thousand
+events each), never single events - in a replay only references to spilled Arrow files, live the
+Arrow tables themselves.
 
 * source: a ``FileSource`` over the replay's batch list, in event-time order: one line per
   micro-batch and join-key shard (``fnv1a64(request_id, item_id) % S``): its first event time,
@@ -20,7 +21,9 @@ workers in **micro-batches** (Arrow tables, a few thousand events each), never o
   close), one event-time timer at the next due time rounded up to ``emit_every_ms`` (at least the
   join window); on a timer the impressions whose window the watermark has passed become Examples
   (sampling + features) - one Example table per record, staged as a Parquet file whose path is
-  the record (``stage_examples``) - and dead letters leave on a side output;
+  the record (``stage_examples``) - and dead letters leave on a side output. In a replay the
+  records of a shard arrive in event-time order, so the join also closes what is due when a
+  record arrives (``in_order``: PyFlink holds watermarks back until an upstream bundle ends);
 * sinks: ``FileSink``s (exactly once: part files are committed when a checkpoint completes) for
   the staged Examples' paths and the dead letters; when the job ends the runner publishes the
   staged files that a committed line names into ``examples/`` (a killed attempt's others go).
