@@ -150,10 +150,9 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     ``events_per_step``: events per micro-batch (each split into a record per join-key shard).
     Larger batches mean fewer state round trips between the JVM and the Python worker (measured
     when records still carried rows, 360k synthetic events: 4,096 -> 52 s, 16,384 -> 28 s).
-    ``parallelism``: instances of each
-    operator but the trainer and the live reader (None: ``DEFAULT_PARALLELISM``). ``resume``:
-    start from the newest retained checkpoint under ``OUT/.checkpoints`` (a fresh start if there
-    is none)."""
+    ``parallelism``: instances of each operator but the trainer and the live reader (None:
+    ``DEFAULT_PARALLELISM``). ``resume``: start from the newest retained checkpoint under
+    ``OUT/.checkpoints`` (a fresh start if there is none)."""
     import json
 
     from pyflink.common import Duration, Types, WatermarkStrategy
