@@ -36,7 +36,7 @@ import pyarrow as pa
 from schemas.events import arrow_schema
 from schemas.logs import read_event_file, read_log_table
 from schemas.spec import FeatureSpec
-from transforms.batch_join import join_tables, split_by_shard
+from transforms.batch_join import join_tables, split_batch_by_shard, split_by_shard
 from transforms.examples import ExampleBuilder
 from transforms.join import JoinConfig, Joined, KeyJoin, KeyState
 
@@ -208,12 +208,8 @@ class SplitToShards(beam.DoFn):
         self.shards = shards
 
     def process(self, element):
-        impressions, actions = element
-        impression_parts = split_by_shard(impressions, self.shards)
-        action_parts = split_by_shard(actions, self.shards)
-        for shard in impression_parts.keys() | action_parts.keys():
-            yield shard, (impression_parts.get(shard, impressions.schema.empty_table()),
-                          action_parts.get(shard, actions.schema.empty_table()))
+        for shard, impressions, actions in split_batch_by_shard(*element, self.shards):
+            yield shard, (impressions, actions)
 
 
 class JoinShardStreamDoFn(beam.DoFn):

@@ -58,7 +58,9 @@ def load_table(ref) -> pa.Table:
         import pyarrow.parquet as pq
 
         return pq.read_table(ref)
-    return pa.ipc.open_file(pa.memory_map(ref)).read_all()
+    from runners.replay import load_spilled
+
+    return load_spilled(ref)
 
 
 def ipc_bytes(table: pa.Table) -> bytes:
@@ -135,13 +137,10 @@ def read_busy_clocks(directory: Path) -> dict[str, float]:
 def shard_records(impressions: pa.Table, actions: pa.Table, shards: int) -> list[tuple[int, bytes, bytes]]:
     """A micro-batch -> one (shard, impressions IPC, actions IPC) record per join-key shard it touches
     (the same shard function as the Beam job)."""
-    from transforms.batch_join import split_by_shard
+    from transforms.batch_join import split_batch_by_shard
 
-    impression_parts = split_by_shard(impressions, shards)
-    action_parts = split_by_shard(actions, shards)
-    return [(shard, ipc_bytes(impression_parts.get(shard, impressions.schema.empty_table())),
-             ipc_bytes(action_parts.get(shard, actions.schema.empty_table())))
-            for shard in sorted(set(impression_parts) | set(action_parts))]
+    return [(shard, ipc_bytes(impressions_part), ipc_bytes(actions_part))
+            for shard, impressions_part, actions_part in split_batch_by_shard(impressions, actions, shards)]
 
 
 def shard_record(line: str) -> tuple[int, str, str]:
@@ -289,13 +288,12 @@ class JoinShard(KeyedProcessFunction):
             pending = pa.concat_tables([load_table(ref).append_column("_ref", pa.array(np.arange(first, first + rows)))
                                         for first, rows, ref in entries])
             table, feature_letters, rest = self.builder.build_pending(pending, closed)
-            # keep the entries with a row still open (their closed rows are never asked for again)
+            # keep the entries with a row still open - a ref in [first, first + rows) - (their closed
+            # rows are never asked for again)
             open_refs = rest.column("_ref").to_numpy()  # ascending: entries come in ref order
             firsts = np.array([first for first, _, _ in entries])
             ends = firsts + np.array([rows for _, rows, _ in entries])
-            at = np.searchsorted(open_refs, firsts)
-            still_open = (at < len(open_refs)) & (open_refs[np.minimum(at, len(open_refs) - 1)] < ends) \
-                if len(open_refs) else np.zeros(len(entries), bool)
+            still_open = np.searchsorted(open_refs, ends) > np.searchsorted(open_refs, firsts)
             if not still_open.all():
                 self.pending.update([entry for entry, keep in zip(entries, still_open) if keep])
             out += dead_letter_records(feature_letters)

@@ -71,9 +71,10 @@ def _jvm_environment() -> None:
     # workers; on a short job its C2 JIT compiler alone took ~5 CPU-s of a 2-core machine. C1 only
     # (~2 s less on 360k events), and the Flink classes from a class-data-sharing archive when this
     # environment has one (``runners.flink_cds``: ~2.5 s less start-up); a user's own JVM_ARGS win.
-    from runners.flink_cds import jvm_options
+    if "JVM_ARGS" not in os.environ:  # (finding the archive hashes the class path: ~0.1 s)
+        from runners.flink_cds import jvm_options
 
-    os.environ.setdefault("JVM_ARGS", " ".join(["-XX:TieredStopAtLevel=1", *jvm_options()]))
+        os.environ["JVM_ARGS"] = " ".join(["-XX:TieredStopAtLevel=1", *jvm_options()])
 
 
 def start_jvm_in_background():

@@ -50,9 +50,9 @@ def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, even
     each batch holds the events from its first event time up to the next batch's.
 
     ``shards``: each batch is spilled as one pair of files per join-key shard it touches
-    (``transforms.batch_join.split_by_shard``), in shard order - the Flink job's records then
+    (``transforms.batch_join.split_batch_by_shard``), in shard order - the Flink job's records then
     carry only paths, and each shard's join reads its own rows."""
-    from transforms.batch_join import split_by_shard
+    from transforms.batch_join import split_batch_by_shard
 
     sink = dead_letters if dead_letters is not None else DeadLetterSink(keep=None)
     impressions, actions = (read_log_tables(log_dir, kind, load_schema(schema), sink).sort_by("event_time_ms")
@@ -74,11 +74,10 @@ def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, even
             batches.append((first, _spill(batch[0], spill_dir / f"{step:06d}-impressions.arrow"),
                             _spill(batch[1], spill_dir / f"{step:06d}-actions.arrow")))
         else:
-            parts = [split_by_shard(table, shards) for table in batch]
-            for shard in sorted(set(parts[0]) | set(parts[1])):
-                batches.append((first, shard, *(
-                    _spill(part.get(shard, table.schema.empty_table()), spill_dir / f"{step:06d}-{shard}-{kind}.arrow")
-                    for part, table, kind in zip(parts, batch, ("impressions", "actions")))))
+            for shard, impressions_part, actions_part in split_batch_by_shard(*batch, shards):
+                name = f"{step:06d}-{shard}"
+                batches.append((first, shard, _spill(impressions_part, spill_dir / f"{name}-impressions.arrow"),
+                                _spill(actions_part, spill_dir / f"{name}-actions.arrow")))
         if bound is not None:
             first = bound
         imp_start, act_start = imp_end, act_end

@@ -282,6 +282,16 @@ def split_by_shard(table: pa.Table, shards: int) -> dict[int, pa.Table]:
     return {shard: table.filter(pa.array(shard_of_row == shard)) for shard in np.unique(shard_of_row).tolist()}
 
 
+def split_batch_by_shard(impressions: pa.Table, actions: pa.Table,
+                         shards: int) -> list[tuple[int, pa.Table, pa.Table]]:
+    """A micro-batch -> (shard, its impressions, its actions) for each join-key shard it touches,
+    in shard order (a shard without rows of one kind gets that kind's empty table)."""
+    impression_parts, action_parts = split_by_shard(impressions, shards), split_by_shard(actions, shards)
+    return [(shard, impression_parts.get(shard, impressions.schema.empty_table()),
+             action_parts.get(shard, actions.schema.empty_table()))
+            for shard in sorted(impression_parts.keys() | action_parts.keys())]
+
+
 def join_tables(config: JoinConfig, impressions: pa.Table, actions: pa.Table,
                 batch_rows: int = 32_768) -> Iterator[tuple[ClosedImpressions, list[DeadLetter]]]:
     """Join two bounded tables in event-time micro-batches of ``batch_rows`` impressions.
