@@ -19,7 +19,7 @@ $(STAMP): setup.py
 	@command -v redis-server >/dev/null || echo "warning: no redis-server (apt-get install redis-server);" \
 	  "the Redis store tests will be skipped"
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 # The main job on the embedded default (Beam DirectRunner): real MovieLens-100K logs -> join ->

@@ -39,6 +39,8 @@ setup(
     extras_require={
         # scikit-learn is the reference the metric tests compare against.
         "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.3", "httpx>=0.27"],
+        # bench.quality's online-learning peer (Vowpal Wabbit) and its exact AUC.
+        "bench": ["vowpalwabbit>=9.9,<10", "scikit-learn>=1.3"],
     },
     entry_points={"console_scripts": ["streamrec=runners.cli:main"]},
 )

@@ -1,5 +1,12 @@
 """Model quality: AUCs that the papers' claims rest on, each beside its baseline in the same run.
 
+0. Online learning against Vowpal Wabbit (``bench.vw``) on the very same Example rows in the same
+   order, both scored before they learn each example, exact AUC (scikit-learn) for both:
+   MovieLens-100K with the shipped spec; MovieLens-100K with a spec that names no optimizer,
+   training or model settings (the project's defaults decide); the synthetic Criteo-like stream
+   (600k impressions, seed 5; 100k with ``--quick``) with the spec ``synthetic``; OBD (report
+   only: ~0.5 % CTR on 10k rows is noise). Per row: ``auc``, ``vw_auc``, ``auc_minus_vw`` and
+   examples/s for both.
 1. MovieLens-100K, DeepFM trained online (the shipped spec): progressive AUC.
 2. Monolith's collision experiment: the same training with a collisionless table vs a *hashed*
    table with 1/10 as many rows - every fid mapped to ``slot << 48 | mix64(fid) % m_slot`` with
@@ -13,7 +20,7 @@
 ``--quick`` shrinks the synthetic data and the MLP (and batches 128/2K/8K, the same 1:16:64
 ratios) to finish in about a minute; its CowClip figures are a smoke test, not the result.
 
-    python -m bench.quality [--quick] [--device cuda] [--skip-movielens]
+    python -m bench.quality [--quick] [--device cuda] [--skip-movielens] [--online-only]
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from bench.trainer import examples_from_logs, synthetic_examples
+from bench.trainer import PAPER_HIDDEN_UNITS, examples_from_logs, synthetic_examples
 from schemas.fids import HASH_BITS
 from schemas.spec import FeatureSpec, load_spec
 from trainer.cowclip import Hyperparameters, scale_hyperparameters
@@ -64,6 +71,82 @@ def progressive_auc(spec: FeatureSpec, examples: pa.Table, device: str) -> dict:
     summary = trainer.train(examples)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
+
+
+class RecordingMetrics(ProgressiveMetrics):
+    """Progressive metrics that also keep every score, for the exact AUC."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.scores, self.labels, self.weights = [], [], []
+
+    def update(self, logits, labels, weights=None) -> None:
+        super().update(logits, labels, weights)
+        self.scores.append(np.asarray(logits, dtype=np.float64))
+        self.labels.append(np.asarray(labels, dtype=np.float64))
+        self.weights.append(np.ones(len(self.scores[-1])) if weights is None else np.asarray(weights))
+
+
+def online_against_vw(spec: FeatureSpec, examples: pa.Table, device: str) -> dict:
+    """Our progressive AUC and VW's on the same Examples (both exact, scikit-learn)."""
+    from sklearn.metrics import roc_auc_score
+
+    from bench.vw import vw_progressive
+
+    trainer = OnlineTrainer(spec, device=device)
+    trainer._metrics = recorded = RecordingMetrics()
+    started = time.perf_counter()
+    trainer.train(examples)
+    trainer.metrics  # folds the last scores in
+    seconds = time.perf_counter() - started
+    auc = float(roc_auc_score(np.concatenate(recorded.labels), np.concatenate(recorded.scores),
+                              sample_weight=np.concatenate(recorded.weights)))
+    peer = vw_progressive(examples, spec.labels.target)
+    return {"examples": examples.num_rows, "batch": spec.training.batch_size,
+            "sequential_updates": spec.training.uses_sequential_updates, "auc": round(auc, 5), **peer,
+            "auc_minus_vw": round(auc - peer["vw_auc"], 5), "examples_per_s": round(examples.num_rows / seconds)}
+
+
+def defaults_only(spec_name: str) -> FeatureSpec:
+    """The built-in spec without ``defaults.optimizer``, ``training`` and ``model``: a user's spec
+    that names no training settings, so the project's defaults decide."""
+    import yaml
+
+    from schemas.spec import parse_spec, spec_path
+
+    path = spec_path(spec_name)
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    raw.get("defaults", {}).pop("optimizer", None)
+    raw.pop("training", None)
+    raw.pop("model", None)
+    return parse_spec(raw, source=f"{path} (defaults only)", base_dir=path.parent)
+
+
+def online_figures(quick: bool, device: str, movielens_rows: bool = True) -> dict:
+    """The rows of section 0, as ``online_<row>`` dicts."""
+    from datasets import obd
+
+    rows = {}
+    if movielens_rows:
+        from datasets import movielens
+
+        spec = load_spec("movielens")
+        with tempfile.TemporaryDirectory() as tmp:
+            movielens.convert(Path(tmp))
+            examples = examples_from_logs(spec, Path(tmp))
+        rows["movielens"] = online_against_vw(spec, examples, device)
+        rows["movielens_defaults"] = online_against_vw(defaults_only("movielens"), examples, device)
+    spec = load_spec("synthetic")
+    rows["synthetic"] = online_against_vw(spec, synthetic_examples(spec, 100_000 if quick else 600_000, seed=5),
+                                          device)
+    spec = load_spec("obd")
+    with tempfile.TemporaryDirectory() as tmp:
+        obd.convert(Path(tmp))
+        rows["obd"] = online_against_vw(spec, examples_from_logs(spec, Path(tmp)), device)
+    for name, row in rows.items():
+        print(f"online {name}: ours {row['auc']:.4f} ({row['examples_per_s']:,} ex/s), VW {row['vw_auc']:.4f} "
+              f"({row['vw_examples_per_s']:,} ex/s): {row['auc_minus_vw']:+.4f}", file=sys.stderr, flush=True)
+    return {f"online_{name}": row for name, row in rows.items()}
 
 
 def with_hyperparameters(spec: FeatureSpec, hp: Hyperparameters, cowclip: bool) -> FeatureSpec:
@@ -109,9 +192,9 @@ def movielens_figures(device: str) -> dict:
 
 def synthetic_figures(quick: bool, device: str, epochs: int, impressions: int | None = None,
                       collision: bool = True) -> dict:
-    spec = load_spec("synthetic")
-    if quick:
-        spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, hidden_units=(128, 128)))
+    spec = load_spec("synthetic")  # the CowClip paper's MLP (a smaller one for --quick)
+    spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, hidden_units=(128, 128) if quick
+                                                               else PAPER_HIDDEN_UNITS))
     impressions = impressions or (60_000 if quick else 1_000_000)
     examples = synthetic_examples(spec, impressions, seed=11, span_hours=24)
     cut = int(examples.num_rows * 0.8)
@@ -154,10 +237,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-movielens", action="store_true", help="no MovieLens (no download)")
     parser.add_argument("--skip-collision", action="store_true", help="no synthetic collisionless-vs-hashed runs")
     parser.add_argument("--impressions", type=int, default=None, help="synthetic impressions (default 1M, quick 60k)")
+    parser.add_argument("--online-only", action="store_true", help="only section 0 (online learning vs VW)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     figures = {"quick": args.quick, "device": args.device}
     started = time.perf_counter()
+    figures.update(online_figures(args.quick, args.device, movielens_rows=not args.skip_movielens))
+    if args.online_only:
+        figures["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(figures))
+        return
     if not args.skip_movielens:
         figures.update(movielens_figures(args.device))
         print(json.dumps(figures), file=sys.stderr, flush=True)

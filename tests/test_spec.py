@@ -166,3 +166,17 @@ def test_spec_path_resolves_relative_avsc(tmp_path):
     spec_file.write_text(yaml.safe_dump(raw))
     assert load_spec(spec_file).events.impression == str(schema_file)
     assert spec_path("movielens").name == "movielens.yaml"
+
+
+def test_sequential_updates_are_auto_on_small_batches_and_bounded():
+    assert parse_spec(BASE).training.uses_sequential_updates  # the online default
+    large = parse_spec({**BASE, "training": {"batch_size": 4096}}).training
+    assert not large.uses_sequential_updates  # a large batch trains as a batch
+    cowclip = parse_spec({**BASE, "training": {"batch_size": 64, "cowclip": {"enabled": True}}}).training
+    assert not cowclip.uses_sequential_updates
+    forced = parse_spec({**BASE, "training": {"batch_size": 512, "sequential_updates": True}}).training
+    assert forced.uses_sequential_updates
+    [error] = _errors({**BASE, "training": {"sequential_updates": "sometimes"}})
+    assert "training.sequential_updates" in error and "'sometimes'" in error
+    [error] = _errors({**BASE, "training": {"batch_size": 4096, "sequential_updates": True}})
+    assert "batch_size <= 1024" in error and "4096" in error

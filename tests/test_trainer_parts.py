@@ -67,7 +67,7 @@ def _ftrl_direct(w, z, n, g, alpha, l1, l2, beta=1.0):
 
 
 def test_ftrl_matches_a_direct_implementation():
-    spec = OptimizerSpec(kind=OptimizerKind.FTRL, lr=0.5, l1=0.05, l2=0.01)
+    spec = OptimizerSpec(kind=OptimizerKind.FTRL, lr=0.5, l1=0.05, l2=0.01, initial_accumulator=0.0)
     ours = SparseOptimizer(spec)
     table, table_rows = _table(ours, torch.zeros(ROWS, DIM))
     w = np.zeros((ROWS, DIM)); z = np.zeros((ROWS, DIM)); n = np.zeros((ROWS, DIM))

@@ -181,6 +181,7 @@ class EmbeddingTable:
         self.next_row = 0  # rows below this were handed out at least once
         self.free_rows = torch.empty(0, dtype=torch.int64, device=self.device)
         self.size = 0
+        self.rows_freed = 0  # counts frees: a fid -> row mapping read before a change is stale after it
         self.data_time_ms = 0
         self.removed_fids: list[torch.Tensor] = []
         self.evicted_touched: list[RowBatch] = []
@@ -456,6 +457,9 @@ class EmbeddingTable:
         return RowBatch(fids, self.embeddings[rows], self.state[rows], self.last_seen_ms[rows], self.counts[rows])
 
     def _free(self, positions: torch.Tensor, rows: torch.Tensor) -> None:
+        if len(rows) == 0:
+            return
+        self.rows_freed += 1
         self.index_keys[positions // SLOTS_PER_BUCKET, positions % SLOTS_PER_BUCKET] = EMPTY
         self.touched[rows] = False
         self.free_rows = torch.cat([self.free_rows, rows])
@@ -485,12 +489,14 @@ class EmbeddingTable:
         return out
 
     def lookup_or_insert(self, fids: torch.Tensor, event_time_ms: int | torch.Tensor,
-                         counts: torch.Tensor | None = None) -> torch.Tensor:
+                         counts: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Rows of ``fids``, inserting the new ones that pass their slot's frequency filter.
 
         ``fids`` are unique unless ``counts`` is None (then duplicates are counted here).
         ``event_time_ms`` (a scalar or one per fid) updates each row's last-seen time and the
         table's data time. Returns -1 for fids held back by the filter (they get no row).
+        ``rows``: their rows if already looked up (-1 where absent), valid while ``rows_freed``
+        has not changed since; the index is then not searched again.
         """
         fids = fids.to(self.device)
         inverse = None
@@ -502,19 +508,31 @@ class EmbeddingTable:
             times = torch.zeros(len(fids), dtype=torch.int64, device=self.device).scatter_reduce_(
                 0, inverse, times, reduce="amax", include_self=False)
         times = times.expand(len(fids)) if times.dim() == 0 else times
-        if len(fids):
-            self.data_time_ms = max(self.data_time_ms, int(times.max()))
-        rows, _ = self._find(fids)
+        rows = self._find(fids)[0] if rows is None or inverse is not None else rows.clone()
         missing = rows < 0
-        self.stats["lookups"] += len(fids)
-        self.stats["hits"] += len(fids) - int(missing.sum())
         if bool(missing.any()):
+            self.stats["lookups"] += len(fids)
+            self.stats["hits"] += len(fids) - int(missing.sum())
+            self.data_time_ms = max(self.data_time_ms, int(times.max()))
             rows[missing] = self._insert_missing(fids[missing], times[missing], counts[missing], protect=rows[~missing])
-        present = rows >= 0
-        hit_rows = rows[present]
-        self.last_seen_ms[hit_rows] = torch.maximum(self.last_seen_ms[hit_rows], times[present])
-        self.counts[hit_rows] += counts[present].to(torch.int32)
+            present = rows >= 0
+            self._touch(rows[present], times[present], counts[present])
+        else:
+            self.record_hits(rows, times, counts)
         return rows if inverse is None else rows[inverse]
+
+    def record_hits(self, rows: torch.Tensor, times: torch.Tensor, counts: torch.Tensor) -> None:
+        """What ``lookup_or_insert`` records for fids it finds: ``rows`` (unique, all present)
+        were read at event ``times`` (ms, one per row), ``counts`` times each."""
+        self.stats["lookups"] += len(rows)
+        self.stats["hits"] += len(rows)
+        if len(rows):
+            self.data_time_ms = max(self.data_time_ms, int(times.max()))
+        self._touch(rows, times, counts)
+
+    def _touch(self, rows: torch.Tensor, times: torch.Tensor, counts: torch.Tensor) -> None:
+        self.last_seen_ms[rows] = torch.maximum(self.last_seen_ms[rows], times)
+        self.counts[rows] += counts.to(torch.int32)
 
     def _insert_missing(self, fids: torch.Tensor, times: torch.Tensor, counts: torch.Tensor,
                         protect: torch.Tensor) -> torch.Tensor:

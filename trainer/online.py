@@ -1,12 +1,21 @@
 """The online trainer, engine-free: Example batches in, progressive metrics out.
 
-Per batch: fids -> unique per table -> lookup-or-insert (event time, counts; frequency filter and
-expiry on data time) -> pooled embeddings per slot (sum) and wide weights -> model -> the batch is
-scored first (progressive validation, negatives weighted 1/r) -> loss
-``BCE(logit - log(sample_rate), label)`` summed over the batch, so the logit stays calibrated to
-unsampled traffic and every example moves its rows by a full gradient ->
-backward -> CowClip on deep-embedding gradients (if enabled) -> sparse optimizer on touched rows
-only -> dense optimizer.
+An Example table is converted once (``prepare``) and trained in slices of ``batch_size``. Per
+batch: fids -> distinct per table -> their rows (lookup-or-insert: event time, counts, frequency
+filter; the index is searched once per window of coming fids) -> pooled embeddings per slot (sum)
+and wide sums -> model -> loss ``BCE(logit - log(sample_rate), label)`` summed over the batch, so
+the logit stays calibrated to unsampled traffic and every example moves its rows by a full
+gradient -> one backward pass: the dense weights' gradient and each example's gradient with
+respect to its pooled rows. Then either
+
+* sequential in-batch updates (``trainer.in_batch``, small batches by default): the batch's
+  scores and row steps as if its examples were trained one at a time (Adagrad/SGD slots), or
+* a plain batch update: CowClip on deep-embedding gradients (if enabled), then the sparse
+  optimizer on the touched rows;
+
+and the dense optimizer. Progressive validation: the metrics record each example's score before
+it is trained on (with sequential updates, after the batch's earlier examples), negatives
+weighted 1/r. Expiry sweeps run on data time.
 
 Slots are grouped by optimizer; each group has one table whose rows hold the deep embedding
 (``dim`` floats) and the fid's wide weight (one more float), so one index lookup serves both.
@@ -25,11 +34,71 @@ from schemas.fids import HASH_BITS, MAX_SLOT_ID
 from schemas.spec import FeatureSpec, OptimizerKind, OptimizerSpec
 from trainer.cowclip import cowclip
 from trainer.embedding_table import EmbeddingTable, TableConfig
+from trainer.in_batch import NEWTON_STEPS, SequentialRows, sequential_logits
 from trainer.metrics import ProgressiveMetrics, WindowedMetrics
 from trainer.models import CTRModel
 from trainer.sparse_optimizers import SparseOptimizer
 
-EXPIRE_EVERY_MS = 3_600_000  # expiry sweep every hour of data time
+#: Expiry sweeps (each scans a table) run every hour of data time, or every 1/100 of the shortest
+#: ``expire_after`` if longer: a row lives at most 1 % (or an hour) past its expiry.
+EXPIRE_EVERY_MS = 3_600_000
+EXPIRE_RESOLUTION = 100
+
+
+#: Occurrences whose rows are found in one index search ahead of training them (per table).
+RESOLVE_AHEAD_OCCURRENCES = 16_384
+
+
+@dataclass
+class _ResolvedWindow:
+    """Rows of one table's fids for a window of coming occurrences, found in one search; valid
+    until the table frees rows (expiry, eviction: ``rows_freed`` changes)."""
+
+    start: int  # the window: occurrences start:stop of the group
+    stop: int
+    fids: torch.Tensor  # [distinct] the window's distinct fids, sorted
+    inverse: torch.Tensor  # [stop - start] index into fids
+    rows: torch.Tensor  # [distinct] their rows; -1 while not in the table
+    rows_freed: int  # the table's rows_freed when searched
+
+
+@dataclass
+class _GroupFids:
+    """The fids of one table's slots in a prepared Example table, in example order."""
+
+    fids: torch.Tensor  # [occurrences] int64
+    example: torch.Tensor  # [occurrences] the example each occurrence belongs to
+    target: torch.Tensor  # [occurrences] example * slots + the slot's position: its pooled row
+    times: torch.Tensor  # [occurrences] the example's impression time (ms)
+    bounds: np.ndarray  # [examples + 1]: example i's occurrences are bounds[i]:bounds[i + 1]
+    resolved: _ResolvedWindow | None = None
+
+
+@dataclass
+class PreparedExamples:
+    """An Example table's columns as arrays, converted once and then trained on in slices: a
+    slice of examples is a slice of each group's occurrences, with no per-batch conversion."""
+
+    n: int
+    groups: list[_GroupFids]
+    labels: np.ndarray  # [n] float64, the target label
+    times: np.ndarray  # [n] impression time (ms)
+    rates: np.ndarray  # [n] the sampling rate each example was kept at
+    label_tensor: torch.Tensor  # [n] float32 labels on the device
+    log_rate: torch.Tensor  # [n] log(sample_rate): the logit offset of sampled training
+    dense: torch.Tensor  # [n, dense features] float32
+
+
+@dataclass
+class _Touched:
+    """What a batch read from one group's table, for the update after the backward pass."""
+
+    group: "_Group"
+    rows: torch.Tensor  # [unique fids] rows (-1: held back by the frequency filter)
+    inverse: torch.Tensor  # [occurrences] index into rows
+    target: torch.Tensor  # [occurrences] pooled row of each occurrence
+    example: torch.Tensor  # [occurrences] example of each occurrence
+    counts: torch.Tensor  # [unique fids] occurrences in the batch
 
 
 @dataclass
@@ -38,16 +107,23 @@ class _Group:
     table: EmbeddingTable  # rows: [deep embedding (dim) | wide weight (1)]
     optimizer: SparseOptimizer
 
+    @property
+    def sequential(self) -> bool:
+        """Whether its rows can take sequential in-batch updates (``trainer.in_batch``)."""
+        return self.optimizer.spec.kind in (OptimizerKind.ADAGRAD, OptimizerKind.SGD)
+
 
 def _dense_optimizer(spec: OptimizerSpec, parameters) -> torch.optim.Optimizer:
+    """torch's fused implementations: one kernel per step for all parameters (the per-tensor
+    loop was a fifth of a small batch's step)."""
     if spec.kind is OptimizerKind.ADAM:
         return torch.optim.Adam(parameters, lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps,
-                                weight_decay=spec.l2)
+                                weight_decay=spec.l2, fused=True)
     if spec.kind is OptimizerKind.ADAGRAD:
         return torch.optim.Adagrad(parameters, lr=spec.lr, weight_decay=spec.l2,
-                                   initial_accumulator_value=spec.initial_accumulator)
+                                   initial_accumulator_value=spec.initial_accumulator, fused=True)
     if spec.kind is OptimizerKind.SGD:
-        return torch.optim.SGD(parameters, lr=spec.lr, weight_decay=spec.l2)
+        return torch.optim.SGD(parameters, lr=spec.lr, weight_decay=spec.l2, fused=True)
     raise ValueError(f"dense optimizer {spec.kind.value!r} is not supported (use adam, adagrad or sgd)")
 
 
@@ -82,8 +158,12 @@ class OnlineTrainer:
         for index, group in enumerate(self.groups):
             self.group_of_slot[group.slot_ids] = index
         self.model = CTRModel.from_spec(spec).to(self.device)
+        self.sequential_updates = spec.training.uses_sequential_updates
+        self.newton_steps = NEWTON_STEPS
+        self.dense_parameters = [p for p in self.model.parameters() if p.requires_grad]
         self.dense_optimizer = _dense_optimizer(spec.training.dense_optimizer, self.model.parameters())
-        self.metrics = ProgressiveMetrics()
+        self._metrics = ProgressiveMetrics()
+        self._pending_scores: list = []  # (logits, start, stop, prepared) of batches not yet in the metrics
         self.window_metrics = WindowedMetrics(spec.training.metrics_window_ms)
         self.dense_lr = [group["lr"] for group in self.dense_optimizer.param_groups]
         self.target = spec.labels.target
@@ -92,6 +172,8 @@ class OnlineTrainer:
         self.batches = 0
         self.data_time_ms = 0
         self.last_expiry_ms = 0
+        lifetimes = [slot.expire_after_ms for slot in spec.slots if slot.expire_after_ms is not None]
+        self.expire_every_ms = max(EXPIRE_EVERY_MS, min(lifetimes, default=0) // EXPIRE_RESOLUTION)
         self.unknown_slot_fids = 0
 
     def _columns(self, examples: pa.Table):
@@ -111,112 +193,256 @@ class OnlineTrainer:
         rates = examples.column("sample_rate").to_numpy()
         return flat, example_of, labels, dense_values, times, rates
 
-    def _forward(self, examples: pa.Table, train: bool):
-        """Logits of a batch and, when training, the (group, rows, leaf weights, counts) to update.
-
-        Training inserts new fids (frequency filter, last-seen time, counts); prediction only reads.
-        """
+    def prepare(self, examples: pa.Table) -> "PreparedExamples":
+        """The columns of ``examples`` as arrays laid out for training in slices (see
+        ``PreparedExamples``); counts fids of slots the spec does not have."""
         flat, example_of, labels, dense_values, times, rates = self._columns(examples)
-        logits, used = self._forward_fids(flat, example_of, examples.num_rows, dense_values, times, train)
-        return logits, labels, rates, times, used
-
-    def _forward_fids(self, flat, example_of, n: int, dense_values, times, train: bool):
         slots = flat >> HASH_BITS
         position = self.slot_position[slots]
         known = position >= 0
-        if train:
-            self.unknown_slot_fids += int((~known).sum())
-        pooled = torch.zeros(n * self.num_slots, self.dim, device=self.device)
+        self.unknown_slot_fids += int((~known).sum())
+        group_index = np.where(known, self.group_of_slot[slots], -1)
+        n = examples.num_rows
+        groups = []
+        for index in range(len(self.groups)):
+            mask = group_index == index
+            examples_of_group = example_of[mask]
+            bounds = np.searchsorted(examples_of_group, np.arange(n + 1))  # fids of example i: [b[i], b[i+1])
+            groups.append(_GroupFids(
+                fids=torch.from_numpy(flat[mask]).to(self.device),
+                example=torch.from_numpy(examples_of_group).to(self.device),
+                target=torch.from_numpy(examples_of_group * self.num_slots + position[mask]).to(self.device),
+                times=torch.from_numpy(times[examples_of_group]).to(self.device),
+                bounds=bounds))
+        device = self.device
+        return PreparedExamples(
+            n=n, groups=groups, labels=labels, times=times, rates=rates,
+            label_tensor=torch.from_numpy(labels).to(device, torch.float32),
+            log_rate=torch.from_numpy(np.log(rates)).to(device, torch.float32),
+            dense=torch.from_numpy(np.array(dense_values, dtype=np.float32)).to(device))
+
+    def _pool(self, prepared: "PreparedExamples", start: int, stop: int, train: bool):
+        """Pooled embeddings [n, slots, dim] and wide sums [n] of examples ``start:stop``, and per
+        group the (rows, occurrences) that training updates. Training inserts new fids (frequency
+        filter, last-seen time, counts); prediction only reads."""
+        n, dim = stop - start, self.dim
+        pooled = torch.zeros(n * self.num_slots, dim, device=self.device)
         wide = torch.zeros(n, device=self.device)
         used = []
-        group_index = self.group_of_slot[slots]
-        for index, group in enumerate(self.groups):
-            mask = known & (group_index == index)
-            if not mask.any():
+        for group, fids_of in zip(self.groups, prepared.groups):
+            lo, hi = int(fids_of.bounds[start]), int(fids_of.bounds[stop])
+            if lo == hi:
                 continue
-            fids = torch.from_numpy(flat[mask]).to(self.device)
-            unique, inverse, counts = torch.unique(fids, return_inverse=True, return_counts=True)
+            fids = fids_of.fids[lo:hi]
+            target = fids_of.target[lo:hi] - start * self.num_slots
+            example = fids_of.example[lo:hi] - start
             if train:
-                fid_times = torch.from_numpy(times[example_of[mask]]).to(self.device)
-                unique_times = torch.zeros(len(unique), dtype=torch.int64, device=self.device).scatter_reduce_(
-                    0, inverse, fid_times, reduce="amax", include_self=False)
-                rows = group.table.lookup_or_insert(unique, unique_times, counts)
-                weights = group.table.gather(rows).requires_grad_()  # [unique, dim + 1]; zeros if filtered
-                used.append((group, rows, weights, counts))
+                rows, inverse, counts = self._rows_for_training(group.table, fids_of, lo, hi)
+                weights = (group.table.gather(rows) if group.table.sketch is not None  # zeros if filtered
+                           else group.table.embeddings.index_select(0, rows))  # [unique, dim + 1]
+                used.append(_Touched(group, rows, inverse, target, example, counts))
             else:
+                unique, inverse = torch.unique(fids, return_inverse=True)
                 weights = group.table.gather(group.table.lookup(unique)).float()  # fp16 serving rows
-            target = torch.from_numpy(example_of[mask] * self.num_slots + position[mask]).to(self.device)
-            pooled = pooled.index_add(0, target, weights[inverse, :self.dim])
-            wide = wide.index_add(0, torch.from_numpy(example_of[mask]).to(self.device), weights[inverse, self.dim])
-        dense = torch.tensor(dense_values, dtype=torch.float32, device=self.device)
-        logits = self.model(pooled.view(n, self.num_slots, self.dim), wide, dense)
-        return logits, used
+            occurrences = weights.index_select(0, inverse)
+            pooled.index_add_(0, target, occurrences[:, :dim])
+            wide.index_add_(0, example, occurrences[:, dim])
+        return pooled, wide, used
+
+    def _rows_for_training(self, table: EmbeddingTable, fids_of: _GroupFids, lo: int, hi: int):
+        """(rows, inverse, counts) of the distinct fids of occurrences ``lo:hi`` - exactly what
+        ``table.lookup_or_insert`` of them gives - with the table's index searched once per window
+        of coming occurrences (``_ResolvedWindow``) instead of once per batch."""
+        window = fids_of.resolved
+        if (window is None or lo < window.start or hi > window.stop or window.rows_freed != table.rows_freed):
+            stop = max(hi, min(len(fids_of.fids), lo + RESOLVE_AHEAD_OCCURRENCES))
+            distinct, window_inverse = torch.unique(fids_of.fids[lo:stop], return_inverse=True)
+            window = fids_of.resolved = _ResolvedWindow(lo, stop, distinct, window_inverse, table.lookup(distinct),
+                                                        table.rows_freed)
+        ids, inverse, counts = torch.unique(window.inverse[lo - window.start:hi - window.start],
+                                            return_inverse=True, return_counts=True)
+        times = torch.zeros(len(ids), dtype=torch.int64, device=self.device).scatter_reduce_(
+            0, inverse, fids_of.times[lo:hi], reduce="amax", include_self=False)
+        rows = window.rows.index_select(0, ids)
+        if bool((rows < 0).any()):  # new (or filtered) fids: the table inserts what it admits
+            rows = table.lookup_or_insert(window.fids.index_select(0, ids), times, counts, rows=rows)
+            if table.rows_freed == window.rows_freed:
+                window.rows.index_copy_(0, ids, rows)
+        else:
+            table.record_hits(rows, times, counts)
+        return rows, inverse, counts
 
     def train_batch(self, examples: pa.Table) -> dict:
         """Score the batch (progressive metrics), then train on it; returns the batch's loss."""
-        n = examples.num_rows
-        logits, labels, rates, times, used = self._forward(examples, train=True)
-        labels_t = torch.from_numpy(labels).to(self.device, torch.float32)
-        weights = np.where(labels > 0, 1.0, 1.0 / rates)
-        scores = logits.detach().cpu().numpy()
-        self.metrics.update(scores, labels, weights)
-        self.window_metrics.update(scores, labels, weights, times)
-        offset = torch.from_numpy(np.log(rates)).to(self.device, torch.float32)
+        prepared = self.prepare(examples)
+        return {"loss": self.train_prepared(prepared, 0, prepared.n) / max(prepared.n, 1), "examples": prepared.n}
+
+    def train_prepared(self, prepared: "PreparedExamples", start: int, stop: int) -> float:
+        """Score examples ``start:stop`` of ``prepared`` (progressive metrics), then train on
+        them as one batch; returns the batch's summed loss."""
+        n = stop - start
+        pooled, wide, used = self._pool(prepared, start, stop, train=True)
+        pooled.requires_grad_()
+        wide.requires_grad_()
+        logits = self.model(pooled.view(n, self.num_slots, self.dim), wide, prepared.dense[start:stop])
+        labels, log_rate = prepared.label_tensor[start:stop], prepared.log_rate[start:stop]
         # Summed, not averaged: each example moves its own embedding rows by a full gradient (as
         # in per-example online learning); a mean would shrink sparse updates by the batch size.
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits - offset, labels_t, reduction="sum")
-        self.dense_optimizer.zero_grad()
-        loss.backward()
-        cow = self.spec.training.cowclip
-        for group, rows, weights, counts in used:
-            grad = weights.grad
-            if grad is None:
-                continue
-            if cow.enabled:  # the deep part only: wide weights are not clipped
-                grad = torch.cat([cowclip(grad[:, :self.dim], weights.detach()[:, :self.dim], counts, cow.ratio,
-                                          cow.min_clip), grad[:, self.dim:]], dim=1)
-            admitted = rows >= 0  # filtered fids have no row and get no update
-            group.optimizer.step(group.table, rows[admitted], grad[admitted])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits - log_rate, labels, reduction="sum")
+        # One backward pass: the dense weights' gradient (they train on the batch as a batch, at its
+        # starting scores) and each example's gradient with respect to its pooled rows.
+        grads = torch.autograd.grad(loss, self.dense_parameters + [pooled, wide], allow_unused=True)
+        for parameter, grad in zip(self.dense_parameters, grads):
+            parameter.grad = grad
+        pooled_grad, wide_grad = grads[len(self.dense_parameters):]
+        pooled_grad = torch.zeros_like(pooled) if pooled_grad is None else pooled_grad
+        wide_grad = torch.zeros_like(wide) if wide_grad is None else wide_grad  # models without a wide part
+        sequential = [t for t in used if t.group.sequential] if self.sequential_updates and n > 1 else []
+        scores, totals = logits.detach(), []
+        if sequential:  # the scores and row steps of training the batch example by example
+            example_grad = torch.sigmoid(scores - log_rate) - labels  # d loss / d logit, never 0 in exact arithmetic
+            usable = example_grad.abs() > 1e-30
+            inverse_grad = torch.where(usable, 1.0 / torch.where(usable, example_grad, 1.0), 0.0)
+            jac_pooled = pooled_grad * inverse_grad.repeat_interleave(self.num_slots).unsqueeze(1)
+            jac_wide = wide_grad * inverse_grad
+            scores, totals = sequential_logits(scores, labels, log_rate,
+                                               [self._sequential_rows(t, jac_pooled, jac_wide) for t in sequential],
+                                               newton_steps=self.newton_steps)
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(scores - log_rate, labels, reduction="sum")
+        self._pending_scores.append((scores, start, stop, prepared))
+        batch_updated = [t for t in used if t not in sequential]
+        if batch_updated:
+            self._sparse_step(batch_updated, pooled_grad, wide_grad)
+        for touched, (steps, squares) in zip(sequential, totals):
+            self._apply_sequential(touched, steps, squares)
         warmup = self.spec.training.warmup_steps
         if self.batches < warmup:  # linear warm-up of the dense learning rate
             for group, lr in zip(self.dense_optimizer.param_groups, self.dense_lr):
                 group["lr"] = lr * (self.batches + 1) / warmup
         self.dense_optimizer.step()
         self.batches += 1
-        self.data_time_ms = max(self.data_time_ms, int(times.max()) if len(times) else 0)
-        if self.data_time_ms - self.last_expiry_ms >= EXPIRE_EVERY_MS:
+        if n:
+            self.data_time_ms = max(self.data_time_ms, int(prepared.times[start:stop].max()))
+        if self.data_time_ms - self.last_expiry_ms >= self.expire_every_ms:
             for group in self.groups:
                 group.table.expire(self.data_time_ms)
             self.last_expiry_ms = self.data_time_ms
-        return {"loss": float(loss.item()) / max(n, 1), "examples": n}
+        return loss.detach()
+
+    def _sequential_rows(self, touched: "_Touched", jac_pooled: torch.Tensor,
+                         jac_wide: torch.Tensor) -> SequentialRows:
+        """One table's occurrences for ``trainer.in_batch``, with ``J`` = [d logit / d pooled slot,
+        d logit / d wide sum] of each occurrence's example."""
+        table, spec = touched.group.table, touched.group.optimizer.spec
+        order = torch.argsort(touched.inverse, stable=True)  # by fid, each fid's examples in order
+        fid_index, example = touched.inverse[order], touched.example[order]
+        jacobian = torch.cat([jac_pooled.index_select(0, touched.target[order]),
+                              jac_wide.index_select(0, example).unsqueeze(1)], dim=1)
+        rows = touched.rows.clamp(min=0)
+        if table.sketch is not None:  # a filtered fid has no row: it neither moves nor moves a score
+            jacobian = jacobian * (touched.rows >= 0).index_select(0, fid_index).unsqueeze(1)
+        accumulator = table.state.index_select(0, rows) if spec.kind is OptimizerKind.ADAGRAD else None
+        weights = table.embeddings.index_select(0, rows) if spec.l2 else None
+        return SequentialRows(fid_index, example, jacobian, len(rows), spec.lr, spec.eps, accumulator, weights, spec.l2)
+
+    @torch.no_grad()
+    def _apply_sequential(self, touched: "_Touched", steps: torch.Tensor, squares: torch.Tensor) -> None:
+        """Move the rows by their summed in-batch steps, their accumulators by the squares."""
+        table, rows = touched.group.table, touched.rows
+        if table.sketch is not None:
+            admitted = rows >= 0
+            rows, steps, squares = rows[admitted], steps[admitted], squares[admitted]
+        table.embeddings.index_add_(0, rows, steps)
+        if touched.group.optimizer.spec.kind is OptimizerKind.ADAGRAD:
+            table.state.index_add_(0, rows, squares)
+        table.touched.index_fill_(0, rows, True)
+        touched.group.optimizer.steps += 1
+
+    def _sparse_step(self, used: list["_Touched"], pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> None:
+        """Per touched row: the sum of its occurrences' gradients (an occurrence's gradient is that
+        of the pooled slot, or the wide sum, of its example), CowClip on the deep part if enabled,
+        then the group's sparse optimizer."""
+        cow = self.spec.training.cowclip
+        dim = self.dim
+        for touched in used:
+            occurrence_grads = torch.cat([pooled_grad.index_select(0, touched.target),
+                                          wide_grad.index_select(0, touched.example).unsqueeze(1)], dim=1)
+            grad = torch.zeros(len(touched.rows), dim + 1, device=self.device).index_add_(
+                0, touched.inverse, occurrence_grads)
+            if cow.enabled:  # the deep part only: wide weights are not clipped
+                weights = touched.group.table.gather(touched.rows)
+                grad = torch.cat([cowclip(grad[:, :dim], weights[:, :dim], touched.counts, cow.ratio, cow.min_clip),
+                                  grad[:, dim:]], dim=1)
+            squares = None
+            if touched.group.optimizer.spec.kind in (OptimizerKind.ADAGRAD, OptimizerKind.FTRL):
+                squares = torch.zeros(len(touched.rows), dim + 1, device=self.device).index_add_(
+                    0, touched.inverse, occurrence_grads * occurrence_grads)
+            rows = touched.rows
+            if touched.group.table.sketch is not None:
+                admitted = rows >= 0  # filtered fids have no row and get no update
+                rows, grad = rows[admitted], grad[admitted]
+                squares = squares[admitted] if squares is not None else None
+            touched.group.optimizer.step(touched.group.table, rows, grad, squares)
+
+    def _fold_metrics(self) -> None:
+        """Add the scores of trained batches to the progressive metrics (done lazily: a batch's
+        scores are final when it is scored, and one update per many batches is cheaper)."""
+        if not self._pending_scores:
+            return
+        pending, self._pending_scores = self._pending_scores, []
+        scores = torch.cat([logits for logits, *_ in pending]).cpu().numpy()
+        labels = np.concatenate([p.labels[a:b] for _, a, b, p in pending])
+        rates = np.concatenate([p.rates[a:b] for _, a, b, p in pending])
+        times = np.concatenate([p.times[a:b] for _, a, b, p in pending])
+        weights = np.where(labels > 0, 1.0, 1.0 / rates)
+        self._metrics.update(scores, labels, weights)
+        self.window_metrics.update(scores, labels, weights, times)
+
+    @property
+    def metrics(self) -> ProgressiveMetrics:
+        self._fold_metrics()
+        return self._metrics
 
     def closed_windows(self, flush: bool = False) -> list[dict]:
         """Rows of progressive metrics per event-time window that are now final (all if ``flush``)."""
+        self._fold_metrics()
         return self.window_metrics.flush() if flush else self.window_metrics.close_until(self.data_time_ms)
 
     def train(self, examples: pa.Table, batch_size: int | None = None) -> dict:
         """Train on ``examples`` in order, in batches; returns the progressive metrics so far."""
         batch_size = batch_size or self.spec.training.batch_size
-        for start in range(0, examples.num_rows, batch_size):
-            self.train_batch(examples.slice(start, batch_size))
+        prepared = self.prepare(examples)
+        for start in range(0, prepared.n, batch_size):
+            self.train_prepared(prepared, start, min(start + batch_size, prepared.n))
         return self.metrics.summary()
 
     @torch.no_grad()
     def predict_logits(self, examples: pa.Table) -> np.ndarray:
         """Logits calibrated to unsampled traffic, without inserting or updating anything."""
-        return self._forward(examples, train=False)[0].cpu().numpy()
+        return self._predict(self._prepare_quietly(examples))
 
     @torch.no_grad()
     def predict_features(self, fids: pa.ListArray, dense: pa.ListArray) -> np.ndarray:
         """Logits for extracted features (``FeatureExtractor.extract``): what serving computes."""
         fids = fids.combine_chunks() if isinstance(fids, pa.ChunkedArray) else fids
-        offsets = fids.offsets.to_numpy()
-        flat = fids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-        n = len(fids)
-        example_of = np.repeat(np.arange(n), np.diff(offsets))
         dense = dense.combine_chunks() if isinstance(dense, pa.ChunkedArray) else dense
-        dense_values = dense.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(n, -1)
-        logits, _ = self._forward_fids(flat, example_of, n, dense_values, None, train=False)
+        n = len(fids)
+        examples = pa.table({
+            "fids": fids, "dense": dense,
+            "labels": pa.array([[]] * n, pa.map_(pa.string(), pa.float64())),
+            "impression_time_ms": pa.array(np.zeros(n, dtype=np.int64)),
+            "sample_rate": pa.array(np.ones(n))})
+        return self._predict(self._prepare_quietly(examples))
+
+    def _prepare_quietly(self, examples: pa.Table) -> "PreparedExamples":
+        unknown = self.unknown_slot_fids
+        prepared = self.prepare(examples)
+        self.unknown_slot_fids = unknown  # counted for training only
+        return prepared
+
+    def _predict(self, prepared: "PreparedExamples") -> np.ndarray:
+        pooled, wide, _ = self._pool(prepared, 0, prepared.n, train=False)
+        logits = self.model(pooled.view(prepared.n, self.num_slots, self.dim), wide, prepared.dense)
         return logits.cpu().numpy()
 
     def _cached_table(self, config: TableConfig, index: int) -> EmbeddingTable:
@@ -233,8 +459,9 @@ class OnlineTrainer:
 
     def training_state(self) -> dict:
         """Everything but the tables needed to continue training exactly (for snapshots)."""
+        self._fold_metrics()
         return {"model": self.model.state_dict(), "dense_optimizer": self.dense_optimizer.state_dict(),
-                "metrics": self.metrics.__dict__.copy(), "window_metrics": self.window_metrics.__dict__.copy(),
+                "metrics": self._metrics.__dict__.copy(), "window_metrics": self.window_metrics.__dict__.copy(),
                 "batches": self.batches, "data_time_ms": self.data_time_ms, "last_expiry_ms": self.last_expiry_ms,
                 "unknown_slot_fids": self.unknown_slot_fids}
 
@@ -242,7 +469,8 @@ class OnlineTrainer:
         self.model.load_state_dict(state["model"])
         if not self.serving:
             self.dense_optimizer.load_state_dict(state["dense_optimizer"])
-        self.metrics.__dict__.update(state["metrics"])
+        self._pending_scores = []
+        self._metrics.__dict__.update(state["metrics"])
         self.window_metrics.__dict__.update(state["window_metrics"])
         for key in ("batches", "data_time_ms", "last_expiry_ms", "unknown_slot_fids"):
             setattr(self, key, state[key])

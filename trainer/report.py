@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
 from schemas.logs import atomic_write
 
+AUC_EVERY_S = 0.5
 METRICS = (("auc", "progressive AUC"), ("logloss", "logloss"), ("calibration", "calibration (pred / obs CTR)"))
 
 
@@ -62,10 +64,15 @@ class Progress:
         self.bar = tqdm(total=total, desc=description, unit="ex", unit_scale=True, file=sys.stderr,
                         mininterval=0.5 if interactive else min_interval_s, dynamic_ncols=interactive,
                         ascii=not interactive)
+        self.auc_shown_at = -float("inf")
 
-    def update(self, examples: int, auc: float | None = None) -> None:
-        if auc is not None:
-            self.bar.set_postfix_str(f"auc={auc:.4f}", refresh=False)
+    def update(self, examples: int, metrics=None) -> None:
+        """Count ``examples``; show ``metrics.auc`` (read at most every ``AUC_EVERY_S`` seconds:
+        folding the scores in and summing the bins costs more than a small batch's step)."""
+        now = time.monotonic()
+        if metrics is not None and now - self.auc_shown_at >= AUC_EVERY_S:
+            self.auc_shown_at = now
+            self.bar.set_postfix_str(f"auc={metrics.auc:.4f}", refresh=False)
         self.bar.update(examples)
 
     def close(self) -> None:

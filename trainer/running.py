@@ -89,18 +89,21 @@ class RunningTrainer:
         usable = examples.num_rows if flush else examples.num_rows // self.batch_size * self.batch_size
         started = time.perf_counter()
         self.snapshot_taken = False
+        if usable:
+            prepared = self.trainer.prepare(examples.slice(0, usable))
+            times = prepared.times
+            request_ids, item_ids = examples.column("request_id"), examples.column("item_id")
         for start in range(0, usable, self.batch_size):
-            batch = examples.slice(start, min(self.batch_size, usable - start))
-            self.trainer.train_batch(batch)
-            last = batch.slice(batch.num_rows - 1).to_pylist()[0]
-            self.position = Position(last["impression_time_ms"], last["request_id"], last["item_id"],
-                                     self.position.examples + batch.num_rows)
+            stop = min(start + self.batch_size, usable)
+            self.trainer.train_prepared(prepared, start, stop)
+            self.position = Position(int(times[stop - 1]), request_ids[stop - 1].as_py(), item_ids[stop - 1].as_py(),
+                                     self.position.examples + stop - start)
             if self.publisher is not None:
                 entries = self.publisher.after_batch(self.position)
                 if any(entry["kind"] == "snapshot" for entry in entries):
                     self.snapshot_taken, self.snapshot_position = True, self.position
             if self.progress is not None:
-                self.progress.update(batch.num_rows, self.trainer.metrics.auc)
+                self.progress.update(stop - start, self.trainer.metrics)
         self.seconds += time.perf_counter() - started
         return examples.slice(usable), self.trainer.closed_windows(flush=flush)
 

@@ -41,8 +41,12 @@ class SparseOptimizer:
         return self.spec.initial_accumulator if self.spec.kind in (OptimizerKind.ADAGRAD, OptimizerKind.FTRL) else 0.0
 
     @torch.no_grad()
-    def step(self, table, rows: torch.Tensor, grads: torch.Tensor) -> None:
-        """Apply one update to ``rows`` (unique, all >= 0) of ``table`` given their gradients."""
+    def step(self, table, rows: torch.Tensor, grads: torch.Tensor, grad_squares: torch.Tensor | None = None) -> None:
+        """Apply one update to ``rows`` (unique, all >= 0) of ``table`` given their gradients.
+
+        ``grad_squares`` (Adagrad, FTRL): the sum over the batch's examples of each example's
+        squared gradient, accumulated in place of ``g^2`` of the summed gradient - what the
+        same examples one at a time would accumulate."""
         self.steps += 1
         if len(rows) == 0:
             return
@@ -53,9 +57,10 @@ class SparseOptimizer:
         if kind is OptimizerKind.FTRL:
             g = grads
             z, n = state[:, :dim], state[:, dim:]
-            sigma = (torch.sqrt(n + g * g) - torch.sqrt(n)) / spec.lr
+            squares = g * g if grad_squares is None else grad_squares
+            sigma = (torch.sqrt(n + squares) - torch.sqrt(n)) / spec.lr
             z = z + g - sigma * w
-            n = n + g * g
+            n = n + squares
             w = torch.where(z.abs() <= spec.l1, torch.zeros_like(z),
                             -(z - torch.sign(z) * spec.l1) / ((FTRL_BETA + torch.sqrt(n)) / spec.lr + spec.l2))
             state = torch.cat([z, n], dim=1)
@@ -64,7 +69,7 @@ class SparseOptimizer:
             if kind is OptimizerKind.SGD:
                 w = w - spec.lr * g
             elif kind is OptimizerKind.ADAGRAD:
-                state = state + g * g
+                state = state + (g * g if grad_squares is None else grad_squares)
                 w = w - spec.lr * g / (torch.sqrt(state) + spec.eps)
             elif kind is OptimizerKind.ADAM:
                 m = spec.beta1 * state[:, :dim] + (1 - spec.beta1) * g
