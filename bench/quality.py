@@ -17,10 +17,11 @@
    every run uses the scaling rule from base batch 1K (embedding lr kept, embedding L2 x s,
    dense lr x sqrt(s), warm-up).
 
-``--quick`` shrinks the synthetic data and the MLP (and batches 128/2K/8K, the same 1:16:64
-ratios) to finish in about a minute; its CowClip figures are a smoke test, not the result.
+``--quick`` runs section 0 alone on 100k synthetic impressions (under a minute); with
+``--sections papers`` it shrinks the synthetic data and the MLP (and batches 128/2K/8K, the same
+1:16:64 ratios); its CowClip figures are a smoke test, not the result.
 
-    python -m bench.quality [--quick] [--device cuda] [--skip-movielens] [--online-only]
+    python -m bench.quality [--quick] [--sections online,papers] [--device cuda] [--skip-movielens]
 """
 from __future__ import annotations
 
@@ -229,29 +230,35 @@ def synthetic_figures(quick: bool, device: str, epochs: int, impressions: int | 
     return figures
 
 
+SECTIONS = ("online", "papers")  # section 0; sections 1-3
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sections", default=None,
+                        help="comma-separated: online (section 0, vs VW), papers (sections 1-3: collisions, "
+                             "CowClip); default both, with --quick online only (it alone fits in a minute)")
     parser.add_argument("--epochs", type=int, default=None, help="passes over the CowClip training split")
     parser.add_argument("--skip-movielens", action="store_true", help="no MovieLens (no download)")
     parser.add_argument("--skip-collision", action="store_true", help="no synthetic collisionless-vs-hashed runs")
     parser.add_argument("--impressions", type=int, default=None, help="synthetic impressions (default 1M, quick 60k)")
-    parser.add_argument("--online-only", action="store_true", help="only section 0 (online learning vs VW)")
     args = parser.parse_args(argv)
+    sections = set((args.sections or ("online" if args.quick else ",".join(SECTIONS))).split(","))
+    if not sections <= set(SECTIONS):
+        parser.error(f"--sections: unknown {sorted(sections - set(SECTIONS))}, expected some of {list(SECTIONS)}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    figures = {"quick": args.quick, "device": args.device}
+    figures = {"quick": args.quick, "device": args.device, "sections": sorted(sections)}
     started = time.perf_counter()
-    figures.update(online_figures(args.quick, args.device, movielens_rows=not args.skip_movielens))
-    if args.online_only:
-        figures["seconds"] = round(time.perf_counter() - started, 1)
-        print(json.dumps(figures))
-        return
-    if not args.skip_movielens:
-        figures.update(movielens_figures(args.device))
-        print(json.dumps(figures), file=sys.stderr, flush=True)
-    figures.update(synthetic_figures(args.quick, args.device, args.epochs or (1 if args.quick else 3),
-                                     args.impressions, collision=not args.skip_collision))
+    if "online" in sections:
+        figures.update(online_figures(args.quick, args.device, movielens_rows=not args.skip_movielens))
+    if "papers" in sections:
+        if not args.skip_movielens:
+            figures.update(movielens_figures(args.device))
+            print(json.dumps(figures), file=sys.stderr, flush=True)
+        figures.update(synthetic_figures(args.quick, args.device, args.epochs or (1 if args.quick else 3),
+                                         args.impressions, collision=not args.skip_collision))
     figures["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(figures))
 
