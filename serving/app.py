@@ -32,6 +32,8 @@ def create_app(model: ServingModel, poll_s: float = 1.0) -> FastAPI:
                 model.refresh()
             except (ModelDirError, OSError) as exc:
                 model.last_error = str(exc)
+            except Exception as exc:  # the poller never dies: whatever went wrong shows in /metrics
+                model.last_error = f"polling failed: {type(exc).__name__}: {exc}"
             stop.wait(poll_s)
 
     @app.on_event("startup")

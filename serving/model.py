@@ -25,7 +25,8 @@ import torch
 
 from trainer.embedding_table import EmbeddingTable
 from trainer.online import OnlineTrainer
-from trainer.publish import ModelDirError, newest_snapshot, read_manifest, read_spec, read_sparse_delta, verify
+from trainer.publish import (ModelDirError, inside, load_tensors, newest_snapshot, read_manifest, read_spec,
+                             read_sparse_delta, verify)
 from trainer.table_snapshot import read_rows
 from transforms.features import FeatureExtractor
 from schemas.events import load_schema
@@ -60,35 +61,55 @@ class ServingModel:
     # -- versions -----------------------------------------------------------------------------
 
     def refresh(self) -> list[int]:
-        """Apply every new version in order; returns the versions applied. Stops at the first
-        version that cannot be applied (recorded in ``last_error``) and keeps the last good one."""
+        """Apply every new version in order; returns the versions applied. A version that cannot
+        be applied is named in ``last_error``; serving keeps the last good one, or jumps to a newer
+        snapshot if there is one (a damaged delta does not hold serving back for good)."""
         entries = read_manifest(self.dir)
         if entries:
             self.trainer_published_at = entries[-1]["published_at"]
-        applied = []
-        try:
-            if self.model is None:
-                snapshot = newest_snapshot(entries)
-                if snapshot is None:
-                    raise ModelDirError(f"{self.dir}: no snapshot published yet")
-                self._load_snapshot(snapshot)
-                applied.append(snapshot["version"])
-            for entry in entries:
-                if entry["version"] <= self.version:
+        applied, skipped = [], None
+        while True:
+            failing = {"version": self.version + 1}
+            try:
+                self._apply_new(entries, applied, failing)
+                self.last_error = skipped
+                return applied
+            except Exception as exc:  # any version that cannot be applied is refused, never fatal
+                error = str(exc) if isinstance(exc, (ModelDirError, OSError)) else \
+                    f"version {failing['version']} could not be applied: {type(exc).__name__}: {exc}"
+            newer = [e for e in entries if e["kind"] == "snapshot" and e["version"] > failing["version"]]
+            if newer:
+                try:
+                    self._load_snapshot(newer[-1])
+                    applied.append(newer[-1]["version"])
+                    skipped = f"{error}; skipped to snapshot version {newer[-1]['version']}"
+                    entries = [e for e in entries if e["version"] > newer[-1]["version"]]
                     continue
-                if entry["base_version"] != self.version:
-                    raise ModelDirError(f"version {entry['version']} ({entry['kind']}) applies on top of "
-                                        f"{entry['base_version']}, but serving holds {self.version}: out of order")
-                verify(self.dir, entry)
-                self._apply(entry)
-                applied.append(entry["version"])
-            self.last_error = None
-        except Exception as exc:  # any version that cannot be applied is refused, never fatal
-            self.last_error = str(exc) if isinstance(exc, (ModelDirError, OSError)) else \
-                f"version {self.version + 1} could not be applied: {type(exc).__name__}: {exc}"
+                except Exception as exc:
+                    error = f"{error}; the newer snapshot {newer[-1]['version']} failed too: {exc}"
+            self.last_error = error
             if not applied:
-                raise ModelDirError(self.last_error) from exc
-        return applied
+                raise ModelDirError(error)
+            return applied
+
+    def _apply_new(self, entries: list[dict], applied: list[int], failing: dict) -> None:
+        if self.model is None:
+            snapshot = newest_snapshot(entries)
+            if snapshot is None:
+                raise ModelDirError(f"{self.dir}: no snapshot published yet")
+            failing["version"] = snapshot["version"]
+            self._load_snapshot(snapshot)
+            applied.append(snapshot["version"])
+        for entry in entries:
+            if entry["version"] <= self.version:
+                continue
+            failing["version"] = entry["version"]
+            if entry["base_version"] != self.version:
+                raise ModelDirError(f"version {entry['version']} ({entry['kind']}) applies on top of "
+                                    f"{entry['base_version']}, but serving holds {self.version}: out of order")
+            verify(self.dir, entry)
+            self._apply(entry)
+            applied.append(entry["version"])
 
     def _stores(self, uri: str) -> list:
         """One ``RedisStore`` per table, named and shaped as the trainer's (rows hold its
@@ -120,11 +141,12 @@ class ServingModel:
 
     def _load_snapshot(self, entry: dict) -> None:
         verify(self.dir, entry)
+        where = f"version {entry['version']} (snapshot)"
         model = self._new_model()
         for index, group in enumerate(model.groups):
-            rows, _, _ = read_rows(self.dir / entry["path"] / f"table-{index}.arrow", with_state=False)
+            rows, _, _ = read_rows(inside(self.dir, entry["path"], where) / f"table-{index}.arrow", with_state=False)
             group.table.put_rows(rows)
-        state = torch.load(self.dir / entry["path"] / "state.pt", map_location=self.device, weights_only=False)
+        state = load_tensors(inside(self.dir, entry["path"], where) / "state.pt", where, self.device)
         model.model.load_state_dict(state["model"])
         model.model.eval()
         if self.fp16:
@@ -135,15 +157,12 @@ class ServingModel:
             self._applied(entry)
 
     def _apply(self, entry: dict) -> None:
-        path = self.dir / entry["path"]
+        path = inside(self.dir, entry["path"], f"version {entry['version']}")
         if entry["kind"] == "snapshot":
             self._load_snapshot(entry)
             return
         if entry["kind"] == "dense":
-            try:
-                weights = torch.load(path, map_location=self.device, weights_only=True)
-            except Exception as exc:  # torch raises several types for damaged files
-                raise ModelDirError(f"version {entry['version']}: unreadable dense weights ({exc})") from exc
+            weights = load_tensors(path, f"version {entry['version']} (dense weights)", self.device)
             with self.lock:
                 self.model.model.load_state_dict(weights)
                 self._applied(entry)

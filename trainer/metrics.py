@@ -67,6 +67,22 @@ class ProgressiveMetrics:
     def calibration(self) -> float:
         return self.predicted_sum / self.observed_sum if self.observed_sum else float("nan")
 
+    def state_dict(self) -> dict:
+        """Plain data (tensors, numbers) for a snapshot that loads without running code."""
+        import torch
+
+        return {"positive": torch.from_numpy(self.positive), "negative": torch.from_numpy(self.negative),
+                "loss_sum": self.loss_sum, "weight_sum": self.weight_sum, "predicted_sum": self.predicted_sum,
+                "observed_sum": self.observed_sum, "examples": self.examples}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.positive, self.negative = state["positive"].numpy().copy(), state["negative"].numpy().copy()
+        if len(self.positive) != self.bins:
+            raise ValueError(f"metrics state has {len(self.positive)} bins, expected {self.bins}")
+        for key in ("loss_sum", "weight_sum", "predicted_sum", "observed_sum"):
+            setattr(self, key, float(state[key]))
+        self.examples = int(state["examples"])
+
     def summary(self) -> dict:
         return {"examples": self.examples, "auc": round(self.auc, 5), "logloss": round(self.logloss, 5),
                 "calibration": round(self.calibration, 4)}
@@ -98,6 +114,17 @@ class WindowedMetrics:
             mask = index == window
             metrics = self.open.setdefault(int(window), ProgressiveMetrics(bins=self.bins))
             metrics.update(logits[mask], labels[mask], weights[mask])
+
+    def state_dict(self) -> dict:
+        return {"late_examples": self.late_examples, "closed_before": self.closed_before,
+                "open": {window: metrics.state_dict() for window, metrics in self.open.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.late_examples, self.closed_before = int(state["late_examples"]), state["closed_before"]
+        self.open = {}
+        for window, metrics_state in state["open"].items():
+            self.open[int(window)] = metrics = ProgressiveMetrics(bins=self.bins)
+            metrics.load_state_dict(metrics_state)
 
     def close_until(self, data_time_ms: int) -> list[dict]:
         """Rows of the windows that ended at least one window before ``data_time_ms``."""

@@ -461,7 +461,7 @@ class OnlineTrainer:
         """Everything but the tables needed to continue training exactly (for snapshots)."""
         self._fold_metrics()
         return {"model": self.model.state_dict(), "dense_optimizer": self.dense_optimizer.state_dict(),
-                "metrics": self._metrics.__dict__.copy(), "window_metrics": self.window_metrics.__dict__.copy(),
+                "metrics": self._metrics.state_dict(), "window_metrics": self.window_metrics.state_dict(),
                 "batches": self.batches, "data_time_ms": self.data_time_ms, "last_expiry_ms": self.last_expiry_ms,
                 "unknown_slot_fids": self.unknown_slot_fids}
 
@@ -470,7 +470,7 @@ class OnlineTrainer:
         if not self.serving:
             self.dense_optimizer.load_state_dict(state["dense_optimizer"])
         self._pending_scores = []
-        self._metrics.__dict__.update(state["metrics"])
-        self.window_metrics.__dict__.update(state["window_metrics"])
+        self._metrics.load_state_dict(state["metrics"])
+        self.window_metrics.load_state_dict(state["window_metrics"])
         for key in ("batches", "data_time_ms", "last_expiry_ms", "unknown_slot_fids"):
             setattr(self, key, state[key])

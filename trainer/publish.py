@@ -2,7 +2,7 @@
 
 Layout of ``MODEL_DIR`` (a local directory)::
 
-    spec.pkl                      the FeatureSpec the model was trained with
+    spec.json                     the FeatureSpec the model was trained with (schemas.spec_json)
     manifest.json                 {"versions": [entry, ...]} in version order (rewritten atomically)
     v000001-snapshot/             full state: table-<g>.arrow (rows with optimizer state),
                                   state.pt (dense weights, dense optimizer, metrics, position)
@@ -16,6 +16,11 @@ under a temporary name, then renamed), so a reader never sees a half-written ver
 checksums catch files damaged later. Versions are applied in order: snapshot, then each delta
 whose ``base_version`` is the version in hand.
 
+Nothing read from a model directory can run code: the spec is JSON, tables are Arrow, and
+``.pt`` files are loaded with ``torch.load(weights_only=True)`` (tensors and plain containers
+only). Every manifest entry is checked field by field, and every path it names must be a plain
+relative name that stays inside the directory (no ``..``, no absolute path, no symlink out).
+
 Schedule (on the job's clock - event time when replaying, processing time when live): a sparse
 delta every ``sync.sparse_every``, dense weights every ``sync.dense_every``, a snapshot every
 ``snapshot.every`` (and one at the start, so serving has a base).
@@ -26,7 +31,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -39,11 +43,13 @@ import torch
 
 from schemas.logs import atomic_write
 from schemas.spec import FeatureSpec
+from schemas.spec_json import SpecJsonError, spec_from_json, spec_to_json
 from trainer.embedding_table import RowBatch
 from trainer.table_snapshot import load_table, save_table
 
 MANIFEST = "manifest.json"
-SPEC_FILE = "spec.pkl"
+SPEC_FILE = "spec.json"
+ENTRY_KINDS = ("snapshot", "sparse", "dense")
 
 
 class ModelDirError(ValueError):
@@ -59,26 +65,86 @@ def _sha256(path: Path) -> str:
 
 
 def read_manifest(model_dir: str | Path) -> list[dict]:
-    path = Path(model_dir) / MANIFEST
+    """The manifest's entries, each checked (``check_entry``); ModelDirError names what is wrong."""
+    model_dir = Path(model_dir)
+    path = model_dir / MANIFEST
     if not path.is_file():
         return []
     try:
-        return json.loads(path.read_text())["versions"]
-    except (ValueError, KeyError) as exc:
+        raw = json.loads(path.read_text())
+    except (ValueError, OSError, RecursionError) as exc:
         raise ModelDirError(f"{path}: unreadable manifest ({exc})") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("versions"), list):
+        raise ModelDirError(f"{path}: a manifest is an object with a list 'versions', got {type(raw).__name__}")
+    return [check_entry(model_dir, entry, index) for index, entry in enumerate(raw["versions"])]
+
+
+def _field(entry: dict, key: str, types: tuple, where: str):
+    value = entry.get(key)
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise ModelDirError(f"{where}: {key!r} must be {' or '.join(t.__name__ for t in types)}, got {value!r:.80}")
+    return value
+
+
+def inside(model_dir: Path, name: str, where: str) -> Path:
+    """``model_dir / name`` if ``name`` is a plain relative path that stays inside ``model_dir``."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (not parts or name.startswith("/") or "\\" in name or ":" in name
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ModelDirError(f"{where}: path {name!r:.120} is not a plain relative name inside the model directory")
+    path = model_dir / name
+    try:
+        if not path.resolve().is_relative_to(model_dir.resolve()):
+            raise ModelDirError(f"{where}: path {name!r} leads outside the model directory")
+    except OSError as exc:
+        raise ModelDirError(f"{where}: path {name!r}: {exc}") from exc
+    return path
+
+
+def check_entry(model_dir: Path, entry, index: int) -> dict:
+    """A manifest entry with the fields, types and confined paths serving and resume rely on."""
+    where = f"manifest entry {index}"
+    if not isinstance(entry, dict):
+        raise ModelDirError(f"{where}: expected an object, got {entry!r:.80}")
+    version = _field(entry, "version", (int,), where)
+    where = f"manifest entry {index} (version {version})"
+    if entry.get("kind") not in ENTRY_KINDS:
+        raise ModelDirError(f"{where}: 'kind' must be one of {list(ENTRY_KINDS)}, got {entry.get('kind')!r:.80}")
+    _field(entry, "base_version", (int,), where)
+    _field(entry, "data_time_ms", (int,), where)
+    _field(entry, "published_at", (int, float), where)
+    inside(model_dir, _field(entry, "path", (str,), where), where)
+    checksums = _field(entry, "sha256", (dict,), where)
+    for name, digest in checksums.items():
+        inside(model_dir, name, where)
+        if not isinstance(digest, str):
+            raise ModelDirError(f"{where}: checksum of {name!r} must be a string, got {digest!r:.80}")
+    return entry
 
 
 def read_spec(model_dir: str | Path) -> FeatureSpec:
     path = Path(model_dir) / SPEC_FILE
     if not path.is_file():
         raise ModelDirError(f"{model_dir}: no {SPEC_FILE} - not a model directory (or nothing published yet)")
-    return pickle.loads(path.read_bytes())
+    try:
+        return spec_from_json(path.read_bytes())
+    except SpecJsonError as exc:
+        raise ModelDirError(f"{path}: {exc}") from None
+
+
+def load_tensors(path: Path, where: str, device="cpu"):
+    """A ``.pt`` file of tensors and plain containers (``weights_only``: nothing else is unpickled)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # torch raises several types for damaged or disallowed content
+        raise ModelDirError(f"{where}: {path.name} is not a plain tensor file ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
 
 
 def verify(model_dir: Path, entry: dict) -> None:
     """Raise ModelDirError unless every file of ``entry`` is present with its checksum."""
     for name, expected in entry["sha256"].items():
-        path = model_dir / name
+        path = inside(model_dir, name, f"version {entry['version']} ({entry['kind']})")
         if not path.is_file():
             raise ModelDirError(f"version {entry['version']} ({entry['kind']}): {name} is missing")
         if _sha256(path) != expected:
@@ -141,8 +207,8 @@ class Publisher:
         self.dir.mkdir(parents=True, exist_ok=True)
         spec_path = self.dir / SPEC_FILE
         if not spec_path.is_file():
-            with atomic_write(spec_path) as out:
-                out.write(pickle.dumps(trainer.spec))
+            with atomic_write(spec_path, "w") as out:
+                out.write(spec_to_json(trainer.spec))
         self.entries = read_manifest(self.dir)
         self.version = self.entries[-1]["version"] if self.entries else 0
         self.last = {"sparse": None, "dense": None, "snapshot": None}
@@ -252,10 +318,12 @@ def restore_trainer(trainer, model_dir: str | Path) -> tuple[Position, dict]:
     for index, group in enumerate(trainer.groups):
         store = group.table.store  # with an external store the snapshot holds the cache; the store the rest
         cached = {} if store is None else {"max_rows": group.table.config.max_rows}
-        loaded = load_table(model_dir / entry["path"] / f"table-{index}.arrow", store=store,
+        loaded = load_table(inside(model_dir, entry["path"], f"version {entry['version']}") / f"table-{index}.arrow",
+                            store=store,
                             device=str(trainer.device), **cached)
         group.table = loaded
-    state = torch.load(model_dir / entry["path"] / "state.pt", map_location=trainer.device, weights_only=False)
+    state = load_tensors(inside(model_dir, entry["path"], f"version {entry['version']}") / "state.pt",
+                         f"version {entry['version']} (snapshot)", trainer.device)
     trainer.load_training_state(state)
     torch.set_rng_state(state["rng"])
     return Position(**state["position"]), entry
