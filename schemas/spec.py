@@ -11,6 +11,7 @@ Durations carry units (``30m``, ``7d``); they are held as integer milliseconds (
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -189,6 +190,14 @@ class CowClipSpec:
     min_clip: float = 1e-5
 
 
+#: Bounds a spec must keep (beyond them allocations fail or integers overflow far from the cause).
+MAX_DIM = 4096
+MAX_HIDDEN_UNITS = 65_536
+MAX_BATCH_SIZE = 1 << 24
+MAX_DURATION_MS = 100 * 365 * 86_400_000  # a century
+MAX_SPEC_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # after anchors and aliases are expanded
+
 #: The largest batch that takes sequential in-batch updates by default (``trainer.in_batch``),
 #: and the largest that may take them at all (their cost grows with the square of the batch).
 SEQUENTIAL_AUTO_MAX_BATCH = 128
@@ -301,13 +310,48 @@ def load_spec(name_or_path: str | Path) -> FeatureSpec:
     """Load and validate a spec; raises SpecError listing every problem."""
     path = spec_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        size = path.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(str(path), [f"{size} bytes: a spec is at most {MAX_SPEC_BYTES}"])
+        raw = _load_bounded_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SpecError(str(path), ["file does not exist"]) from None
-    except yaml.YAMLError as exc:
-        raise SpecError(str(path), [f"not valid YAML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), [f"not UTF-8 text: {exc}"]) from None
+    except (yaml.YAMLError, RecursionError) as exc:
+        raise SpecError(str(path), [f"not valid YAML: {str(exc)[:300]}"]) from None
     base_dir = path.parent
     return parse_spec(raw, source=str(path), base_dir=base_dir)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses documents whose aliases expand past ``MAX_YAML_NODES``
+    nodes (a "billion laughs" of nested anchors), counted before anything is constructed."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        seen = [0]
+
+        def count(current, depth=0):
+            seen[0] += 1
+            if seen[0] > MAX_YAML_NODES or depth > 100:
+                raise yaml.YAMLError(f"more than {MAX_YAML_NODES} nodes once aliases are expanded, "
+                                     f"or nested deeper than 100")
+            if isinstance(current, yaml.SequenceNode):
+                for item in current.value:
+                    count(item, depth + 1)
+            elif isinstance(current, yaml.MappingNode):
+                for key, value in current.value:
+                    count(key, depth + 1)
+                    count(value, depth + 1)
+
+        if node is not None:
+            count(node)
+        return node
+
+
+def _load_bounded_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def parse_spec(raw: Any, source: str = "<spec>", base_dir: Path | None = None) -> FeatureSpec:
@@ -350,18 +394,27 @@ class _SpecParser:
         if ms <= 0:
             self.error(f"{where}: must be > 0, got {value!r}")
             return default
+        if ms > MAX_DURATION_MS:
+            self.error(f"{where}: at most {format_duration_ms(MAX_DURATION_MS)}, got {value!r}")
+            return default
         return ms
 
     def _number(self, value: Any, where: str, default: float, *, minimum: float | None = None,
-                integer: bool = False, exclusive: bool = False) -> Any:
+                integer: bool = False, exclusive: bool = False, maximum: float | None = None) -> Any:
         if value is None:
             return default
         ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type:
-            self.error(f"{where}: expected {'an integer' if integer else 'a number'}, got {value!r}")
+            self.error(f"{where}: expected {'an integer' if integer else 'a number'}, got {value!r:.80}")
+            return default
+        if not math.isfinite(value):
+            self.error(f"{where}: must be a finite number, got {value!r}")
             return default
         if minimum is not None and (value <= minimum if exclusive else value < minimum):
-            self.error(f"{where}: must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+            self.error(f"{where}: must be {'>' if exclusive else '>='} {minimum}, got {value!r:.80}")
+            return default
+        if maximum is not None and value > maximum:
+            self.error(f"{where}: must be <= {maximum}, got {value!r:.80}")
             return default
         return value
 
@@ -462,7 +515,8 @@ class _SpecParser:
             return ()
         if len(raw) > MAX_SLOT_ID:
             self.error(f"slots: {len(raw)} slots, but the fid layout (15-bit slot id) allows at most {MAX_SLOT_ID}")
-        default_dim = self._number(defaults.get("dim"), "defaults.dim", 16, minimum=0, integer=True, exclusive=True)
+        default_dim = self._number(defaults.get("dim"), "defaults.dim", 16, minimum=0, integer=True, exclusive=True,
+                                   maximum=MAX_DIM)
         default_expire = (None if defaults.get("expire_after") in (None, "never")
                           else self._duration(defaults.get("expire_after"), "defaults.expire_after", None))
         default_min = self._number(defaults.get("min_count"), "defaults.min_count", 1, minimum=1, integer=True)
@@ -499,7 +553,10 @@ class _SpecParser:
             kind = self._enum(SlotKind, data.get("kind"), f"{where}: kind", SlotKind.CATEGORICAL)
             dim = data.get("dim", default_dim)
             if isinstance(dim, bool) or not isinstance(dim, int) or dim <= 0:
-                self.error(f"{where}: dim must be an integer > 0, got {dim!r}")
+                self.error(f"{where}: dim must be an integer > 0, got {dim!r:.80}")
+                dim = default_dim
+            elif dim > MAX_DIM:
+                self.error(f"{where}: dim must be at most {MAX_DIM}, got {dim!r:.80}")
                 dim = default_dim
             expire_raw = data.get("expire_after")
             expire = (default_expire if expire_raw is None else None if expire_raw == "never"
@@ -525,8 +582,9 @@ class _SpecParser:
             if kind is SlotKind.BUCKETIZED:
                 raw_edges = data.get("boundaries")
                 if (not isinstance(raw_edges, list) or not raw_edges
-                        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) for b in raw_edges)):
-                    self.error(f"{where}: a bucketized slot needs a list of numeric 'boundaries', got {raw_edges!r}")
+                        or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and math.isfinite(b)
+                                   for b in raw_edges)):
+                    self.error(f"{where}: a bucketized slot needs a list of finite numbers as 'boundaries', got {raw_edges!r:.200}")
                 elif list(raw_edges) != sorted(set(raw_edges)):
                     self.error(f"{where}: boundaries must be strictly increasing, got {raw_edges!r}")
                 else:
@@ -659,9 +717,9 @@ class _SpecParser:
         self._unknown_keys(data, {"kind", "hidden_units", "dropout", "cross_layers"}, "model")
         kind = self._enum(ModelKind, data.get("kind"), "model.kind", ModelKind.DEEPFM)
         hidden = data.get("hidden_units", list(ModelSpec.hidden_units))
-        if not isinstance(hidden, list) or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
-                                                   for h in hidden):
-            self.error(f"model.hidden_units: expected a list of positive integers, got {hidden!r}")
+        if not isinstance(hidden, list) or not all(isinstance(h, int) and not isinstance(h, bool)
+                                                   and 0 < h <= MAX_HIDDEN_UNITS for h in hidden):
+            self.error(f"model.hidden_units: expected a list of integers in [1, {MAX_HIDDEN_UNITS}], got {hidden!r:.200}")
             hidden = list(ModelSpec.hidden_units)
         dropout = self._number(data.get("dropout"), "model.dropout", 0.0, minimum=0.0)
         if dropout >= 1.0:
@@ -689,7 +747,7 @@ class _SpecParser:
             min_clip=self._number(cow.get("min_clip"), "training.cowclip.min_clip", 1e-5, minimum=0.0),
         )
         batch_size = self._number(data.get("batch_size"), "training.batch_size", TrainingSpec.batch_size, minimum=1,
-                                  integer=True)
+                                  integer=True, maximum=MAX_BATCH_SIZE)
         if sequential is True and batch_size > SEQUENTIAL_MAX_BATCH:
             self.error(f"training.sequential_updates: true needs batch_size <= {SEQUENTIAL_MAX_BATCH} (their cost "
                        f"grows with the square of the batch), got batch_size {batch_size}")
