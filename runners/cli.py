@@ -10,7 +10,8 @@
     streamrec backfill --spec SPEC --logs DIR --out DIR
     streamrec run [--spec SPEC --logs DIR] --out DIR [--device cpu|cuda] [--streaming | --watch S]
                   [--model-dir DIR [--resume]] [--store redis://HOST:PORT[,...]] [--runner flink ...]
-    streamrec serve --model-dir DIR [--host 127.0.0.1 --port N --poll S --fp16 --store URI]
+    streamrec serve --model-dir DIR [--host 127.0.0.1 --port N --poll S --fp16 --store URI
+                    --max-body-bytes B --max-impressions N]
     streamrec table-stats SNAPSHOT
 
 Commands print a human summary and, as their last line, a JSON object with the figures.
@@ -234,10 +235,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from serving.app import serve
+    from serving.app import RequestLimits, serve
 
     serve(str(args.model_dir), host=args.host, port=args.port, poll_s=args.poll, device=args.device, fp16=args.fp16,
-          store=args.store)
+          store=args.store, limits=RequestLimits(args.max_body_bytes, args.max_impressions))
     return 0
 
 
@@ -363,6 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fp16", action="store_true", help="hold serving rows in float16")
     serve.add_argument("--store", default=None, metavar="URI",
                        help="the trainer's redis:// store: rows no version holds are read from it on a miss")
+    serve.add_argument("--max-body-bytes", type=int, default=16 << 20, help="larger requests are answered 413")
+    serve.add_argument("--max-impressions", type=int, default=10_000,
+                       help="impressions per request; more are answered 413")
     serve.set_defaults(handler=cmd_serve)
     run.set_defaults(handler=cmd_run)
 

@@ -2,7 +2,8 @@
 
 * ``POST /predict`` ``{"impressions": [Impression, ...]}`` -> ``{"probabilities": [...],
   "version": N}``; a request that does not fit the impression schema -> 422 naming the record
-  and field; before any model is loaded -> 503.
+  and field; a body over ``RequestLimits.max_body_bytes`` or over ``max_impressions`` impressions
+  -> 413 naming the limit (the body is read no further); before any model is loaded -> 503.
 * ``GET /healthz`` -> 200 ``{"ok": true, "version": N}`` once a model is loaded, else 503.
 * ``GET /metrics`` -> model version, newest event time applied, seconds behind the trainer
   (publish time of the newest version in the manifest minus that of the version applied), the
@@ -12,17 +13,40 @@ A background thread polls the model directory every ``poll_s`` seconds for new v
 """
 from __future__ import annotations
 
+import json
 import threading
-from typing import Any
+from dataclasses import dataclass
 
-from fastapi import Body, FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from serving.model import BadRequest, ServingModel
 from trainer.publish import ModelDirError
 
 
-def create_app(model: ServingModel, poll_s: float = 1.0) -> FastAPI:
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one prediction request may hold (a larger one is answered 413)."""
+
+    max_body_bytes: int = 16 << 20
+    max_impressions: int = 10_000
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, or None once it passes ``limit`` bytes (read no further)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
+def create_app(model: ServingModel, poll_s: float = 1.0, limits: RequestLimits = RequestLimits()) -> FastAPI:
     app = FastAPI(title="streamrec serving")
     stop = threading.Event()
 
@@ -45,11 +69,23 @@ def create_app(model: ServingModel, poll_s: float = 1.0) -> FastAPI:
         stop.set()
 
     @app.post("/predict")
-    def predict(body: Any = Body(...)):
+    async def predict(request: Request):
+        raw = await _read_body(request, limits.max_body_bytes)
+        if raw is None:
+            return JSONResponse({"error": f"request body over {limits.max_body_bytes} bytes (--max-body-bytes)"},
+                                status_code=413)
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError) as exc:
+            return JSONResponse({"error": f"body is not JSON: {str(exc)[:200]}"}, status_code=422)
         if not isinstance(body, dict) or "impressions" not in body:
             return JSONResponse({"error": "body must be a JSON object with an 'impressions' list"}, status_code=422)
+        impressions = body["impressions"]
+        if isinstance(impressions, list) and len(impressions) > limits.max_impressions:
+            return JSONResponse({"error": f"{len(impressions)} impressions, at most {limits.max_impressions} per "
+                                          f"request (--max-impressions)"}, status_code=413)
         try:
-            probabilities, version = model.predict(body["impressions"])
+            probabilities, version = await run_in_threadpool(model.predict, impressions)
         except BadRequest as exc:
             return JSONResponse({"error": str(exc)}, status_code=422)
         except ModelDirError as exc:
@@ -70,7 +106,7 @@ def create_app(model: ServingModel, poll_s: float = 1.0) -> FastAPI:
 
 
 def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8080, poll_s: float = 1.0, device: str = "cpu",
-          fp16: bool = False, store: str | None = None) -> None:
+          fp16: bool = False, store: str | None = None, limits: RequestLimits = RequestLimits()) -> None:
     import uvicorn
 
     model = ServingModel(model_dir, device=device, fp16=fp16, store=store)
@@ -78,4 +114,4 @@ def serve(model_dir: str, host: str = "127.0.0.1", port: int = 8080, poll_s: flo
         model.refresh()
     except ModelDirError as exc:  # nothing published yet: the poller picks it up later
         print(f"serving: {exc}; waiting for a snapshot", flush=True)
-    uvicorn.run(create_app(model, poll_s), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(model, poll_s, limits), host=host, port=port, log_level="warning")

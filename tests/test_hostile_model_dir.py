@@ -194,3 +194,27 @@ def test_a_damaged_delta_is_skipped_once_a_newer_snapshot_exists(model_dir):
     assert "skipped to snapshot version 5" in model.last_error
     model.refresh()
     assert model.last_error is None  # nothing new, nothing wrong
+
+
+def test_serving_answers_oversized_requests_413_and_keeps_serving(model_dir):
+    """Body bytes and impressions per request are bounded (configurable); a refused request is
+    read no further and the server stays responsive."""
+    import httpx
+
+    from serving.process import ServingProcess
+
+    server = ServingProcess(model_dir, "--max-body-bytes", "100000", "--max-impressions", "50")
+    try:
+        server.wait_for_version(2)
+        record = {"request_id": "r", "user_id": "u", "item_id": "1", "impression_time_ms": 0}
+        too_many = server.predict([record] * 51)
+        assert too_many.status_code == 413 and "at most 50" in too_many.json()["error"]
+        too_big = server.client.post("/predict", content=b'{"impressions": [' + b" " * 200_000 + b"]}",
+                                     headers={"content-type": "application/json"})
+        assert too_big.status_code == 413 and "100000 bytes" in too_big.json()["error"]
+        not_json = server.client.post("/predict", content=b"{nope", headers={"content-type": "application/json"})
+        assert not_json.status_code == 422
+        assert server.client.get("/healthz").status_code == 200
+        assert server.predict([record]).status_code in (200, 422)  # the schema decides, not the limits
+    finally:
+        server.stop()
