@@ -17,6 +17,7 @@ online trainer as a stateful transform): progressive metrics per event-time wind
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -57,10 +58,21 @@ def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, event
     return stream.advance_watermark_to_infinity(), step_ms
 
 
+METRICS_RECURSION_LIMIT = 10_000
+
+
 def _dead_letter_counts(pipeline: beam.Pipeline) -> dict[str, int]:
     """Dead letters by reason, from the pipeline's ``dead_letters.<stage>.<reason>`` counters."""
     counts: dict[str, int] = {}
-    for counter in pipeline.result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]:
+    # Beam 2.61's DirectRunner nests one generator per bundle when it merges counters, so a long
+    # live job (many bundles) passes the default recursion limit of 1,000 (seen at ~960 bundles).
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, METRICS_RECURSION_LIMIT))
+    try:
+        counters = pipeline.result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
+    finally:
+        sys.setrecursionlimit(limit)
+    for counter in counters:
         reason = counter.key.metric.name.split(".")[-1]
         counts[reason] = counts.get(reason, 0) + counter.committed
     return counts
