@@ -16,18 +16,9 @@ import pyarrow as pa
 from sklearn.metrics import roc_auc_score
 
 from schemas.fids import HASH_BITS
+from trainer.online import target_labels
 
 VW_ARGUMENTS = "--loss_function logistic --quiet -b 18"
-
-
-def target_labels(examples: pa.Table, target: str) -> np.ndarray:
-    """0/1 labels of ``target`` per Example."""
-    labels = examples.column("labels").combine_chunks()
-    keys = labels.keys.to_numpy(zero_copy_only=False) == target
-    rows = np.repeat(np.arange(examples.num_rows), np.diff(labels.offsets.to_numpy()))
-    out = np.zeros(examples.num_rows)
-    out[rows[keys]] = labels.items.to_numpy(zero_copy_only=False)[keys]
-    return (out > 0).astype(np.float64)
 
 
 def vw_lines(examples: pa.Table, labels: np.ndarray) -> list[str]:
@@ -54,7 +45,7 @@ def vw_progressive(examples: pa.Table, target: str, arguments: str = VW_ARGUMENT
     """VW's progressive AUC and learning rate (examples/s, parsing included) on ``examples``."""
     from vowpalwabbit import Workspace
 
-    labels = target_labels(examples, target)
+    labels = (target_labels(examples, target) > 0).astype(np.float64)
     lines = vw_lines(examples, labels)
     workspace = Workspace(arguments)
     scores = np.empty(len(lines))

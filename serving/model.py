@@ -25,7 +25,7 @@ import torch
 
 from trainer.embedding_table import EmbeddingTable
 from trainer.online import OnlineTrainer
-from trainer.publish import (ModelDirError, inside, load_tensors, newest_snapshot, read_manifest, read_spec,
+from trainer.publish import (ModelDirError, load_tensors, newest_snapshot, read_manifest, read_spec,
                              read_sparse_delta, verify)
 from trainer.table_snapshot import read_rows
 from transforms.features import FeatureExtractor
@@ -141,12 +141,12 @@ class ServingModel:
 
     def _load_snapshot(self, entry: dict) -> None:
         verify(self.dir, entry)
-        where = f"version {entry['version']} (snapshot)"
         model = self._new_model()
         for index, group in enumerate(model.groups):
-            rows, _, _ = read_rows(inside(self.dir, entry["path"], where) / f"table-{index}.arrow", with_state=False)
+            rows, _, _ = read_rows(self.dir / entry["path"] / f"table-{index}.arrow", with_state=False)
             group.table.put_rows(rows)
-        state = load_tensors(inside(self.dir, entry["path"], where) / "state.pt", where, self.device)
+        state = load_tensors(self.dir / entry["path"] / "state.pt", f"version {entry['version']} (snapshot)",
+                             self.device)
         model.model.load_state_dict(state["model"])
         model.model.eval()
         if self.fp16:
@@ -157,7 +157,7 @@ class ServingModel:
             self._applied(entry)
 
     def _apply(self, entry: dict) -> None:
-        path = inside(self.dir, entry["path"], f"version {entry['version']}")
+        path = self.dir / entry["path"]
         if entry["kind"] == "snapshot":
             self._load_snapshot(entry)
             return

@@ -61,8 +61,6 @@ class SequentialRows:
         first = torch.nonzero(starts).squeeze(1)
         segment = torch.cumsum(starts, 0) - 1
         self._first = first.index_select(0, segment)  # each occurrence's fid's first occurrence
-        self._last = torch.ones_like(starts)  # the last occurrence of each fid
-        self._last[:-1] = starts[1:]
         # Every (earlier, later) pair of occurrences of one fid: the later example's score depends
         # on the earlier example's step through that fid.
         position = torch.arange(len(starts), device=starts.device)
@@ -104,11 +102,11 @@ class SequentialRows:
     def totals(self, example_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed steps, summed squared gradients) per distinct fid [distinct, width]."""
         grad = self.gradients(example_grad)
-        rate, squares = self.rates(grad)
-        summed = torch.zeros(self.distinct, grad.shape[1], device=grad.device).index_add_(0, self.fid_index, rate * grad)
-        if self._accumulated is None:
-            return summed, torch.zeros_like(summed).index_add_(0, self.fid_index, squares)
-        return summed, squares[self._last]
+        rate, _ = self.rates(grad)
+        return self._per_fid(rate * grad), self._per_fid(grad * grad)
+
+    def _per_fid(self, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(self.distinct, values.shape[1], device=values.device).index_add_(0, self.fid_index, values)
 
 
 def sequential_logits(logits: torch.Tensor, labels: torch.Tensor, log_rate: torch.Tensor,

@@ -101,6 +101,16 @@ class _Touched:
     counts: torch.Tensor  # [unique fids] occurrences in the batch
 
 
+def target_labels(examples: pa.Table, target: str) -> np.ndarray:
+    """The value of label ``target`` per Example (0 where it has none) [examples] float64."""
+    labels_column = examples.column("labels").combine_chunks()
+    is_target = labels_column.keys.to_numpy(zero_copy_only=False) == target
+    label_rows = np.repeat(np.arange(examples.num_rows), np.diff(labels_column.offsets.to_numpy()))
+    labels = np.zeros(examples.num_rows)
+    labels[label_rows[is_target]] = labels_column.items.to_numpy(zero_copy_only=False)[is_target]
+    return labels
+
+
 @dataclass
 class _Group:
     slot_ids: list[int]
@@ -181,26 +191,22 @@ class OnlineTrainer:
         offsets = fids.offsets.to_numpy()
         flat = fids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
         example_of = np.repeat(np.arange(examples.num_rows), np.diff(offsets))
-        labels_column = examples.column("labels").combine_chunks()
-        is_target = (labels_column.keys.to_numpy(zero_copy_only=False) == self.target)
-        label_offsets = labels_column.offsets.to_numpy()
-        label_rows = np.repeat(np.arange(examples.num_rows), np.diff(label_offsets))
-        labels = np.zeros(examples.num_rows)
-        labels[label_rows[is_target]] = labels_column.items.to_numpy(zero_copy_only=False)[is_target]
+        labels = target_labels(examples, self.target)
         dense = examples.column("dense").combine_chunks()
         dense_values = dense.values.to_numpy(zero_copy_only=False).reshape(examples.num_rows, -1)
         times = examples.column("impression_time_ms").to_numpy()
         rates = examples.column("sample_rate").to_numpy()
         return flat, example_of, labels, dense_values, times, rates
 
-    def prepare(self, examples: pa.Table) -> "PreparedExamples":
+    def prepare(self, examples: pa.Table, for_training: bool = True) -> "PreparedExamples":
         """The columns of ``examples`` as arrays laid out for training in slices (see
-        ``PreparedExamples``); counts fids of slots the spec does not have."""
+        ``PreparedExamples``); for training, counts fids of slots the spec does not have."""
         flat, example_of, labels, dense_values, times, rates = self._columns(examples)
         slots = flat >> HASH_BITS
         position = self.slot_position[slots]
         known = position >= 0
-        self.unknown_slot_fids += int((~known).sum())
+        if for_training:
+            self.unknown_slot_fids += int((~known).sum())
         group_index = np.where(known, self.group_of_slot[slots], -1)
         n = examples.num_rows
         groups = []
@@ -275,11 +281,12 @@ class OnlineTrainer:
     def train_batch(self, examples: pa.Table) -> dict:
         """Score the batch (progressive metrics), then train on it; returns the batch's loss."""
         prepared = self.prepare(examples)
-        return {"loss": self.train_prepared(prepared, 0, prepared.n) / max(prepared.n, 1), "examples": prepared.n}
+        loss = self.train_prepared(prepared, 0, prepared.n)
+        return {"loss": float(loss) / max(prepared.n, 1), "examples": prepared.n}
 
-    def train_prepared(self, prepared: "PreparedExamples", start: int, stop: int) -> float:
+    def train_prepared(self, prepared: "PreparedExamples", start: int, stop: int) -> torch.Tensor:
         """Score examples ``start:stop`` of ``prepared`` (progressive metrics), then train on
-        them as one batch; returns the batch's summed loss."""
+        them as one batch; returns the batch's summed loss (a 0-d tensor: reading it syncs)."""
         n = stop - start
         pooled, wide, used = self._pool(prepared, start, stop, train=True)
         pooled.requires_grad_()
@@ -355,7 +362,7 @@ class OnlineTrainer:
         table.embeddings.index_add_(0, rows, steps)
         if touched.group.optimizer.spec.kind is OptimizerKind.ADAGRAD:
             table.state.index_add_(0, rows, squares)
-        table.touched.index_fill_(0, rows, True)
+        table.mark_touched(rows)
         touched.group.optimizer.steps += 1
 
     def _sparse_step(self, used: list["_Touched"], pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> None:
@@ -419,7 +426,7 @@ class OnlineTrainer:
     @torch.no_grad()
     def predict_logits(self, examples: pa.Table) -> np.ndarray:
         """Logits calibrated to unsampled traffic, without inserting or updating anything."""
-        return self._predict(self._prepare_quietly(examples))
+        return self._predict(self.prepare(examples, for_training=False))
 
     @torch.no_grad()
     def predict_features(self, fids: pa.ListArray, dense: pa.ListArray) -> np.ndarray:
@@ -427,18 +434,13 @@ class OnlineTrainer:
         fids = fids.combine_chunks() if isinstance(fids, pa.ChunkedArray) else fids
         dense = dense.combine_chunks() if isinstance(dense, pa.ChunkedArray) else dense
         n = len(fids)
+        no_labels = pa.MapArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.string()),
+                                            pa.array([], pa.float64()))
         examples = pa.table({
-            "fids": fids, "dense": dense,
-            "labels": pa.array([[]] * n, pa.map_(pa.string(), pa.float64())),
+            "fids": fids, "dense": dense, "labels": no_labels,
             "impression_time_ms": pa.array(np.zeros(n, dtype=np.int64)),
             "sample_rate": pa.array(np.ones(n))})
-        return self._predict(self._prepare_quietly(examples))
-
-    def _prepare_quietly(self, examples: pa.Table) -> "PreparedExamples":
-        unknown = self.unknown_slot_fids
-        prepared = self.prepare(examples)
-        self.unknown_slot_fids = unknown  # counted for training only
-        return prepared
+        return self._predict(self.prepare(examples, for_training=False))
 
     def _predict(self, prepared: "PreparedExamples") -> np.ndarray:
         pooled, wide, _ = self._pool(prepared, 0, prepared.n, train=False)

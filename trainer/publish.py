@@ -86,7 +86,7 @@ def _field(entry: dict, key: str, types: tuple, where: str):
     return value
 
 
-def inside(model_dir: Path, name: str, where: str) -> Path:
+def _inside(model_dir: Path, name: str, where: str) -> Path:
     """``model_dir / name`` if ``name`` is a plain relative path that stays inside ``model_dir``."""
     parts = name.split("/") if isinstance(name, str) else []
     if (not parts or name.startswith("/") or "\\" in name or ":" in name
@@ -102,7 +102,8 @@ def inside(model_dir: Path, name: str, where: str) -> Path:
 
 
 def check_entry(model_dir: Path, entry, index: int) -> dict:
-    """A manifest entry with the fields, types and confined paths serving and resume rely on."""
+    """A manifest entry with the fields, types and confined paths serving and resume rely on
+    (they use an entry's paths as they are: this is where they are checked)."""
     where = f"manifest entry {index}"
     if not isinstance(entry, dict):
         raise ModelDirError(f"{where}: expected an object, got {entry!r:.80}")
@@ -113,10 +114,10 @@ def check_entry(model_dir: Path, entry, index: int) -> dict:
     _field(entry, "base_version", (int,), where)
     _field(entry, "data_time_ms", (int,), where)
     _field(entry, "published_at", (int, float), where)
-    inside(model_dir, _field(entry, "path", (str,), where), where)
+    _inside(model_dir, _field(entry, "path", (str,), where), where)
     checksums = _field(entry, "sha256", (dict,), where)
     for name, digest in checksums.items():
-        inside(model_dir, name, where)
+        _inside(model_dir, name, where)
         if not isinstance(digest, str):
             raise ModelDirError(f"{where}: checksum of {name!r} must be a string, got {digest!r:.80}")
     return entry
@@ -142,9 +143,10 @@ def load_tensors(path: Path, where: str, device="cpu"):
 
 
 def verify(model_dir: Path, entry: dict) -> None:
-    """Raise ModelDirError unless every file of ``entry`` is present with its checksum."""
+    """Raise ModelDirError unless every file of ``entry`` (from ``read_manifest``, so its names are
+    confined to the directory) is present with its checksum."""
     for name, expected in entry["sha256"].items():
-        path = inside(model_dir, name, f"version {entry['version']} ({entry['kind']})")
+        path = model_dir / name
         if not path.is_file():
             raise ModelDirError(f"version {entry['version']} ({entry['kind']}): {name} is missing")
         if _sha256(path) != expected:
@@ -318,12 +320,11 @@ def restore_trainer(trainer, model_dir: str | Path) -> tuple[Position, dict]:
     for index, group in enumerate(trainer.groups):
         store = group.table.store  # with an external store the snapshot holds the cache; the store the rest
         cached = {} if store is None else {"max_rows": group.table.config.max_rows}
-        loaded = load_table(inside(model_dir, entry["path"], f"version {entry['version']}") / f"table-{index}.arrow",
-                            store=store,
+        loaded = load_table(model_dir / entry["path"] / f"table-{index}.arrow", store=store,
                             device=str(trainer.device), **cached)
         group.table = loaded
-    state = load_tensors(inside(model_dir, entry["path"], f"version {entry['version']}") / "state.pt",
-                         f"version {entry['version']} (snapshot)", trainer.device)
+    state = load_tensors(model_dir / entry["path"] / "state.pt", f"version {entry['version']} (snapshot)",
+                         trainer.device)
     trainer.load_training_state(state)
     torch.set_rng_state(state["rng"])
     return Position(**state["position"]), entry
