@@ -40,8 +40,11 @@ def _free_cluster_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, directory: str | Path, cluster: bool = False, port: int | None = None):
-        self.directory, self.cluster = Path(directory), cluster
+    def __init__(self, directory: str | Path, cluster: bool = False, port: int | None = None,
+                 persistent: bool = False):
+        """``persistent``: an append-only file synced on every write, so a killed server comes
+        back with its data."""
+        self.directory, self.cluster, self.persistent = Path(directory), cluster, persistent
         self.port = port or (_free_cluster_port() if cluster else free_port())
         self.process: subprocess.Popen | None = None
 
@@ -54,7 +57,8 @@ class RedisServer:
 
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                   "--save", "", "--appendonly", "no", "--daemonize", "no", "--logfile", "redis.log"]
+                   "--save", "", "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always",
+                   "--daemonize", "no", "--logfile", "redis.log"]
         if self.cluster:
             command += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
         self.process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,

@@ -100,16 +100,16 @@ def finish_metrics(spec: FeatureSpec, out_dir: Path) -> dict:
     """Merge the metric rows into ``metrics.jsonl`` + ``metrics.png``; returns the summary."""
     from trainer.report import plot_metrics, read_metric_rows, write_metric_rows
 
-    summary, rows = {}, []
+    summary, rows = {}, {}
     for part in sorted((out_dir / "metrics").glob("*.jsonl")):
         for row in read_metric_rows(part):
             if row.get("final"):  # a summary; the last one has the most examples
                 if row["examples"] >= summary.get("examples", -1):
                     summary = {k: v for k, v in row.items() if k != "final"}
-            else:
-                rows.append(row)
+            else:  # one row per window (a resumed trainer gives the restored snapshot's rows again)
+                rows[row["window_start_ms"]] = row
     shutil.rmtree(out_dir / "metrics", ignore_errors=True)
-    rows = write_metric_rows(rows, out_dir / "metrics.jsonl")
+    rows = write_metric_rows(rows.values(), out_dir / "metrics.jsonl")
     if rows:
         plot_metrics(rows, out_dir / "metrics.png", f"{spec.name}: progressive validation per "
                      f"{format_duration_ms(spec.training.metrics_window_ms)} of event time")

@@ -118,7 +118,7 @@ class ServingModel:
 
         config = RedisStoreConfig.from_uri(uri)
         trainer_shape = OnlineTrainer(self.spec)
-        return [RedisStore(config, group.table.config, name=f"{self.spec.name}:g{index}")
+        return [RedisStore(config, group.table.config, name=f"{self.spec.name}:g{index}", writer=False)
                 for index, group in enumerate(trainer_shape.groups)]
 
     def _read_through(self, fids: pa.ListArray) -> None:

@@ -20,3 +20,18 @@ def obd_logs(tmp_path_factory):
     out = tmp_path_factory.mktemp("obd")
     manifest = obd.convert(out, seed=0)
     return out, manifest
+
+
+@pytest.fixture(scope="session")
+def movielens_ordered_examples(movielens_logs, tmp_path_factory):
+    """The first 16,000 MovieLens Examples in the trainer's order (backfill join on Beam)."""
+    import pyarrow.parquet as pq
+
+    from runners.beam_runner import run_join
+    from schemas.spec import load_spec
+    from trainer.running import ORDER
+
+    logs, _ = movielens_logs
+    out = tmp_path_factory.mktemp("ml-examples")
+    run_join(load_spec("movielens"), logs, out)
+    return pq.read_table(out / "examples").sort_by(ORDER).slice(0, 16_000)

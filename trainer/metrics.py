@@ -103,6 +103,8 @@ class WindowedMetrics:
         self.open: dict[int, ProgressiveMetrics] = {}
         self.late_examples = 0  # examples of a window already closed (not counted in a row)
         self.closed_before = None  # windows below this index are closed
+        self.closed_rows: list[dict] = []  # every row closed so far (kept in snapshots)
+        self._restored_rows: list[dict] = []  # rows of a restored state, given out again by the next close
 
     def update(self, logits, labels, weights, times_ms) -> None:
         logits, labels, weights = (np.asarray(a, dtype=np.float64).reshape(-1) for a in (logits, labels, weights))
@@ -117,10 +119,13 @@ class WindowedMetrics:
 
     def state_dict(self) -> dict:
         return {"late_examples": self.late_examples, "closed_before": self.closed_before,
-                "open": {window: metrics.state_dict() for window, metrics in self.open.items()}}
+                "open": {window: metrics.state_dict() for window, metrics in self.open.items()},
+                "closed_rows": [dict(row) for row in self.closed_rows]}
 
     def load_state_dict(self, state: dict) -> None:
         self.late_examples, self.closed_before = int(state["late_examples"]), state["closed_before"]
+        self.closed_rows = [dict(row) for row in state.get("closed_rows", [])]
+        self._restored_rows = list(self.closed_rows)  # a resumed run's report holds them too
         self.open = {}
         for window, metrics_state in state["open"].items():
             self.open[int(window)] = metrics = ProgressiveMetrics(bins=self.bins)
@@ -136,9 +141,10 @@ class WindowedMetrics:
 
     def _close(self, windows: list[int], closed_before: int) -> list[dict]:
         self.closed_before = max(closed_before, self.closed_before if self.closed_before is not None else closed_before)
-        rows = []
+        rows, self._restored_rows = self._restored_rows, []
         for window in sorted(windows):
             metrics = self.open.pop(window)
-            rows.append({"window_start_ms": window * self.window_ms, "window_ms": self.window_ms,
-                         **metrics.summary()})
+            row = {"window_start_ms": window * self.window_ms, "window_ms": self.window_ms, **metrics.summary()}
+            rows.append(row)
+            self.closed_rows.append(row)
         return rows

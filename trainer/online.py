@@ -284,9 +284,11 @@ class OnlineTrainer:
         loss = self.train_prepared(prepared, 0, prepared.n)
         return {"loss": float(loss) / max(prepared.n, 1), "examples": prepared.n}
 
-    def train_prepared(self, prepared: "PreparedExamples", start: int, stop: int) -> torch.Tensor:
-        """Score examples ``start:stop`` of ``prepared`` (progressive metrics), then train on
-        them as one batch; returns the batch's summed loss (a 0-d tensor: reading it syncs)."""
+    def train_prepared(self, prepared: "PreparedExamples", start: int, stop: int,
+                       unscored: int = 0) -> torch.Tensor:
+        """Score examples ``start:stop`` of ``prepared`` (progressive metrics; the first
+        ``unscored`` of them are left out of the metrics), then train on them as one batch;
+        returns the batch's summed loss (a 0-d tensor: reading it syncs)."""
         n = stop - start
         pooled, wide, used = self._pool(prepared, start, stop, train=True)
         pooled.requires_grad_()
@@ -316,7 +318,8 @@ class OnlineTrainer:
                                                [self._sequential_rows(t, jac_pooled, jac_wide) for t in sequential],
                                                newton_steps=self.newton_steps)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(scores - log_rate, labels, reduction="sum")
-        self._pending_scores.append((scores, start, stop, prepared))
+        if unscored < n:
+            self._pending_scores.append((scores[unscored:], start + unscored, stop, prepared))
         batch_updated = [t for t in used if t not in sequential]
         if batch_updated:
             self._sparse_step(batch_updated, pooled_grad, wide_grad)
@@ -465,7 +468,8 @@ class OnlineTrainer:
         return {"model": self.model.state_dict(), "dense_optimizer": self.dense_optimizer.state_dict(),
                 "metrics": self._metrics.state_dict(), "window_metrics": self.window_metrics.state_dict(),
                 "batches": self.batches, "data_time_ms": self.data_time_ms, "last_expiry_ms": self.last_expiry_ms,
-                "unknown_slot_fids": self.unknown_slot_fids}
+                "unknown_slot_fids": self.unknown_slot_fids,
+                "store_tokens": [list(getattr(group.table.store, "tokens", [])) for group in self.groups]}
 
     def load_training_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -476,3 +480,7 @@ class OnlineTrainer:
         self.window_metrics.load_state_dict(state["window_metrics"])
         for key in ("batches", "data_time_ms", "last_expiry_ms", "unknown_slot_fids"):
             setattr(self, key, state[key])
+        if not self.serving:  # the rows the snapshot's cache lacks must still be in the same store
+            for index, (group, tokens) in enumerate(zip(self.groups, state.get("store_tokens", []))):
+                if hasattr(group.table.store, "check_identity"):
+                    group.table.store.check_identity(tokens, f"the snapshot's table {index}")

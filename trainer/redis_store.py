@@ -33,6 +33,16 @@ Failures: every call is retried with exponential back-off (50 ms doubling, at mo
 written. Writes are idempotent (``SET``), so a retried write never duplicates; a write that fails
 for good raises before the cache frees the rows, so nothing written back is silently lost.
 
+A server that comes back *without its data* (restarted without persistence, flushed, failed over
+to an empty replica) would silently lose the rows written before. A writing store therefore keeps
+a marker key per server (``<prefix>:<name>#marker``, a random token set once with ``SET NX``; on
+a Redis Cluster one per primary, placed by hash tag) and checks it in the same round trip as every
+read and write: a missing marker raises ``StoreLost`` naming the server, and no further write
+goes out. A snapshot records the tokens, so ``--resume`` refuses a store that is not the one the
+snapshot's rows were written to. The trainer's position goes with every write too
+(``<prefix>:<name>#trained``, a one-member sorted set raised with ``ZADD GT``): the most examples
+the stored rows can have learned from, which a resume needs to keep its metrics honest.
+
 URI: ``redis://[:password@]host:port[,host:port...][/db][?prefix=P&cache_rows=N&ttl=on|off
 &ttl_grace_ms=MS&write_behind=on|off&retry_for=S&timeout=S]``; ``redis+cluster://host:port[,...]`` for a Redis Cluster (its seed nodes).
 """
@@ -65,6 +75,10 @@ return #KEYS
 
 class StoreUnavailable(RuntimeError):
     """The store did not answer within the retry bound."""
+
+
+class StoreLost(RuntimeError):
+    """The store no longer holds rows written to it: its marker key is gone or changed."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +162,9 @@ class HashRing:
 class RedisStore:
     """``RowStore`` on one or more Redis servers (or a Redis Cluster) for one table's rows."""
 
-    def __init__(self, config: RedisStoreConfig, table: TableConfig, name: str = "table"):
+    def __init__(self, config: RedisStoreConfig, table: TableConfig, name: str = "table", writer: bool = True):
+        """``writer``: this store writes rows (a trainer) - it sets and checks the marker keys;
+        a reader (serving) only reads."""
         import redis
 
         self.config, self.dim, self.state_width = config, table.dim, table.state_width
@@ -156,6 +172,11 @@ class RedisStore:
                                ("last_seen_ms", "<i8"), ("count", "<i4")])
         self.key_prefix = f"{config.prefix}:{name}:".encode()
         self.index_prefix = f"{config.prefix}:{name}#expiry:".encode()
+        self.marker_base = f"{config.prefix}:{name}#marker".encode()
+        self.trained_key = f"{config.prefix}:{name}#trained".encode()
+        self.writer = writer
+        self.lost: StoreLost | None = None  # once lost, every later call raises it
+        self.trained_examples = 0  # the trainer's position: goes with every write (see the module docstring)
         self.expire_by_slot = {slot: policy.expire_after_ms for slot, policy in table.slots.items()
                                if policy.expire_after_ms is not None}
         self.default_expire = table.default_policy.expire_after_ms
@@ -176,9 +197,11 @@ class RedisStore:
         self._noscript = redis.exceptions.NoScriptError
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="redis-write-behind") if config.write_behind else None
         self._pending: Future | None = None
-        self._load_scripts()
-        self.ring = HashRing(self.names)
         self.stats = {"gets": 0, "puts": 0, "deletes": 0, "retries": 0}
+        self.ring = HashRing(self.names)
+        self._load_scripts()
+        self.markers = self._marker_keys() if writer else [[] for _ in self.clients]
+        self.tokens = self._set_markers() if writer else []
 
     # -- plumbing -----------------------------------------------------------------------------
 
@@ -189,6 +212,60 @@ class RedisStore:
         self.set_with_ttl = [self._retrying(shard, "loading the write script",
                                             lambda: client.script_load(_SET_WITH_TTL))
                              for shard, client in enumerate(self.clients)]
+
+    def _marker_keys(self) -> list[list[bytes]]:
+        """Marker keys per client: one per server; on a cluster one per primary (hash-tagged)."""
+        if not self.config.cluster:
+            return [[self.marker_base] for _ in self.clients]
+        client = self.clients[0]
+        primaries = {node.name for node in self._retrying(0, "listing cluster nodes", client.get_primaries)}
+        keys: dict[str, bytes] = {}
+        for tag in range(100_000):
+            if len(keys) == len(primaries):
+                break
+            key = self.marker_base + b":{" + str(tag).encode() + b"}"
+            keys.setdefault(client.get_node_from_key(key).name, key)
+        return [sorted(keys.values())]
+
+    def _set_markers(self) -> list[str]:
+        """Each marker's token (set to a new random one where absent): the store's identity."""
+        import uuid
+
+        tokens = []
+        for shard, (client, keys) in enumerate(zip(self.clients, self.markers)):
+            for key in keys:
+                def call(key=key, client=client):
+                    client.set(key, uuid.uuid4().hex, nx=True)
+                    return client.get(key)
+                tokens.append(self._retrying(shard, "reading its marker key", call).decode())
+        return tokens
+
+    def _check_markers(self, shard: int, found: int) -> None:
+        """``found`` of this shard's marker keys exist (read in the same round trip as the rows)."""
+        if found != len(self.markers[shard]):
+            self.lost = StoreLost(
+                f"redis {self.names[shard]} lost the rows written to it: its marker key "
+                f"{self.markers[shard][0].decode(errors='replace')} is gone (the server restarted without its data, "
+                f"was flushed or failed over to an empty replica); rows evicted or published there since the "
+                f"last snapshot are lost - restore the server's data, or start the run afresh on an empty store")
+            raise self.lost
+
+    def check_identity(self, tokens: list[str], where: str) -> None:
+        """Refuse a store that is not the one ``tokens`` (from a snapshot) were read from."""
+        if tokens and tokens != self.tokens:
+            raise StoreLost(f"{where} relies on rows in redis {', '.join(self.names)}, which no longer holds them "
+                            f"(its marker changed from {tokens} to {self.tokens}: restarted without its data or "
+                            f"flushed since); resuming would train on missing rows")
+
+    def trained_mark(self) -> int:
+        """The most examples the stored rows can have learned from (0 if never written)."""
+        marks = [self._retrying(shard, "reading the trained position", lambda c=client: c.zscore(self.trained_key, "n"))
+                 for shard, client in enumerate(self.clients)]
+        return int(max((m for m in marks if m is not None), default=0))
+
+    def reset_trained_mark(self) -> None:
+        for shard, client in enumerate(self.clients):
+            self._retrying(shard, "resetting the trained position", lambda c=client: c.delete(self.trained_key))
 
     def _retrying(self, shard: int, what: str, call):
         wait, deadline = 0.05, time.monotonic() + self.config.retry_for_s
@@ -253,8 +330,7 @@ class RedisStore:
         for shard, positions in self._by_shard(fids):
             keys = self._keys(fids_np[positions])
             client = self.clients[shard]
-            got = self._retrying(shard, f"reading {len(keys)} rows",
-                                 lambda: client.mget_nonatomic(keys) if self.config.cluster else client.mget(keys))
+            got = self._retrying(shard, f"reading {len(keys)} rows", lambda: self._read(shard, client, keys))
             for position, value in zip(positions.tolist(), got):
                 values[position] = value
         found = np.fromiter((value is not None for value in values), dtype=bool, count=len(values))
@@ -264,6 +340,22 @@ class RedisStore:
                         torch.from_numpy(packed["state"].copy()), torch.from_numpy(packed["last_seen_ms"].copy()),
                         torch.from_numpy(packed["count"].astype(np.int32)))
         return torch.from_numpy(found), rows
+
+    def _read(self, shard: int, client, keys: list[bytes]) -> list:
+        """MGET of ``keys``; a writing store checks its markers in the same round trip."""
+        if self.config.cluster:
+            values = client.mget_nonatomic(keys)
+            if self.markers[shard]:
+                self._check_markers(shard, sum(client.exists(key) for key in self.markers[shard]))
+            return values
+        if not self.markers[shard]:
+            return client.mget(keys)
+        pipe = client.pipeline(transaction=False)
+        pipe.exists(*self.markers[shard])
+        pipe.mget(keys)
+        found, values = pipe.execute()
+        self._check_markers(shard, found)
+        return values
 
     def put_rows(self, rows: RowBatch, data_time_ms: int | None = None) -> None:
         """Write rows (insert or overwrite). ``data_time_ms`` (default: the newest last-seen time
@@ -286,12 +378,12 @@ class RedisStore:
             px = np.where(expiring, np.maximum(packed["last_seen_ms"] + limits - now + grace, 1), 0)
         slots = fids_np >> HASH_BITS
         values = [raw[i:i + size] for i in range(0, len(raw), size)]
-        writes = []
+        writes, trained = [], self.trained_examples
         for shard, positions in self._by_shard(rows.fids):
             keys = self._keys(fids_np[positions])
             writes.append((shard, len(keys), lambda shard=shard, keys=keys, positions=positions: self._write(
                 shard, keys, [values[p] for p in positions.tolist()], slots[positions], expiring[positions],
-                packed["last_seen_ms"][positions], px[positions])))
+                packed["last_seen_ms"][positions], px[positions], trained)))
         self.flush()  # one write in flight at a time: ordered, and bounded memory
         if self._writer is None:
             self._send(writes)
@@ -304,17 +396,25 @@ class RedisStore:
             self._retrying(shard, f"writing {rows} rows (not written; retried until this bound)", write)
 
     def flush(self) -> None:
-        """Wait for the write in flight (write-behind); raises its ``StoreUnavailable``, if any."""
+        """Wait for the write in flight (write-behind); raises its ``StoreUnavailable``, if any,
+        and ``StoreLost`` once the store was found to have lost rows."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.result()
+        if self.lost is not None:
+            raise self.lost
 
     def _write(self, shard: int, keys: list[bytes], values: list[bytes], slots: np.ndarray, expiring: np.ndarray,
-               last_seen: np.ndarray, px: np.ndarray) -> None:
-        """One pipeline: the rows without a TTL in one ``MSET``, those with one through a small
-        script (``SET key value PX ttl`` per row, server-side), one multi-member ``ZADD`` per
-        expiring slot. Every command is idempotent: a retried pipeline writes the same."""
+               last_seen: np.ndarray, px: np.ndarray, trained: int) -> None:
+        """One pipeline: the marker check and the trained position first, then the rows without a
+        TTL in one ``MSET``, those with one through a small script (``SET key value PX ttl`` per
+        row, server-side), one multi-member ``ZADD`` per expiring slot. Every command is
+        idempotent: a retried pipeline writes the same."""
         pipe = self.clients[shard].pipeline(transaction=False)
+        for key in self.markers[shard]:
+            pipe.exists(key)
+        if self.writer:
+            pipe.zadd(self.trained_key, {"n": trained}, gt=True)
         timed = px > 0
         if self.config.cluster:  # keys in different hash slots: one SET each
             for key, value, ttl in zip(keys, values, px.tolist()):
@@ -332,10 +432,17 @@ class RedisStore:
             pipe.execute_command("ZADD", self._index_key(slot),
                                  *[item for m in members for item in (int(last_seen[m]), keys[m])])
         try:
-            pipe.execute()
+            replies = pipe.execute(raise_on_error=False)
         except self._noscript:  # the server restarted and forgot the script: load it, write again
             self._load_scripts()
             raise
+        markers = len(self.markers[shard])
+        self._check_markers(shard, sum(int(reply) for reply in replies[:markers]))  # before any error: a loss
+        for reply in replies[markers:]:
+            if isinstance(reply, self._noscript):
+                self._load_scripts()
+            if isinstance(reply, Exception):
+                raise reply
 
     def delete(self, fids: torch.Tensor) -> None:
         self.flush()

@@ -61,6 +61,7 @@ class RunningTrainer:
         self.resumed_at = None  # the restored snapshot's position: what it had trained
         self.out_of_order = 0  # examples that came after the trainer had trained past them
         self.publisher = None
+        self.unscored_through = 0  # examples up to this count are trained but left out of the metrics
         if publishing is not None:
             if publishing.resume:
                 self.position, entry = restore_trainer(self.trainer, publishing.model_dir)
@@ -68,6 +69,22 @@ class RunningTrainer:
                 log(f"resumed from snapshot version {entry['version']}: {self.position.examples} examples trained "
                     f"up to impression time {self.position.impression_time_ms}")
             self.publisher = Publisher(self.trainer, publishing.model_dir, clock=publishing.clock)
+        self.stores = [group.table.store for group in self.trainer.groups if hasattr(group.table.store, "trained_mark")]
+        if self.resumed_at is not None and self.stores:
+            # Rows written to the external store after the snapshot had learned the examples the
+            # killed run trained past it: those are re-trained now, but scoring them again would
+            # score examples the model has seen. They are left out of the metrics (and counted).
+            learned = max(store.trained_mark() for store in self.stores)
+            self.unscored_through = max(learned, self.position.examples)
+            if learned > self.position.examples:
+                log(f"the store's rows had learned up to example {learned}: examples {self.position.examples + 1}"
+                    f"..{learned} are re-trained and left out of the metrics")
+        else:
+            for store in self.stores:  # a fresh run: no stored row has learned from this run yet
+                store.reset_trained_mark()
+        self._mark_stores()
+        self.trained_this_run = 0
+        self.excluded = 0  # examples re-trained after a resume and left out of the metrics
         self.batch_size = spec.training.batch_size
         self.snapshot_taken = False  # whether the last train() published a snapshot
         self.snapshot_position = None  # the position of this run's newest snapshot
@@ -95,9 +112,13 @@ class RunningTrainer:
             request_ids, item_ids = examples.column("request_id"), examples.column("item_id")
         for start in range(0, usable, self.batch_size):
             stop = min(start + self.batch_size, usable)
-            self.trainer.train_prepared(prepared, start, stop)
+            unscored = min(max(self.unscored_through - self.position.examples, 0), stop - start)
+            self.trainer.train_prepared(prepared, start, stop, unscored=unscored)
+            self.excluded += unscored
             self.position = Position(int(times[stop - 1]), request_ids[stop - 1].as_py(), item_ids[stop - 1].as_py(),
                                      self.position.examples + stop - start)
+            self.trained_this_run += stop - start
+            self._mark_stores()
             if self.publisher is not None:
                 entries = self.publisher.after_batch(self.position)
                 if any(entry["kind"] == "snapshot" for entry in entries):
@@ -106,6 +127,11 @@ class RunningTrainer:
                 self.progress.update(stop - start, self.trainer.metrics)
         self.seconds += time.perf_counter() - started
         return examples.slice(usable), self.trainer.closed_windows(flush=flush)
+
+    def _mark_stores(self) -> None:
+        """Rows written to a store from now on may have learned every example trained so far."""
+        for store in self.stores:
+            store.trained_examples = self.position.examples
 
     def finish(self) -> None:
         if self.publisher is not None:
@@ -120,7 +146,9 @@ class RunningTrainer:
     def summary(self) -> dict:
         summary = self.trainer.metrics.summary()
         summary["train_seconds"] = round(self.seconds, 2)
-        summary["examples_per_s"] = round(summary["examples"] / max(self.seconds, 1e-9))
+        summary["examples_trained"] = self.position.examples  # by this run and the snapshot it resumed from
+        summary["examples_trained_this_run"] = self.trained_this_run
+        summary["examples_per_s"] = round(self.trained_this_run / self.seconds) if self.trained_this_run else None
         summary["late_metric_examples"] = self.trainer.window_metrics.late_examples
         summary["out_of_order_examples"] = self.out_of_order
         tables = [group.table for group in self.trainer.groups]
@@ -131,4 +159,7 @@ class RunningTrainer:
         if self.publisher is not None:
             summary["model_version"] = self.publisher.version
             summary["resumed_from_version"] = self.resumed_from
+        if self.resumed_at is not None:
+            summary["resume_metrics"] = "excluding re-trained" if self.excluded else "exact"
+            summary["metrics_excluded_examples"] = self.excluded
         return summary
