@@ -29,7 +29,10 @@ from pathlib import Path
 
 
 def _print_json(figures: dict) -> None:
-    print(json.dumps(figures, sort_keys=True))
+    """The last line of every command: one JSON object (strict: no NaN)."""
+    from trainer.report import json_safe
+
+    print(json.dumps(json_safe(figures), sort_keys=True, allow_nan=False))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -163,10 +166,22 @@ def _flink_options(args: argparse.Namespace) -> dict:
             "watch_interval_s": args.watch, "stop_after_s": args.stop_after}
 
 
+def _check_logs(spec, args: argparse.Namespace) -> None:
+    """Missing logs or logs of another spec are refused before a job starts."""
+    from schemas.events import load_schema
+    from schemas.logs import check_log_dir
+
+    read = {source for slot in spec.slots for source in slot.source} | {dense.source for dense in spec.dense}
+    schemas = {"impressions": load_schema(spec.events.impression), "actions": load_schema(spec.events.action)}
+    fields = {f["name"] for f in schemas["impressions"]["fields"]}
+    check_log_dir(args.logs, schemas, live=getattr(args, "watch", None) is not None, used={"impressions": read & fields})
+
+
 def cmd_join(args: argparse.Namespace) -> int:
     from schemas.spec import load_spec
 
     spec = load_spec(args.spec)
+    _check_logs(spec, args)
     submitted = _flink_submit(args, "join")
     if submitted is not None:
         return submitted
@@ -213,6 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         RedisStoreConfig.from_uri(args.store)  # a bad URI fails here, naming the parameter
         spec = dataclasses.replace(spec, store=args.store)
+    _check_logs(spec, args)
     submitted = _flink_submit(args, "run")
     if submitted is not None:
         return submitted

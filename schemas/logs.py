@@ -34,6 +34,10 @@ from schemas.dead_letters import DeadLetter, DeadLetterSink, record_json
 from schemas.events import arrow_schema, base_type, defaults
 
 KINDS = ("impressions", "actions")
+# Event times a record may carry, ms since the epoch: [1970-01-01, 2200-01-01). Outside it a
+# time is a bug (seconds for ms, a sentinel, overflow), and it would break watermarks, windows
+# and dates downstream: such records are dead letters ("event_time_out_of_range") in every mode.
+EVENT_TIME_RANGE_MS = (0, 7_258_118_400_000)
 FORMATS = ("avro", "parquet")
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -215,6 +219,47 @@ def log_files(log_dir: str | Path, kind: str) -> list[Path]:
     return sorted(p for p in folder.glob("*") if p.suffix.lstrip(".") in FORMATS and not p.name.startswith("."))
 
 
+def _writer_fields(path: Path) -> tuple[str, set[str]] | None:
+    """(schema name, field names) the file was written with; None if its header is unreadable
+    (the readers then report the damage as a dead letter)."""
+    try:
+        if path.suffix == ".parquet":
+            return "parquet columns", set(pq.read_schema(path).names)
+        with open(path, "rb") as fo:
+            writer = fastavro.reader(fo).writer_schema
+        return str(writer.get("name", "?")), {field["name"] for field in writer.get("fields", [])}
+    except Exception:  # noqa: BLE001 - any damage: left to the readers' dead letters
+        return None
+
+
+def check_log_dir(log_dir: str | Path, schemas: dict[str, dict], live: bool = False,
+                  used: dict[str, set[str]] | None = None) -> None:
+    """Refuse, before a job starts, logs it cannot mean: a missing directory, no impression files
+    or no ``actions/`` directory (unless ``live``: files may still come), or files whose writer
+    schema lacks a field the spec requires or reads (``schemas``: kind -> reader schema; ``used``:
+    kind -> fields the spec's features read; the first and the newest file of each kind are
+    checked). Raises LogReadError naming it."""
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir():
+        raise LogReadError(f"logs {str(log_dir)!r}: no such directory")
+    for kind, schema in schemas.items():
+        files = log_files(log_dir, kind)
+        if not live and not (log_dir / kind).is_dir():
+            raise LogReadError(f"logs {str(log_dir)!r} have no {kind}/ directory: without it every impression "
+                               f"would train as a negative" if kind == "actions" else
+                               f"logs {str(log_dir)!r} have no {kind}/ directory")
+        if not live and kind == "impressions" and not files:
+            raise LogReadError(f"logs {str(log_dir)!r}: no impression files (.avro or .parquet) in impressions/")
+        required = {f["name"] for f in schema["fields"] if "default" not in f} | (used or {}).get(kind, set())
+        for path in {files[0], files[-1]} if files else ():
+            written = _writer_fields(path)
+            if written is not None and required - written[1]:
+                raise LogReadError(
+                    f"{path}: written with schema {written[0]!r}, which lacks the field(s) "
+                    f"{sorted(required - written[1])} that the spec's {kind} schema {schema.get('name')!r} requires: "
+                    f"these logs are not for this spec")
+
+
 def conform(record: dict, schema: dict) -> dict:
     """Fit a record to ``schema``: fill defaults, drop unknown fields, check every type.
 
@@ -292,6 +337,10 @@ def _parquet_table(path: Path, schema: dict) -> tuple[pa.Table, np.ndarray]:
         columns.append(column)
     fitted = pa.table(columns, schema=want)
     bad = np.zeros(table.num_rows, dtype=bool)
+    if "event_time_ms" in fitted.column_names:
+        times = fitted.column("event_time_ms").to_numpy(zero_copy_only=False)
+        with np.errstate(invalid="ignore"):
+            bad |= ~((times >= EVENT_TIME_RANGE_MS[0]) & (times < EVENT_TIME_RANGE_MS[1]))
     for field in schema["fields"]:
         if not base_type(field["type"])[1] and fitted.column(field["name"]).null_count:
             bad |= fitted.column(field["name"]).is_null().to_numpy(zero_copy_only=False)
@@ -302,10 +351,10 @@ def _iter_parquet(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, 
     table, bad = _parquet_table(path, schema)
     required = [f["name"] for f in schema["fields"] if not base_type(f["type"])[1]]
     for index, row in enumerate(table.to_pylist()):
-        if bad[index]:
-            nulls = [name for name in required if row[name] is None]
+        nulls = [name for name in required if row[name] is None] if bad[index] else []
+        if nulls:
             yield index, row, f"required field {nulls[0]!r} is null"
-        else:
+        else:  # (a bad row without nulls: its event time, which read_log_file reports)
             yield index, row, None
 
 
@@ -343,12 +392,16 @@ def read_log_file(path: str | Path, schema: dict, dead_letters: DeadLetterSink |
     try:
         for index, record, error in iterate(path, schema):
             if error is None:
-                yield record
-                continue
+                if EVENT_TIME_RANGE_MS[0] <= record.get("event_time_ms", 0) < EVENT_TIME_RANGE_MS[1]:
+                    yield record
+                    continue
+                error = (f"event_time_ms {record['event_time_ms']} is outside [{EVENT_TIME_RANGE_MS[0]}, "
+                         f"{EVENT_TIME_RANGE_MS[1]}) ms (1970 to 2200)")
             message = f"{path}: record {index}: {error}"
             if dead_letters is None:
                 raise LogReadError(message)
-            reason = "missing_field" if "missing" in error or "is null" in error else "wrong_type"
+            reason = ("event_time_out_of_range" if error.startswith("event_time_ms") else
+                      "missing_field" if "missing" in error or "is null" in error else "wrong_type")
             dead_letters.add(DeadLetter(stage, reason, message, str(path), record_json(record)))
     except LogReadError:
         raise

@@ -3,6 +3,7 @@ them over event time, and a progress bar with examples/s for long runs."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from datetime import datetime, timezone
@@ -15,11 +16,22 @@ AUC_EVERY_S = 0.5
 METRICS = (("auc", "progressive AUC"), ("logloss", "logloss"), ("calibration", "calibration (pred / obs CTR)"))
 
 
+def json_safe(value):
+    """NaN and infinities (an AUC of one class, a rate of nothing) as null: valid JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def write_metric_rows(rows: Iterable[dict], path: str | Path) -> list[dict]:
     """Rows sorted by window start, written atomically as JSON lines; returns them."""
     rows = sorted(rows, key=lambda row: row["window_start_ms"])
     with atomic_write(Path(path), "w") as out:
-        out.writelines(json.dumps(row) + "\n" for row in rows)
+        out.writelines(json.dumps(json_safe(row), allow_nan=False) + "\n" for row in rows)
     return rows
 
 

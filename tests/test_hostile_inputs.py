@@ -1,0 +1,76 @@
+"""Logs a careless user or a broken producer hands the job: missing inputs, logs of another
+spec, and event times no clock can have. Each is an error before the job starts or a dead letter
+with a reason, in every mode; the last line printed is always strict JSON."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pyarrow as pa
+import pytest
+
+from datasets.synthetic import SyntheticConfig, generate
+from runners.cli import main
+from schemas.events import load_schema
+from schemas.logs import arrow_schema, log_files, read_log_file, write_table
+
+
+@pytest.fixture(scope="module")
+def synthetic_logs(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("synthetic")
+    generate(logs, SyntheticConfig(events=3_000, span_hours=4, seed=3))
+    return logs
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # strict: NaN would not parse
+
+
+@pytest.mark.parametrize("command", ["join", "run"])
+def test_missing_logs_are_an_error_naming_them(command, tmp_path, capsys):
+    code = main([command, "--spec", "synthetic", "--logs", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "o")])
+    error = capsys.readouterr().err
+    assert code == 1 and "nonexistent" in error and "no such directory" in error
+
+
+def test_no_actions_directory_is_an_error_and_a_one_class_run_prints_null(synthetic_logs, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    shutil.copytree(synthetic_logs, logs)
+    shutil.rmtree(logs / "actions")
+    assert main(["run", "--spec", "synthetic", "--logs", str(logs), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    assert "no actions/ directory" in capsys.readouterr().err
+    (logs / "actions").mkdir()  # present but empty: every impression a negative, the AUC undefined
+    assert main(["run", "--spec", "synthetic", "--logs", str(logs), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    summary = _last_json(capsys)
+    assert summary["auc"] is None and summary["examples"] > 0
+    rows = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(row["auc"] is None for row in rows)
+
+
+def test_logs_of_another_spec_are_refused_before_the_job_starts(movielens_logs, tmp_path, capsys):
+    logs, _ = movielens_logs
+    assert main(["run", "--spec", "synthetic", "--logs", str(logs), "--out", str(tmp_path / "o")]) == 1
+    error = capsys.readouterr().err
+    assert "lacks the field(s)" in error and "these logs are not for this spec" in error
+    assert not (tmp_path / "o" / "examples").exists()
+
+
+@pytest.mark.parametrize("mode", [[], ["--streaming"]])
+def test_event_times_outside_any_clock_are_dead_letters_in_every_mode(mode, synthetic_logs, tmp_path, capsys):
+    logs = tmp_path / "logs"
+    shutil.copytree(synthetic_logs, logs)
+    schema = load_schema("synthetic_impression")
+    first = log_files(logs, "impressions")[0]
+    record = next(iter(read_log_file(first, schema)))
+    extreme = [{**record, "request_id": f"x{i}", "event_time_ms": t}
+               for i, t in enumerate([2 ** 63 - 1, -2 ** 63, 4_100_000_000_000_000])]
+    write_table(pa.Table.from_pylist(extreme, schema=arrow_schema(schema)),
+                logs / "impressions" / f"zz-extreme{first.suffix}", schema, first.suffix[1:])
+    assert main(["run", "--spec", "synthetic", "--logs", str(logs), "--out", str(tmp_path / "o"), "--no-progress",
+                 *mode]) == 0
+    summary = _last_json(capsys)
+    assert summary["dead_letters"].get("event_time_out_of_range") == 3 and summary["examples"] > 0
+    letters = [json.loads(line) for path in (tmp_path / "o" / "dead_letters").glob("*")
+               for line in path.read_text().splitlines()]
+    assert sum(letter["reason"] == "event_time_out_of_range" for letter in letters) == 3
+    assert (tmp_path / "o" / "metrics.png").is_file()
