@@ -17,21 +17,19 @@ online trainer as a stateful transform): progressive metrics per event-time wind
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import apache_beam as beam
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import Timestamp
 
-from pipelines.beam_join import (DEAD, NAMESPACE, BackfillJoin, StreamingJoin, WatchLogDirectory, WriteBundles,
+from pipelines.beam_join import (DEAD, BackfillJoin, StreamingJoin, WatchLogDirectory, WriteBundles,
                                  log_file_names)
 from pipelines.beam_train import SUMMARY, TrainExamples, release_trainers
 from schemas.dead_letters import DeadLetterSink
-from runners.replay import OUTPUTS, finish_metrics, fresh_output_dirs, load_replay_batch, replay_batches
+from runners.replay import OUTPUTS, count_dead_letters, finish_metrics, fresh_output_dirs, load_replay_batch, replay_batches
 from schemas.spec import FeatureSpec
 from trainer.running import Publishing
 
@@ -56,26 +54,6 @@ def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, event
     if last_event_ms is not None:
         stream.advance_watermark_to(Timestamp(micros=(last_event_ms + spec.join.window_ms + step_ms + 1) * 1000))
     return stream.advance_watermark_to_infinity(), step_ms
-
-
-METRICS_RECURSION_LIMIT = 10_000
-
-
-def _dead_letter_counts(pipeline: beam.Pipeline) -> dict[str, int]:
-    """Dead letters by reason, from the pipeline's ``dead_letters.<stage>.<reason>`` counters."""
-    counts: dict[str, int] = {}
-    # Beam 2.61's DirectRunner nests one generator per bundle when it merges counters, so a long
-    # live job (many bundles) passes the default recursion limit of 1,000 (seen at ~960 bundles).
-    limit = sys.getrecursionlimit()
-    sys.setrecursionlimit(max(limit, METRICS_RECURSION_LIMIT))
-    try:
-        counters = pipeline.result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))["counters"]
-    finally:
-        sys.setrecursionlimit(limit)
-    for counter in counters:
-        reason = counter.key.metric.name.split(".")[-1]
-        counts[reason] = counts.get(reason, 0) + counter.committed
-    return counts
 
 
 def run_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streaming: bool = False,
@@ -126,9 +104,7 @@ def run_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streami
     elapsed = time.perf_counter() - started
     release_trainers()
     shutil.rmtree(out_dir / ".replay", ignore_errors=True)
-    dead_counts = _dead_letter_counts(pipeline)
-    for letter in read_dead.letters:  # read before the pipeline in streaming replay
-        dead_counts[letter.reason] = dead_counts.get(letter.reason, 0) + 1
+    dead_counts = count_dead_letters(out_dir)  # (streaming replay: the letters read before the pipeline too)
     summary = finish_metrics(spec, out_dir) if train else {}
     mode = "live" if watch_interval_s is not None else "streaming" if streaming else "backfill"
     summary.update({"mode": mode, "seconds": round(elapsed, 2), "dead_letters": dead_counts})

@@ -163,7 +163,7 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     from pipelines.flink_join import (DEAD_LETTERS, JoinShard, ReadAnnouncedLogs, batch_time, read_busy_clocks,
                                       shard_record)
     from pipelines.flink_train import TrainStream
-    from runners.replay import OUTPUTS, finish_metrics, fresh_output_dirs, replay_batches
+    from runners.replay import OUTPUTS, count_dead_letters, finish_metrics, fresh_output_dirs, replay_batches
     from runners.log_announcer import LogAnnouncer
     from schemas.dead_letters import DeadLetterSink
 
@@ -258,11 +258,7 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     for done in (spill, checkpoints, timing, live_dir, out_dir / ".savepoints"):  # nothing left to restore
         shutil.rmtree(done, ignore_errors=True)
     publish_examples(out_dir / "examples", staging)
-    counts: dict[str, int] = {}
-    for part in (out_dir / "dead_letters").glob("*.jsonl"):
-        for line in part.read_text().splitlines():
-            reason = json.loads(line)["reason"]
-            counts[reason] = counts.get(reason, 0) + 1
+    counts = count_dead_letters(out_dir)
     summary = finish_metrics(spec, out_dir) if train else {}
     summary.update({"mode": "flink live" if live else "flink", "seconds": round(elapsed, 2), "dead_letters": counts,
                     "restored_from_checkpoint": None if restore_from is None else restore_from.name,

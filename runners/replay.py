@@ -96,6 +96,21 @@ def fresh_output_dirs(out_dir: Path, subdirs: tuple[str, ...] = OUTPUTS[:2]) -> 
         (out_dir / sub).mkdir(parents=True)
 
 
+def count_dead_letters(out_dir: Path) -> dict[str, int]:
+    """Dead letters by reason, counted from what was written to ``OUT/dead_letters`` (an engine's
+    counters can miss letters - Beam's in streaming mode did - the files are what a user gets)."""
+    import json
+
+    counts: dict[str, int] = {}
+    for part in sorted((out_dir / "dead_letters").glob("*.jsonl")):
+        with open(part, encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    reason = json.loads(line)["reason"]
+                    counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
 def finish_metrics(spec: FeatureSpec, out_dir: Path) -> dict:
     """Merge the metric rows into ``metrics.jsonl`` + ``metrics.png``; returns the summary."""
     from trainer.report import plot_metrics, read_metric_rows, write_metric_rows

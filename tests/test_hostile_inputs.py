@@ -74,3 +74,27 @@ def test_event_times_outside_any_clock_are_dead_letters_in_every_mode(mode, synt
                for line in path.read_text().splitlines()]
     assert sum(letter["reason"] == "event_time_out_of_range" for letter in letters) == 3
     assert (tmp_path / "o" / "metrics.png").is_file()
+
+
+def test_streaming_counts_every_dead_letter_it_writes(synthetic_logs, tmp_path, capsys):
+    """A truncated impression file: its rest is one corrupt_file letter and the actions on the
+    lost impressions are orphans. Streaming and backfill report the same counts, and the counts
+    are those of the letters written."""
+    logs = tmp_path / "logs"
+    shutil.copytree(synthetic_logs, logs)
+    first = log_files(logs, "impressions")[0]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
+    reported = {}
+    for mode in ("backfill", "streaming"):
+        out = tmp_path / mode
+        assert main(["join", "--spec", "synthetic", "--logs", str(logs), "--out", str(out),
+                     *(["--streaming"] if mode == "streaming" else [])]) == 0
+        reported[mode] = _last_json(capsys)["dead_letters"]
+        written: dict[str, int] = {}
+        for path in (out / "dead_letters").glob("*.jsonl"):
+            for line in path.read_text().splitlines():
+                reason = json.loads(line)["reason"]
+                written[reason] = written.get(reason, 0) + 1
+        assert reported[mode] == written, mode
+    assert reported["streaming"] == reported["backfill"]
+    assert reported["backfill"].get("corrupt_file") == 1 and sum(reported["backfill"].values()) > 1
