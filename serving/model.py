@@ -16,8 +16,6 @@ import threading
 import time
 from pathlib import Path
 
-import fastavro
-import fastavro.validation
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -30,6 +28,7 @@ from trainer.publish import (ModelDirError, load_tensors, newest_snapshot, read_
 from trainer.table_snapshot import read_rows
 from transforms.features import FeatureExtractor
 from schemas.events import load_schema
+from schemas.logs import conform_records
 from schemas.fids import HASH_BITS
 
 
@@ -48,7 +47,7 @@ class ServingModel:
         self.stores = self._stores(store) if store else None
         self.read_through_rows = 0
         self.extractor = FeatureExtractor(self.spec)
-        self.schema = fastavro.parse_schema(load_schema(self.spec.events.impression))
+        self.schema = load_schema(self.spec.events.impression)  # requests are checked as log records
         self.model: OnlineTrainer | None = None
         self.version = 0
         self.data_time_ms = 0
@@ -186,26 +185,17 @@ class ServingModel:
     # -- prediction ---------------------------------------------------------------------------
 
     def features(self, records: list[dict]):
-        """Fids and dense values of raw impressions. Fast path: Arrow checks the types while
-        building the table; only a batch that fails (or lacks a required field) is validated
-        record by record against the Avro schema, for a message naming the record and field."""
-        import pyarrow as pa
-
-        if not isinstance(records, list) or not records or not all(isinstance(r, dict) for r in records):
+        """Fids and dense values of raw impressions, checked exactly as the log readers check a
+        record (``schemas.logs.conform``: defaults filled, every type checked, no coercion); a
+        misfit is refused naming the record and field."""
+        if not isinstance(records, list) or not records:
             raise BadRequest("'impressions' must be a non-empty list of impression records (JSON objects)")
         try:
-            table = self.extractor.table_from_records(records)
-            complete = all(table.column(f.name).null_count == 0 for f in table.schema if not f.nullable)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
-            complete = False
-        if not complete:
-            for index, record in enumerate(records):
-                try:
-                    fastavro.validation.validate(record, self.schema, raise_errors=True)
-                except (fastavro.validation.ValidationError, TypeError, ValueError) as exc:
-                    raise BadRequest(f"impression {index}: does not fit schema {self.spec.events.impression!r}: "
-                                     f"{exc}") from None
-            raise BadRequest("impressions do not fit the schema")
+            fitted = conform_records(records, self.schema)
+        except ValueError as exc:
+            raise BadRequest(f"impression {str(exc).removeprefix('record ')} (schema {self.spec.events.impression!r})"
+                             ) from None
+        table = self.extractor.table_from_records(fitted)
         fids, dense, kept, letters = self.extractor.extract(table)
         if not kept.all():
             raise BadRequest("; ".join(letter.detail for letter in letters[:5]) or "features could not be extracted")

@@ -98,3 +98,24 @@ def test_streaming_counts_every_dead_letter_it_writes(synthetic_logs, tmp_path, 
         assert reported[mode] == written, mode
     assert reported["streaming"] == reported["backfill"]
     assert reported["backfill"].get("corrupt_file") == 1 and sum(reported["backfill"].values()) > 1
+
+
+def test_the_request_check_is_the_log_readers_check():
+    """``conform_records`` (serving) accepts, fills and refuses exactly as ``conform`` (readers)."""
+    from schemas.logs import conform, conform_records
+
+    schema = load_schema("movielens_impression")
+    good = {"request_id": "r", "user_id": "u", "item_id": "i", "event_time_ms": 5, "age": 30, "genres": ["Drama"]}
+    cases = [good, {**good, "release_year": None}, {**good, "release_year": 1990}, {**good, "extra": 1},
+             {k: v for k, v in good.items() if k != "genres"}, {**good, "genres": None}, {**good, "age": None},
+             {**good, "genres": "Horror"}, {**good, "age": 20.7}, {**good, "age": True}, {**good, "event_time_ms": 1.5},
+             {**good, "age": 1 << 40}, {**good, "genres": [1]}, {k: v for k, v in good.items() if k != "user_id"}]
+    for record in cases:
+        try:
+            expected = conform(record, schema)
+        except ValueError as exc:
+            with pytest.raises(ValueError) as raised:
+                conform_records([good, record], schema)
+            assert str(raised.value) == f"record 1: {exc}"
+        else:
+            assert conform_records([good, record], schema) == [conform(good, schema), expected]

@@ -121,6 +121,15 @@ def test_corrupt_and_out_of_order_versions_are_refused_and_serving_keeps_answeri
         assert response.status_code == 422 and "event_time_ms" in response.json()["error"]
         assert server.client.post("/predict", json=[1, 2]).status_code == 422
         assert server.predict([]).status_code == 422
+        # checked as the log readers check a record: no coercion, the record and field named
+        for field, value in (("genres", "Horror"), ("age", 20.7), ("event_time_ms", 1.5), ("age", True)):
+            response = server.predict([probes[0], {**probes[0], field: value}])
+            error = response.json()["error"]
+            assert response.status_code == 422 and error.startswith("impression 1:") and repr(field) in error, error
+        defaults = {key: value for key, value in probes[0].items() if key not in ("age", "genres", "position")}
+        filled = {**defaults, "age": 0, "genres": [], "position": 0}
+        answers = [server.predict([record]) for record in (defaults, filled)]
+        assert [a.status_code for a in answers] == [200, 200] and answers[0].json() == answers[1].json()
         assert server.predict(probes).status_code == 200
     finally:
         server.stop()
