@@ -78,7 +78,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def cmd_logs_check(args: argparse.Namespace) -> int:
     from schemas.dead_letters import DeadLetterSink
     from schemas.events import load_schema
-    from schemas.logs import log_files, read_log_file
+    from schemas.logs import log_files, read_log_file, read_manifest
     from schemas.spec import load_spec
 
     spec = load_spec(args.spec)
@@ -114,7 +114,10 @@ def cmd_logs_check(args: argparse.Namespace) -> int:
             print(f"  {letter.reason}: {letter.detail}", file=sys.stderr)
         if args.dead_letters:
             dead.write_jsonl(args.dead_letters)
-    figures["dead_letters"] = dict(dead.counts)
+    figures["dead_letters"] = dict(dead.counts)  # a file that fails its manifest checksum: checksum_mismatch
+    listed = read_manifest(args.logs).get("sha256", {})
+    figures["checksummed_files"] = sum(f"{kind}/{path.name}" in listed for kind in schemas
+                                       for path in log_files(args.logs, kind))
     _print_json(figures)
     return 1 if dead.total or figures["impressions_out_of_order"] or figures["actions_out_of_order"] else 0
 

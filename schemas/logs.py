@@ -196,10 +196,51 @@ def write_event_logs(log_dir: str | Path, impressions: pa.Table, actions: pa.Tab
     return manifest
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def write_manifest(log_dir: str | Path, manifest: dict) -> None:
-    with atomic_write(Path(log_dir) / MANIFEST, "w") as out:
+    """The manifest, with the sha256 of every log file now in the directory (``sha256``:
+    ``kind/name`` -> hex): Avro's deflate blocks carry no checksum, so a flipped bit could change
+    records silently; the readers and ``logs check`` verify each listed file against it."""
+    log_dir = Path(log_dir)
+    manifest = {**manifest, "sha256": {f"{kind}/{path.name}": file_sha256(path)
+                                       for kind in KINDS for path in log_files(log_dir, kind)}}
+    with atomic_write(log_dir / MANIFEST, "w") as out:
         json.dump(manifest, out, indent=2, sort_keys=True)
         out.write("\n")
+
+
+_manifest_cache: dict[Path, tuple[float, dict]] = {}
+
+
+def checksum_problem(path: str | Path) -> str | None:
+    """Why ``path`` does not match the sha256 its log directory's manifest lists for it (None
+    when it matches or is not listed: a file written after the manifest, a live log)."""
+    path = Path(path)
+    manifest_path = path.parent.parent / MANIFEST
+    try:
+        mtime = manifest_path.stat().st_mtime
+    except OSError:
+        return None
+    cached = _manifest_cache.get(manifest_path)
+    if cached is None or cached[0] != mtime:
+        try:
+            listed = json.loads(manifest_path.read_text(encoding="utf-8")).get("sha256", {})
+        except (OSError, ValueError, AttributeError):
+            listed = {}
+        cached = _manifest_cache[manifest_path] = (mtime, listed if isinstance(listed, dict) else {})
+    expected = cached[1].get(f"{path.parent.name}/{path.name}")
+    if expected is None:
+        return None
+    actual = file_sha256(path)
+    return None if actual == expected else (f"{path}: sha256 {actual[:16]}... differs from {expected[:16]}... in "
+                                            f"{manifest_path}: the file changed after it was written; not read")
 
 
 def read_manifest(log_dir: str | Path) -> dict:
@@ -425,6 +466,10 @@ def read_log_table(path: str | Path, schema: dict, dead_letters: DeadLetterSink,
     """One log file as an Arrow table in ``schema``; bad records (or the unreadable rest of the
     file) go to ``dead_letters`` exactly as ``read_log_file`` reports them. Parquet stays columnar."""
     path = Path(path)
+    problem = checksum_problem(path)
+    if problem is not None:
+        dead_letters.add(DeadLetter(stage, "checksum_mismatch", problem, str(path)))
+        return arrow_schema(schema).empty_table()
     if path.suffix == ".parquet":
         try:
             table, bad = _parquet_table(path, schema)
@@ -433,14 +478,15 @@ def read_log_table(path: str | Path, schema: dict, dead_letters: DeadLetterSink,
                                         f"({type(exc).__name__}: {exc})", str(path)))
             return arrow_schema(schema).empty_table()
         if bad.any():
-            list(read_log_file(path, schema, dead_letters, stage))  # the per-record report of the bad rows
+            list(read_log_file(path, schema, dead_letters, stage, verified=True))  # the per-record report of the bad rows
             table = table.filter(pa.array(~bad))
         return table
-    return pa.Table.from_pylist(list(read_log_file(path, schema, dead_letters, stage)), schema=arrow_schema(schema))
+    return pa.Table.from_pylist(list(read_log_file(path, schema, dead_letters, stage, verified=True)),
+                                schema=arrow_schema(schema))
 
 
 def read_log_file(path: str | Path, schema: dict, dead_letters: DeadLetterSink | None = None,
-                  stage: str = "read") -> Iterator[dict]:
+                  stage: str = "read", verified: bool = False) -> Iterator[dict]:
     """Records of one log file, fitted to ``schema``.
 
     With ``dead_letters=None`` (strict) any problem raises LogReadError naming the file and
@@ -451,6 +497,12 @@ def read_log_file(path: str | Path, schema: dict, dead_letters: DeadLetterSink |
     fmt = path.suffix.lstrip(".")
     iterate = _iter_avro if fmt == "avro" else _iter_parquet
     index = -1
+    problem = None if verified else checksum_problem(path)  # (``verified``: the caller checked it)
+    if problem is not None:
+        if dead_letters is None:
+            raise LogReadError(problem)
+        dead_letters.add(DeadLetter(stage, "checksum_mismatch", problem, str(path)))
+        return
     try:
         for index, record, error in iterate(path, schema):
             if error is None:

@@ -35,3 +35,15 @@ def movielens_ordered_examples(movielens_logs, tmp_path_factory):
     out = tmp_path_factory.mktemp("ml-examples")
     run_join(load_spec("movielens"), logs, out)
     return pq.read_table(out / "examples").sort_by(ORDER).slice(0, 16_000)
+
+
+def without_checksums(log_dir) -> None:
+    """Drop the manifest's per-file sha256 (logs as a writer without checksums leaves them), so a
+    test that damages a file exercises the readers' record-level handling of the damage."""
+    import json
+    from pathlib import Path
+
+    path = Path(log_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.pop("sha256", None)
+    path.write_text(json.dumps(manifest))

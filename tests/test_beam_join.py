@@ -7,6 +7,8 @@ import apache_beam as beam
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
+from tests.conftest import without_checksums
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
@@ -112,6 +114,7 @@ def test_bad_records_go_to_dead_letters_and_the_job_completes(obd_logs, tmp_path
     logs, manifest = obd_logs
     copy = tmp_path / "logs"
     shutil.copytree(logs, copy)
+    without_checksums(copy)
     victim = log_files(copy, "impressions")[3]
     victim.write_bytes(victim.read_bytes()[:200])  # truncated mid-file
     assert main(["backfill", "--spec", "obd", "--logs", str(copy), "--out", str(tmp_path / "out")]) == 0

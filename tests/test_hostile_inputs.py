@@ -9,6 +9,8 @@ import shutil
 import pyarrow as pa
 import pytest
 
+from tests.conftest import without_checksums
+
 from datasets.synthetic import SyntheticConfig, generate
 from runners.cli import main
 from schemas.events import load_schema
@@ -82,6 +84,7 @@ def test_streaming_counts_every_dead_letter_it_writes(synthetic_logs, tmp_path, 
     are those of the letters written."""
     logs = tmp_path / "logs"
     shutil.copytree(synthetic_logs, logs)
+    without_checksums(logs)
     first = log_files(logs, "impressions")[0]
     first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
     reported = {}
@@ -119,3 +122,24 @@ def test_the_request_check_is_the_log_readers_check():
             assert str(raised.value) == f"record 1: {exc}"
         else:
             assert conform_records([good, record], schema) == [conform(good, schema), expected]
+
+
+def test_a_flipped_bit_inside_a_log_file_fails_its_manifest_checksum(movielens_logs, tmp_path, capsys):
+    """Avro's deflate blocks have no checksum; the manifest's sha256 per file catches the flip:
+    ``logs check`` fails naming it, and the job reads the file as one dead letter, not as changed records."""
+    logs = tmp_path / "logs"
+    shutil.copytree(movielens_logs[0], logs)
+    assert main(["logs", "check", "--spec", "movielens", str(logs)]) == 0
+    clean = _last_json(capsys)
+    files = log_files(logs, "impressions")
+    assert clean["checksummed_files"] == len(files) + len(log_files(logs, "actions")) > 0
+    damaged = files[len(files) // 2]
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    damaged.write_bytes(bytes(data))
+    assert main(["logs", "check", "--spec", "movielens", str(logs)]) == 1
+    captured = capsys.readouterr()
+    assert json.loads(captured.out.strip().splitlines()[-1])["dead_letters"] == {"checksum_mismatch": 1}
+    assert damaged.name in captured.err
+    assert main(["join", "--spec", "movielens", "--logs", str(logs), "--out", str(tmp_path / "o")]) == 0
+    assert _last_json(capsys)["dead_letters"].get("checksum_mismatch") == 1

@@ -6,6 +6,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.conftest import without_checksums
+
 from runners.cli import main
 from schemas.dead_letters import DeadLetterSink
 from schemas.events import load_schema
@@ -120,6 +122,7 @@ def test_logs_check_reports_dead_letters_and_exits_1(movielens_logs, tmp_path, c
 
     copy = tmp_path / "logs"
     shutil.copytree(logs, copy)
+    without_checksums(copy)
     victim = log_files(copy, "impressions")[50]
     victim.write_bytes(victim.read_bytes()[:300])
     dead_path = tmp_path / "dead.jsonl"
