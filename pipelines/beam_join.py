@@ -162,15 +162,16 @@ class JoinSampleExtract(beam.PTransform):
 class ReadLogTableShards(beam.DoFn):
     """A log file -> (shard, (kind, Arrow table)) per join-key shard; bad records -> dead letters."""
 
-    def __init__(self, schema_name: str, kind: str, shards: int):
-        self.schema_name, self.kind, self.shards = schema_name, kind, shards
+    def __init__(self, schema_name: str, kind: str, shards: int, time_range_ms: tuple[int, int]):
+        self.schema_name, self.kind, self.shards, self.time_range_ms = schema_name, kind, shards, time_range_ms
 
     def setup(self):
         self.schema = load_schema(self.schema_name)
 
     def process(self, path: str):
         sink = DeadLetterSink(keep=None)
-        for shard, part in split_by_shard(read_log_table(path, self.schema, sink), self.shards).items():
+        for shard, part in split_by_shard(read_log_table(path, self.schema, sink, time_range_ms=self.time_range_ms),
+                                           self.shards).items():
             yield shard, (self.kind, part)
         yield from dead_letter_outputs(sink.letters)
 
@@ -305,7 +306,8 @@ class BackfillJoin(beam.PTransform):
         for kind, files, schema in (("impression", self.impression_files, self.spec.events.impression),
                                     ("action", self.action_files, self.spec.events.action)):
             reads.append(pbegin | f"List{kind}s" >> beam.Create(files)
-                         | f"Read{kind}s" >> beam.ParDo(ReadLogTableShards(schema, kind, self.shards))
+                         | f"Read{kind}s" >> beam.ParDo(ReadLogTableShards(schema, kind, self.shards,
+                                                                        self.spec.events.time_range_ms))
                          .with_outputs(DEAD, main="tables"))
         joined = ((reads[0].tables, reads[1].tables) | "MergeShards" >> beam.Flatten()
                   | "GroupByShard" >> beam.GroupByKey()
@@ -376,7 +378,7 @@ class LoadLogFile(beam.DoFn):
     def process(self, element):
         kind, path = element
         sink = DeadLetterSink(keep=None)
-        yield read_event_file(path, kind, self.schemas, sink)
+        yield read_event_file(path, kind, self.schemas, sink, self.spec.events.time_range_ms)
         yield from dead_letter_outputs(sink.letters)
 
 

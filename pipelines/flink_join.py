@@ -189,7 +189,8 @@ class ReadAnnouncedLogs(KeyedProcessFunction):
                 self.read.update((self.read.value() or 0) + 1)
                 if kind:
                     sink = DeadLetterSink(keep=None)
-                    impressions, actions = read_event_file(path, kind, self.schemas, sink)
+                    impressions, actions = read_event_file(path, kind, self.schemas, sink,
+                                                                   self.spec.events.time_range_ms)
                     out = dead_letter_records(sink.letters) + shard_records(impressions, actions, self.shards)
             if self.end.value() is not None and (self.read.value() or 0) >= self.end.value():
                 Path(self.ended_marker).write_text(str(self.read.value()))

@@ -91,7 +91,7 @@ def cmd_logs_check(args: argparse.Namespace) -> int:
         actions: dict[str, int] = {}
         for path in files:
             previous = None
-            for record in read_log_file(path, schema, dead):
+            for record in read_log_file(path, schema, dead, time_range_ms=spec.events.time_range_ms):
                 count += 1
                 t = record["event_time_ms"]
                 if previous is not None and t < previous:

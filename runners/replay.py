@@ -55,7 +55,8 @@ def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, even
     from transforms.batch_join import split_batch_by_shard
 
     sink = dead_letters if dead_letters is not None else DeadLetterSink(keep=None)
-    impressions, actions = (read_log_tables(log_dir, kind, load_schema(schema), sink).sort_by("event_time_ms")
+    impressions, actions = (read_log_tables(log_dir, kind, load_schema(schema), sink, spec.events.time_range_ms)
+                            .sort_by("event_time_ms")
                             for kind, schema in (("impressions", spec.events.impression),
                                                  ("actions", spec.events.action)))
     times = np.concatenate([impressions.column("event_time_ms").to_numpy(), actions.column("event_time_ms").to_numpy()])

@@ -14,6 +14,11 @@ import fastavro
 import pyarrow as pa
 
 AVRO_DIR = Path(__file__).parent / "avro"
+# Event times a record may carry, ms since the epoch: [1970-01-01, 2200-01-01). Outside it a
+# time is a bug (seconds for ms, a sentinel, overflow), and it would break watermarks, windows
+# and dates downstream: such records are dead letters ("event_time_out_of_range") in every mode.
+# A spec may narrow it (``events.time_range``), never widen it.
+EVENT_TIME_RANGE_MS = (0, 7_258_118_400_000)
 
 #: Fields every impression schema must carry (name -> Avro type), whatever context it adds.
 CORE_IMPRESSION_FIELDS = {

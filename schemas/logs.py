@@ -31,13 +31,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from schemas.dead_letters import DeadLetter, DeadLetterSink, record_json
-from schemas.events import arrow_schema, base_type, defaults
+from schemas.events import EVENT_TIME_RANGE_MS, arrow_schema, base_type, defaults
 
 KINDS = ("impressions", "actions")
-# Event times a record may carry, ms since the epoch: [1970-01-01, 2200-01-01). Outside it a
-# time is a bug (seconds for ms, a sentinel, overflow), and it would break watermarks, windows
-# and dates downstream: such records are dead letters ("event_time_out_of_range") in every mode.
-EVENT_TIME_RANGE_MS = (0, 7_258_118_400_000)
 FORMATS = ("avro", "parquet")
 HOUR_MS = 3_600_000
 DAY_MS = 24 * HOUR_MS
@@ -417,9 +413,19 @@ def _iter_avro(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, str
                 yield raw_index, record, str(exc)
 
 
-def _parquet_table(path: Path, schema: dict) -> tuple[pa.Table, np.ndarray]:
-    """A Parquet log fitted to ``schema`` (defaults filled, types cast) and the rows whose
-    required fields are null (as a bool mask)."""
+TimeRange = tuple[int, int]  # [start, end) in ms since the epoch
+
+
+def _time_range_text(time_range_ms: TimeRange) -> str:
+    start, end = (datetime.fromtimestamp(t / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+                  for t in time_range_ms)
+    return f"[{time_range_ms[0]}, {time_range_ms[1]}) ms ({start} to {end} UTC)"
+
+
+def _parquet_table(path: Path, schema: dict,
+                   time_range_ms: TimeRange = EVENT_TIME_RANGE_MS) -> tuple[pa.Table, np.ndarray]:
+    """A Parquet log fitted to ``schema`` (defaults filled, types cast) and the rows that are bad:
+    a required field null, or the event time outside ``time_range_ms`` (as a bool mask)."""
     table = pq.read_table(path)
     want = arrow_schema(schema)
     fill = defaults(schema)
@@ -443,7 +449,7 @@ def _parquet_table(path: Path, schema: dict) -> tuple[pa.Table, np.ndarray]:
     if "event_time_ms" in fitted.column_names:
         times = fitted.column("event_time_ms").to_numpy(zero_copy_only=False)
         with np.errstate(invalid="ignore"):
-            bad |= ~((times >= EVENT_TIME_RANGE_MS[0]) & (times < EVENT_TIME_RANGE_MS[1]))
+            bad |= ~((times >= time_range_ms[0]) & (times < time_range_ms[1]))
     for field in schema["fields"]:
         if not base_type(field["type"])[1] and fitted.column(field["name"]).null_count:
             bad |= fitted.column(field["name"]).is_null().to_numpy(zero_copy_only=False)
@@ -451,7 +457,7 @@ def _parquet_table(path: Path, schema: dict) -> tuple[pa.Table, np.ndarray]:
 
 
 def _iter_parquet(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, str | None]]:
-    table, bad = _parquet_table(path, schema)
+    table, bad = _parquet_table(path, schema, (-(1 << 63), (1 << 63) - 1))  # (times: read_log_file checks them)
     required = [f["name"] for f in schema["fields"] if not base_type(f["type"])[1]]
     for index, row in enumerate(table.to_pylist()):
         nulls = [name for name in required if row[name] is None] if bad[index] else []
@@ -461,8 +467,8 @@ def _iter_parquet(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, 
             yield index, row, None
 
 
-def read_log_table(path: str | Path, schema: dict, dead_letters: DeadLetterSink,
-                   stage: str = "read") -> pa.Table:
+def read_log_table(path: str | Path, schema: dict, dead_letters: DeadLetterSink, stage: str = "read",
+                   time_range_ms: TimeRange = EVENT_TIME_RANGE_MS) -> pa.Table:
     """One log file as an Arrow table in ``schema``; bad records (or the unreadable rest of the
     file) go to ``dead_letters`` exactly as ``read_log_file`` reports them. Parquet stays columnar."""
     path = Path(path)
@@ -472,22 +478,24 @@ def read_log_table(path: str | Path, schema: dict, dead_letters: DeadLetterSink,
         return arrow_schema(schema).empty_table()
     if path.suffix == ".parquet":
         try:
-            table, bad = _parquet_table(path, schema)
+            table, bad = _parquet_table(path, schema, time_range_ms)
         except (OSError, ValueError, pa.ArrowException) as exc:
             dead_letters.add(DeadLetter(stage, "corrupt_file", f"{path}: unreadable from the file header on "
                                         f"({type(exc).__name__}: {exc})", str(path)))
             return arrow_schema(schema).empty_table()
         if bad.any():
-            list(read_log_file(path, schema, dead_letters, stage, verified=True))  # the per-record report of the bad rows
+            list(read_log_file(path, schema, dead_letters, stage, verified=True,  # the per-record report of the bad rows
+                               time_range_ms=time_range_ms))
             table = table.filter(pa.array(~bad))
         return table
-    return pa.Table.from_pylist(list(read_log_file(path, schema, dead_letters, stage, verified=True)),
-                                schema=arrow_schema(schema))
+    return pa.Table.from_pylist(list(read_log_file(path, schema, dead_letters, stage, verified=True,
+                                                   time_range_ms=time_range_ms)), schema=arrow_schema(schema))
 
 
 def read_log_file(path: str | Path, schema: dict, dead_letters: DeadLetterSink | None = None,
-                  stage: str = "read", verified: bool = False) -> Iterator[dict]:
-    """Records of one log file, fitted to ``schema``.
+                  stage: str = "read", verified: bool = False,
+                  time_range_ms: TimeRange = EVENT_TIME_RANGE_MS) -> Iterator[dict]:
+    """Records of one log file, fitted to ``schema``, with event times in ``time_range_ms``.
 
     With ``dead_letters=None`` (strict) any problem raises LogReadError naming the file and
     record. Otherwise bad records become dead letters and reading goes on; a file that breaks
@@ -506,11 +514,10 @@ def read_log_file(path: str | Path, schema: dict, dead_letters: DeadLetterSink |
     try:
         for index, record, error in iterate(path, schema):
             if error is None:
-                if EVENT_TIME_RANGE_MS[0] <= record.get("event_time_ms", 0) < EVENT_TIME_RANGE_MS[1]:
+                if "event_time_ms" not in record or time_range_ms[0] <= record["event_time_ms"] < time_range_ms[1]:
                     yield record
                     continue
-                error = (f"event_time_ms {record['event_time_ms']} is outside [{EVENT_TIME_RANGE_MS[0]}, "
-                         f"{EVENT_TIME_RANGE_MS[1]}) ms (1970 to 2200)")
+                error = f"event_time_ms {record['event_time_ms']} is outside {_time_range_text(time_range_ms)}"
             message = f"{path}: record {index}: {error}"
             if dead_letters is None:
                 raise LogReadError(message)
@@ -528,18 +535,20 @@ def read_log_file(path: str | Path, schema: dict, dead_letters: DeadLetterSink |
         dead_letters.add(DeadLetter(stage, "corrupt_file", message, str(path)))
 
 
-def read_event_file(path: str | Path, kind: str, schemas: dict[str, dict],
-                    dead_letters: DeadLetterSink) -> tuple[pa.Table, pa.Table]:
+def read_event_file(path: str | Path, kind: str, schemas: dict[str, dict], dead_letters: DeadLetterSink,
+                    time_range_ms: TimeRange = EVENT_TIME_RANGE_MS) -> tuple[pa.Table, pa.Table]:
     """One log file of ``kind`` as an (impressions, actions) micro-batch: its rows in their
     table, the other table empty. ``schemas``: the Avro schema per kind."""
     tables = {k: arrow_schema(schema).empty_table() for k, schema in schemas.items()}
-    tables[kind] = read_log_table(path, schemas[kind], dead_letters)
+    tables[kind] = read_log_table(path, schemas[kind], dead_letters, time_range_ms=time_range_ms)
     return tables["impressions"], tables["actions"]
 
 
-def read_log_tables(log_dir: str | Path, kind: str, schema: dict, dead_letters: DeadLetterSink) -> pa.Table:
+def read_log_tables(log_dir: str | Path, kind: str, schema: dict, dead_letters: DeadLetterSink,
+                    time_range_ms: TimeRange = EVENT_TIME_RANGE_MS) -> pa.Table:
     """Every file of one kind as one Arrow table (file after file), bad records to ``dead_letters``."""
-    parts = [read_log_table(path, schema, dead_letters) for path in log_files(log_dir, kind)]
+    parts = [read_log_table(path, schema, dead_letters, time_range_ms=time_range_ms)
+             for path in log_files(log_dir, kind)]
     return pa.concat_tables(parts) if parts else arrow_schema(schema).empty_table()
 
 

@@ -11,6 +11,7 @@ Durations carry units (``30m``, ``7d``); they are held as integer milliseconds (
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -20,7 +21,7 @@ from typing import Any
 import yaml
 
 from schemas.durations import format_duration_ms, parse_duration_ms
-from schemas.events import SchemaError, base_type, check_impression_schema, field_types, load_schema
+from schemas.events import EVENT_TIME_RANGE_MS, SchemaError, base_type, check_impression_schema, field_types, load_schema
 from schemas.fids import MAX_SLOT_ID
 
 SPEC_DIR = Path(__file__).parent / "specs"
@@ -153,6 +154,10 @@ class DenseFeatureSpec:
 class EventsSpec:
     impression: str = "impression"  # built-in schema name or .avsc path
     action: str = "action"
+    # [start, end) ms since the epoch: records with event times outside are dead letters
+    # (event_time_out_of_range). Spec: ``time_range: [2020-01-01, 2030-01-01]`` (UTC dates or
+    # times, or ms); at most the default [1970, 2200).
+    time_range_ms: tuple[int, int] = EVENT_TIME_RANGE_MS
 
 
 @dataclass(frozen=True)
@@ -291,6 +296,24 @@ _CATEGORICAL_TYPES = {"string", "int", "long", "boolean"}
 _NUMERIC_TYPES = {"int", "long", "float", "double"}
 
 
+def _instant_ms(value: Any) -> int:
+    """A point in time as ms since the epoch: an int (ms), a date or date-time (UTC unless it
+    names its zone), or ISO 8601 text of either."""
+    if isinstance(value, bool):
+        raise TypeError("expected a date, a time or ms")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        value = datetime.datetime.fromisoformat(value)
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=datetime.timezone.utc)
+        return int(value.timestamp() * 1000)
+    if isinstance(value, datetime.date):
+        return int(datetime.datetime(value.year, value.month, value.day, tzinfo=datetime.timezone.utc).timestamp() * 1000)
+    raise TypeError("expected a date, a time or ms")
+
+
 def builtin_spec_names() -> list[str]:
     return sorted(p.stem for p in SPEC_DIR.glob("*.yaml"))
 
@@ -399,6 +422,26 @@ class _SpecParser:
             return default
         return ms
 
+    def _time_range(self, value: Any, where: str) -> tuple[int, int]:
+        """``[start, end]``: each a UTC date or date-time (YAML's own or ISO text) or ms since the epoch."""
+        if value is None:
+            return EVENT_TIME_RANGE_MS
+        if not isinstance(value, list) or len(value) != 2:
+            self.error(f"{where}: expected [start, end] (dates, times or ms), got {value!r:.80}")
+            return EVENT_TIME_RANGE_MS
+        bounds = []
+        for label, item in zip(("start", "end"), value):
+            try:
+                bounds.append(_instant_ms(item))
+            except (TypeError, ValueError, OverflowError) as exc:
+                self.error(f"{where}: {label} {item!r:.80}: {exc}")
+                return EVENT_TIME_RANGE_MS
+        low, high = EVENT_TIME_RANGE_MS
+        if not low <= bounds[0] < bounds[1] <= high:
+            self.error(f"{where}: expected start < end within [1970-01-01, 2200-01-01), got {value!r:.80}")
+            return EVENT_TIME_RANGE_MS
+        return bounds[0], bounds[1]
+
     def _number(self, value: Any, where: str, default: float, *, minimum: float | None = None,
                 integer: bool = False, exclusive: bool = False, maximum: float | None = None) -> Any:
         if value is None:
@@ -449,11 +492,12 @@ class _SpecParser:
             name = "<unnamed>"
 
         events_raw = self._mapping(top.get("events"), "events")
-        self._unknown_keys(events_raw, {"impression", "action"}, "events")
+        self._unknown_keys(events_raw, {"impression", "action", "time_range"}, "events")
         events = EventsSpec(**{k: str(v) for k, v in events_raw.items() if k in ("impression", "action")})
         events_impression, impression_schema = self._schema(events.impression, "impression")
         events_action, action_schema = self._schema(events.action, "action")
-        events = EventsSpec(impression=events_impression, action=events_action)
+        events = EventsSpec(impression=events_impression, action=events_action,
+                            time_range_ms=self._time_range(events_raw.get("time_range"), "events.time_range"))
         if impression_schema is not None:
             try:
                 check_impression_schema(impression_schema)

@@ -143,3 +143,50 @@ def test_a_flipped_bit_inside_a_log_file_fails_its_manifest_checksum(movielens_l
     assert damaged.name in captured.err
     assert main(["join", "--spec", "movielens", "--logs", str(logs), "--out", str(tmp_path / "o")]) == 0
     assert _last_json(capsys)["dead_letters"].get("checksum_mismatch") == 1
+
+
+def _spec_with_time_range(tmp_path, time_range) -> str:
+    import yaml
+    from schemas.spec import spec_path
+
+    raw = yaml.safe_load(spec_path("synthetic").read_text())
+    raw.setdefault("events", {})["time_range"] = time_range
+    path = tmp_path / "narrowed.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", [[], ["--streaming"]])
+def test_a_spec_narrows_the_event_time_range(mode, synthetic_logs, tmp_path, capsys):
+    """events.time_range: records before its start or from its end on are dead letters that name
+    the range; the others are joined as before."""
+    schemas = {"impressions": load_schema("synthetic_impression"), "actions": load_schema("action")}
+    times = {kind: [r["event_time_ms"] for path in log_files(synthetic_logs, kind)
+                    for r in read_log_file(path, schema)] for kind, schema in schemas.items()}
+    start = sorted(times["impressions"])[len(times["impressions"]) // 2]
+    outside = sum(t < start for ts in times.values() for t in ts)
+    spec = _spec_with_time_range(tmp_path, [start, "2199-12-31T00:00:00"])
+    out = tmp_path / "o"
+    assert main(["join", "--spec", spec, "--logs", str(synthetic_logs), "--out", str(out), *mode]) == 0
+    summary = _last_json(capsys)
+    assert summary["dead_letters"]["event_time_out_of_range"] == outside > 0
+    letters = [json.loads(line) for path in (out / "dead_letters").glob("*") for line in path.read_text().splitlines()]
+    ranged = [letter for letter in letters if letter["reason"] == "event_time_out_of_range"]
+    assert len(ranged) == outside and f"outside [{start}, " in ranged[0]["detail"]
+    assert "2199-12-31 00:00:00 UTC" in ranged[0]["detail"]
+
+
+@pytest.mark.parametrize("time_range, named", [
+    (["2020-01-01", "2019-01-01"], "expected start < end"),
+    (["1969-12-31", "2020-01-01"], "within [1970-01-01, 2200-01-01)"),
+    ([0, 10 ** 30], "within [1970-01-01, 2200-01-01)"),
+    (["soon", "2020-01-01"], "start 'soon'"),
+    ("2020-01-01", "expected [start, end]"),
+    ([True, 5], "start True"),
+])
+def test_a_bad_event_time_range_is_named(time_range, named, tmp_path):
+    from schemas.spec import SpecError, load_spec
+
+    with pytest.raises(SpecError, match="events.time_range") as raised:
+        load_spec(_spec_with_time_range(tmp_path, time_range))
+    assert named in str(raised.value)
