@@ -1,7 +1,7 @@
 """streamrec: real-time recommendation training as a Beam / Flink streaming job."""
 from setuptools import find_packages, setup
 
-LAYERS = ["schemas", "datasets", "transforms", "trainer", "serving", "pipelines", "runners", "bench"]
+LAYERS = ["schemas", "event_datasets", "transforms", "trainer", "serving", "pipelines", "runners", "bench"]
 
 setup(
     name="streamrec",
@@ -37,8 +37,8 @@ setup(
         "redis[hiredis]>=5,<6",
     ],
     extras_require={
-        # scikit-learn is the reference the metric tests compare against.
-        "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.3", "httpx>=0.27"],
+        # scikit-learn is the reference the metric tests compare against; ruff the linter make test runs.
+        "test": ["pytest>=8", "hypothesis>=6.100", "scikit-learn>=1.3", "httpx>=0.27", "ruff>=0.5"],
         # bench.quality's online-learning peer (Vowpal Wabbit) and its exact AUC.
         "bench": ["vowpalwabbit>=9.9,<10", "scikit-learn>=1.3"],
     },

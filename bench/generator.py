@@ -18,7 +18,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from datasets.synthetic import DEFAULT_CARDINALITIES, SyntheticConfig, generate
+from event_datasets.synthetic import DEFAULT_CARDINALITIES, SyntheticConfig, generate
 
 
 def ours(events: int, out_dir: str) -> tuple[float, float]:

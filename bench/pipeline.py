@@ -33,24 +33,15 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from datasets.synthetic import SyntheticConfig, generate
-from schemas.dead_letters import DeadLetterSink
-from schemas.events import load_schema
-from schemas.logs import read_log_tables
+from event_datasets.synthetic import SyntheticConfig, generate
 from schemas.spec import load_spec
 from transforms.examples import ExampleBuilder
 from transforms.batch_join import join_tables
+from transforms.log_examples import read_events
 from transforms.join import JoinConfig
 from transforms.sampling import NegativeSampler
 
 BATCH = 32_768  # micro-batch rows: per-batch work grows with the open window, so bigger batches amortise it
-
-
-def load_events(spec, logs: Path) -> tuple[pa.Table, pa.Table]:
-    """Both logs as Arrow tables (impressions in time order, as the log files hold them)."""
-    sink = DeadLetterSink()
-    return tuple(read_log_tables(logs, kind, load_schema(schema), sink)
-                 for kind, schema in (("impressions", spec.events.impression), ("actions", spec.events.action)))
 
 
 def pure(spec, impressions: pa.Table, actions: pa.Table) -> tuple[float, int]:
@@ -94,10 +85,11 @@ def naive(spec, impressions: pa.Table, actions: pa.Table) -> tuple[float, int]:
 
 
 def beam_run(spec, logs: Path, out: Path, streaming: bool) -> float:
-    from runners.beam_runner import run_join
+    from runners.beam_runner import run_job
+    from runners.options import JobOptions, Mode
 
     started = time.perf_counter()
-    run_join(spec, logs, out, streaming=streaming)
+    run_job(spec, JobOptions(out=out, logs=logs, mode=Mode.REPLAY if streaming else Mode.BACKFILL))
     return time.perf_counter() - started
 
 
@@ -147,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
         span_hours = 2.0 if args.impressions is None else 2.0 * n / 300_000
         manifest = generate(logs, SyntheticConfig(events=n, seed=4, span_hours=span_hours))
         events = manifest["impressions"] + manifest["actions"]["click"]
-        impressions, actions = load_events(spec, logs)
+        impressions, actions = read_events(spec, logs)
         pure_s, pure_examples = pure(spec, impressions, actions)
         if args.runner == "flink":
             from runners.flink_runner import DEFAULT_PARALLELISM

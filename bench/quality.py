@@ -38,7 +38,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from bench.trainer import PAPER_HIDDEN_UNITS, examples_from_logs, synthetic_examples
+from bench.trainer import PAPER_HIDDEN_UNITS
+from transforms.log_examples import synthetic_examples
+from transforms.log_examples import examples_from_logs
 from schemas.fids import HASH_BITS
 from schemas.spec import FeatureSpec, load_spec
 from trainer.cowclip import Hyperparameters, scale_hyperparameters
@@ -125,11 +127,11 @@ def defaults_only(spec_name: str) -> FeatureSpec:
 
 def online_figures(quick: bool, device: str, movielens_rows: bool = True) -> dict:
     """The rows of section 0, as ``online_<row>`` dicts."""
-    from datasets import obd
+    from event_datasets import obd
 
     rows = {}
     if movielens_rows:
-        from datasets import movielens
+        from event_datasets import movielens
 
         spec = load_spec("movielens")
         with tempfile.TemporaryDirectory() as tmp:
@@ -177,7 +179,7 @@ def train_test_auc(spec: FeatureSpec, train: pa.Table, test: pa.Table, epochs: i
 
 
 def movielens_figures(device: str) -> dict:
-    from datasets import movielens
+    from event_datasets import movielens
 
     spec = load_spec("movielens")
     with tempfile.TemporaryDirectory() as tmp:

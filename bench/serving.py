@@ -30,8 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
 
-    from bench.trainer import synthetic_examples
-    from datasets.synthetic import SyntheticConfig, generate
+    from transforms.log_examples import synthetic_examples
+    from event_datasets.synthetic import SyntheticConfig, generate
     from schemas.dead_letters import DeadLetterSink
     from schemas.events import load_schema
     from schemas.logs import read_log_tables

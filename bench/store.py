@@ -116,7 +116,7 @@ def cache_hit_rate(servers, ids: int, batches: int, batch: int) -> dict:
 
 
 def trainer_cost(servers, impressions: int) -> dict:
-    from bench.trainer import synthetic_examples
+    from transforms.log_examples import synthetic_examples
     from schemas.spec import load_spec
     from trainer.online import OnlineTrainer
 

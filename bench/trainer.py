@@ -13,42 +13,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from datasets.synthetic import SyntheticConfig, generate
-from bench.pipeline import load_events
+from transforms.log_examples import synthetic_examples
 from schemas.spec import load_spec
 from trainer.models import CTRModel
 from trainer.online import OnlineTrainer
-from transforms.batch_join import join_tables
-from transforms.examples import ExampleBuilder
-from transforms.join import JoinConfig
 
 
 LARGE_BATCH = 4096
 PAPER_HIDDEN_UNITS = (400, 400, 400)  # CowClip's DeepFM
-
-
-def synthetic_examples(spec, impressions: int, seed: int = 5, span_hours: float = 2) -> pa.Table:
-    with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp), SyntheticConfig(events=impressions, seed=seed, span_hours=span_hours))
-        return examples_from_logs(spec, Path(tmp))
-
-
-def examples_from_logs(spec, log_dir: Path) -> pa.Table:
-    """Joined, sampled, feature-extracted Examples of a log directory, in impression-time order
-    (the pure columnar path, without an engine)."""
-    tables = load_events(spec, log_dir)
-    builder = ExampleBuilder(spec)
-    batches = join_tables(JoinConfig.from_spec(spec), *tables)
-    ordered = next(batches)
-    return pa.concat_tables([builder.build_closed(ordered, c)[0] for c, _ in batches]).sort_by("impression_time_ms")
 
 
 class StaticBaseline:

@@ -39,6 +39,7 @@ from schemas.spec import FeatureSpec
 from transforms.batch_join import join_tables, split_batch_by_shard, split_by_shard
 from transforms.examples import ExampleBuilder
 from transforms.join import JoinConfig, Joined, KeyJoin, KeyState
+from transforms.keys import join_key
 
 DEAD = "dead_letters"
 NAMESPACE = "streamrec"
@@ -53,7 +54,7 @@ def dead_letter_outputs(letters: Iterable[DeadLetter]):
 
 def event_key(record: dict) -> str:
     """The join key: request id and item id (a string, so any runner can encode it)."""
-    return f"{record['request_id']}\x1f{record['item_id']}"
+    return join_key(record["request_id"], record["item_id"])
 
 
 class JoinDoFn(beam.DoFn):

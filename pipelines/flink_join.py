@@ -13,7 +13,7 @@ Arrow tables themselves.
   memory-mapped); the source's read position is checkpointed. Each record is stamped with its
   batch's first event time; watermarks are monotonous, so a batch's arrival says nothing earlier
   follows. Live (``--watch``): a continuously monitored ``FileSource`` over announcement lines
-  naming new log files (``runners.log_announcer``), stamped with the wall clock;
+  naming new log files (``pipelines.log_announcer``), stamped with the wall clock;
   ``ReadAnnouncedLogs`` reads each announced file (bad records to dead letters) and splits it
   into shard records that carry the tables themselves (Arrow IPC);
 * ``key_by(shard)`` -> ``JoinShard`` (KeyedProcessFunction): the shard's ``BatchJoiner`` and its
@@ -32,127 +32,22 @@ State backend, checkpoint directory and parallelism come from the runner (``runn
 """
 from __future__ import annotations
 
-import json
-import os
-import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from pyflink.common import Types
-from pyflink.datastream import KeyedProcessFunction, OutputTag, RuntimeContext
+from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
+from pipelines.busy_clock import BusyClock
+from pipelines.flink_records import dead_letter_records, shard_records
+from pipelines.tables import load_table, stage_examples
 from schemas.spec import FeatureSpec
-
-DEAD_LETTERS = OutputTag("dead_letters", Types.STRING())
-FINAL_WATERMARK = (1 << 63) - 1  # Long.MAX_VALUE: the end of a bounded input
-
-
-def load_table(ref) -> pa.Table:
-    """A table passed by reference between operators: a file's path (a Parquet file, or an Arrow
-    IPC file, memory-mapped) or the table's Arrow IPC stream bytes (``ipc_bytes``)."""
-    if isinstance(ref, bytes):
-        return pa.ipc.open_stream(pa.py_buffer(ref)).read_all()
-    if ref.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(ref)
-    from runners.replay import load_spilled
-
-    return load_spilled(ref)
-
-
-def ipc_bytes(table: pa.Table) -> bytes:
-    """A table as Arrow IPC stream bytes (LZ4: half the bytes between JVM and Python)."""
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema, options=pa.ipc.IpcWriteOptions(compression="lz4")) as writer:
-        writer.write_table(table)
-    return sink.getvalue().to_pybytes()
-
-
-def stage_examples(table: pa.Table, directory: str) -> str:
-    """An Example table written as a Parquet file (unique name) under ``directory``; its path is
-    what the join emits: the runner publishes the files whose paths a checkpoint committed."""
-    import uuid
-
-    import pyarrow.parquet as pq
-
-    from schemas.logs import atomic_write
-
-    path = Path(directory) / f"part-{uuid.uuid4().hex}.parquet"
-    with atomic_write(path) as out:
-        pq.write_table(table, out)
-    return str(path)
-
-
-def dead_letter_records(letters) -> list:
-    """Dead letters as records for the ``DEAD_LETTERS`` side output (JSON lines)."""
-    return [(DEAD_LETTERS, letter.to_json()) for letter in letters]
-
-
-def batch_time(line: str) -> int:
-    """The time (ms) a source line carries: a replay batch's first event time, or the wall clock
-    of a live announcement line."""
-    return int(line.split("\t", 1)[0])
-
-
-class BusyClock:
-    """Seconds a Python operator spends in its own code (``with clock:`` around each call),
-    written as ``DIR/<name>-<pid>.json`` when the operator closes: what the Python workers cost,
-    as against the JVM and the transport between them."""
-
-    def __init__(self, name: str, directory: str | None):
-        self.name, self.directory, self.seconds, self.calls = name, directory, 0.0, 0
-        self.first = self.last = None  # wall-clock time of the first call and of the last return
-
-    def __enter__(self):
-        self.started = time.perf_counter()
-        if self.first is None:
-            self.first = time.time()
-
-    def __exit__(self, *_):
-        self.seconds += time.perf_counter() - self.started
-        self.calls += 1
-        self.last = time.time()
-
-    def write(self) -> None:
-        if self.directory is None:
-            return
-        path = Path(self.directory) / f"{self.name}-{os.getpid()}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"operator": self.name, "busy_s": self.seconds, "calls": self.calls,
-                                    "first": self.first, "last": self.last}))
-
-
-def read_busy_clocks(directory: Path) -> dict[str, float]:
-    """Busy seconds per operator name, summed over its workers."""
-    busy: dict[str, float] = {}
-    for path in sorted(directory.glob("*.json")):
-        entry = json.loads(path.read_text())
-        busy[entry["operator"]] = round(busy.get(entry["operator"], 0.0) + entry["busy_s"], 2)
-    return busy
-
-
-def shard_records(impressions: pa.Table, actions: pa.Table, shards: int) -> list[tuple[int, bytes, bytes]]:
-    """A micro-batch -> one (shard, impressions IPC, actions IPC) record per join-key shard it touches
-    (the same shard function as the Beam job)."""
-    from transforms.batch_join import split_batch_by_shard
-
-    return [(shard, ipc_bytes(impressions_part), ipc_bytes(actions_part))
-            for shard, impressions_part, actions_part in split_batch_by_shard(impressions, actions, shards)]
-
-
-def shard_record(line: str) -> tuple[int, str, str]:
-    """Replay batch-list line ``first_ms<TAB>shard<TAB>impressions path<TAB>actions path`` -> the
-    shard record (shard, impressions path, actions path): the replay has split the batch by shard
-    already, so only paths cross between the JVM and the Python workers."""
-    _, shard, impressions_path, actions_path = line.split("\t")
-    return int(shard), impressions_path, actions_path
 
 
 class ReadAnnouncedLogs(KeyedProcessFunction):
-    """Live input: announcement lines (``runners.log_announcer``) -> the announced log files read
+    """Live input: announcement lines (``pipelines.log_announcer``) -> the announced log files read
     (bad records to dead letters) and split into shard records, as the replay does.
 
     One key (the announcements are few; each names a whole file). Keyed state counts the lines
@@ -176,7 +71,7 @@ class ReadAnnouncedLogs(KeyedProcessFunction):
         self.clock.write()
 
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
-        from runners.log_announcer import END, parse_announcement
+        from pipelines.log_announcer import END, parse_announcement
         from schemas.dead_letters import DeadLetterSink
         from schemas.logs import read_event_file
 

@@ -25,8 +25,8 @@ from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor
 
-from pipelines.flink_join import FINAL_WATERMARK as END
-from pipelines.flink_join import BusyClock
+from pipelines.busy_clock import BusyClock
+from pipelines.flink_records import FINAL_WATERMARK as END
 from schemas.spec import FeatureSpec
 from trainer.running import ORDER, Publishing, after_position, log
 
@@ -85,7 +85,7 @@ class TrainStream(KeyedProcessFunction):
             return self._train(timestamp)
 
     def _train(self, timestamp: int) -> list[str]:
-        from pipelines.flink_join import ipc_bytes, load_table
+        from pipelines.tables import ipc_bytes, load_table
 
         self.timers.discard(timestamp)
         flush = timestamp == END

@@ -31,6 +31,7 @@ from pipelines.beam_train import SUMMARY, TrainExamples, release_trainers
 from schemas.dead_letters import DeadLetterSink
 from runners.replay import OUTPUTS, count_dead_letters, finish_metrics, fresh_output_dirs, load_replay_batch, replay_batches
 from schemas.spec import FeatureSpec
+from runners.options import JobOptions, Mode
 from trainer.running import Publishing
 
 
@@ -56,48 +57,27 @@ def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, event
     return stream.advance_watermark_to_infinity(), step_ms
 
 
-def run_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streaming: bool = False,
-            watch_interval_s: float | None = None, stop_after_s: float | None = None, train: bool = False,
-            device: str = "cpu", progress: bool = True, model_dir: str | Path | None = None,
-            resume: bool = False) -> dict:
-    """The job on the DirectRunner: backfill (default), streaming replay (``streaming``), or live
-    (``watch_interval_s``: watch the log directory for new files, until ``stop_after_s`` if
-    given); join, sample and extract features, and with ``train`` train online on the Examples,
-    publishing to ``model_dir`` if given (``resume``: from its newest snapshot)."""
-    if resume and model_dir is None:
+def run_job(spec: FeatureSpec, options: JobOptions) -> dict:
+    """The job on the DirectRunner in the options' mode: backfill, streaming replay, or live
+    (watch the log directory for new files, until ``stop_after_s`` if given); join, sample and
+    extract features, and with ``train`` train online on the Examples, publishing to
+    ``model_dir`` if given (``resume``: from its newest snapshot). Returns the summary."""
+    if options.resume and options.model_dir is None:
         raise ValueError("--resume needs --model-dir (the snapshots to resume from)")
-    out_dir = Path(out_dir)
-    fresh_output_dirs(out_dir, OUTPUTS if train else OUTPUTS[:2])
-    options = PipelineOptions(runner="DirectRunner")
-    options.view_as(StandardOptions).streaming = streaming or watch_interval_s is not None
-    read_dead = DeadLetterSink(keep=None)
+    out_dir = Path(options.out)
+    fresh_output_dirs(out_dir, OUTPUTS if options.train else OUTPUTS[:2])
+    pipeline_options = PipelineOptions(flags=[], runner="DirectRunner")  # (flags=None would parse our sys.argv)
+    pipeline_options.view_as(StandardOptions).streaming = options.streaming
     started = time.perf_counter()
-    with beam.Pipeline(options=options) as pipeline:
-        if watch_interval_s is not None:
-            live = pipeline | "WatchLogs" >> WatchLogDirectory(spec, str(log_dir), watch_interval_s, stop_after_s)
-            result = live["batches"] | "StreamingJoin" >> StreamingJoin(spec)
-            dead = (live[DEAD], result[DEAD]) | "AllDeadLetters" >> beam.Flatten()
-        elif streaming:
-            spill_dir = out_dir / ".replay"
-            shutil.rmtree(spill_dir, ignore_errors=True)
-            spill_dir.mkdir()
-            replay, step_ms = replay_stream(spec, log_dir, spill_dir, dead_letters=read_dead)
-            batches = pipeline | "ReplayLogs" >> replay | "LoadBatches" >> beam.Map(load_replay_batch)
-            read_dead_letters = pipeline | "ReadDeadLetters" >> beam.Create(read_dead.letters)
-            # windows close at most once per replay step: a step spans step_ms of event time
-            result = batches | "StreamingJoin" >> StreamingJoin(spec, emit_every_ms=step_ms)
-            dead = (read_dead_letters, result[DEAD]) | "AllDeadLetters" >> beam.Flatten()
-        else:
-            result = pipeline | "Backfill" >> BackfillJoin(spec, *log_file_names(log_dir))
-            dead = result[DEAD]
+    with beam.Pipeline(options=pipeline_options) as pipeline:
+        result, dead = _join_graph(pipeline, spec, options)
         result["examples"] | "WriteExamples" >> beam.ParDo(WriteBundles(str(out_dir / "examples"), "examples"))
         dead | "WriteDeadLetters" >> beam.ParDo(WriteBundles(str(out_dir / "dead_letters"), "dead_letters"))
-        if train:
-            publishing = None if model_dir is None else Publishing(
-                str(model_dir), clock="processing" if watch_interval_s is not None else "event", resume=resume)
+        if options.train:
+            publishing = None if options.model_dir is None else Publishing(
+                str(options.model_dir), clock="processing" if options.live else "event", resume=options.resume)
             trained = result["examples"] | "Train" >> TrainExamples(
-                spec, device, at_end=not (streaming or watch_interval_s is not None), progress=progress,
-                publishing=publishing)
+                spec, options.device, at_end=not options.streaming, progress=options.progress, publishing=publishing)
             final = trained[SUMMARY] | "MarkFinal" >> beam.Map(lambda summary: {**summary, "final": True})
             ((trained["metrics"], final) | "AllMetrics" >> beam.Flatten()
              | "WriteMetrics" >> beam.ParDo(WriteBundles(str(out_dir / "metrics"), "metrics")))
@@ -105,17 +85,29 @@ def run_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, streami
     release_trainers()
     shutil.rmtree(out_dir / ".replay", ignore_errors=True)
     dead_counts = count_dead_letters(out_dir)  # (streaming replay: the letters read before the pipeline too)
-    summary = finish_metrics(spec, out_dir) if train else {}
-    mode = "live" if watch_interval_s is not None else "streaming" if streaming else "backfill"
+    summary = finish_metrics(spec, out_dir) if options.train else {}
+    mode = {Mode.LIVE: "live", Mode.REPLAY: "streaming", Mode.BACKFILL: "backfill"}[options.mode]
     summary.update({"mode": mode, "seconds": round(elapsed, 2), "dead_letters": dead_counts})
     return summary
 
 
-def run_join(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, **mode) -> dict:
-    """Join, sample and extract features only (``streamrec join`` / ``backfill``)."""
-    return run_job(spec, log_dir, out_dir, train=False, **mode)
-
-
-def run_training(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, **options) -> dict:
-    """The whole job: join, sample, extract, train online (``streamrec run``)."""
-    return run_job(spec, log_dir, out_dir, train=True, **options)
+def _join_graph(pipeline, spec: FeatureSpec, options: JobOptions):
+    """The join stage of the options' mode: (its outputs, all its dead letters)."""
+    if options.live:
+        live = pipeline | "WatchLogs" >> WatchLogDirectory(spec, str(options.logs), options.watch_interval_s,
+                                                          options.stop_after_s)
+        result = live["batches"] | "StreamingJoin" >> StreamingJoin(spec)
+        return result, (live[DEAD], result[DEAD]) | "AllDeadLetters" >> beam.Flatten()
+    if options.mode is Mode.REPLAY:
+        spill_dir = Path(options.out) / ".replay"
+        shutil.rmtree(spill_dir, ignore_errors=True)
+        spill_dir.mkdir()
+        read_dead = DeadLetterSink(keep=None)
+        replay, step_ms = replay_stream(spec, options.logs, spill_dir, dead_letters=read_dead)
+        batches = pipeline | "ReplayLogs" >> replay | "LoadBatches" >> beam.Map(load_replay_batch)
+        read_dead_letters = pipeline | "ReadDeadLetters" >> beam.Create(read_dead.letters)
+        # windows close at most once per replay step: a step spans step_ms of event time
+        result = batches | "StreamingJoin" >> StreamingJoin(spec, emit_every_ms=step_ms)
+        return result, (read_dead_letters, result[DEAD]) | "AllDeadLetters" >> beam.Flatten()
+    result = pipeline | "Backfill" >> BackfillJoin(spec, *log_file_names(options.logs))
+    return result, result[DEAD]

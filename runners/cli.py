@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from runners.options import JobOptions
+
 
 
 def _print_json(figures: dict) -> None:
@@ -48,16 +50,16 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_data(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.dataset == "movielens":
-        from datasets import movielens
+        from event_datasets import movielens
 
         manifest = movielens.convert(args.out, seed=args.seed, fmt=args.format or "avro")
     elif args.dataset == "obd":
-        from datasets import obd
+        from event_datasets import obd
 
         manifest = obd.convert(args.out, policy=args.policy, campaign=args.campaign, seed=args.seed,
                                fmt=args.format or "avro")
     else:
-        from datasets.synthetic import SyntheticConfig, generate
+        from event_datasets.synthetic import SyntheticConfig, generate
 
         config = SyntheticConfig(events=args.events, seed=args.seed, span_hours=args.span_hours,
                                  drift=args.drift, target_ctr=args.ctr)
@@ -138,38 +140,16 @@ def _examples_summary(out_dir: Path, spec) -> dict:
     return {"examples": examples, "positives": positives}
 
 
-def _flink_submit(args: argparse.Namespace, command: str) -> int | None:
+def _flink_submit(options: JobOptions) -> int | None:
     """With ``--flink-master``: the same command through ``flink run`` on that cluster."""
-    if getattr(args, "runner", "beam") != "flink" or not args.flink_master:
+    if options.runner != "flink" or not options.flink_master:
         return None
     from runners.flink_runner import submit
 
-    argv = [command, "--runner", "flink", "--spec", args.spec or "movielens", "--logs", str(args.logs.resolve()),
-            "--out", str(args.out.resolve())]
-    if getattr(args, "model_dir", None) is not None:
-        argv += ["--model-dir", str(args.model_dir.resolve())]
-    if args.resume:
-        argv.append("--resume")
-    if getattr(args, "no_progress", False):
-        argv.append("--no-progress")
-    if getattr(args, "store", None):
-        argv += ["--store", args.store]
-    argv += ["--checkpoint-every", str(args.checkpoint_every), "--events-per-step", str(args.events_per_step),
-             *(["--parallelism", str(args.parallelism)] if args.parallelism else [])]
-    if args.watch is not None:
-        argv += ["--watch", str(args.watch)]
-    if args.stop_after is not None:
-        argv += ["--stop-after", str(args.stop_after)]
-    return submit(args.flink_master, argv)
+    return submit(options.flink_master, options.to_argv())
 
 
-def _flink_options(args: argparse.Namespace) -> dict:
-    return {"resume": args.resume, "checkpoint_every_ms": round(args.checkpoint_every * 1000),
-            "events_per_step": args.events_per_step, "parallelism": args.parallelism,
-            "watch_interval_s": args.watch, "stop_after_s": args.stop_after}
-
-
-def _check_logs(spec, args: argparse.Namespace) -> None:
+def _check_logs(spec, options: JobOptions) -> None:
     """Missing logs or logs of another spec are refused before a job starts."""
     from schemas.events import load_schema
     from schemas.logs import check_log_dir
@@ -177,37 +157,44 @@ def _check_logs(spec, args: argparse.Namespace) -> None:
     read = {source for slot in spec.slots for source in slot.source} | {dense.source for dense in spec.dense}
     schemas = {"impressions": load_schema(spec.events.impression), "actions": load_schema(spec.events.action)}
     fields = {f["name"] for f in schemas["impressions"]["fields"]}
-    check_log_dir(args.logs, schemas, live=getattr(args, "watch", None) is not None, used={"impressions": read & fields})
+    check_log_dir(options.logs, schemas, live=options.live, used={"impressions": read & fields})
+
+
+def _run_job(spec, options: JobOptions) -> dict:
+    """The job on the runner the options name: check the logs, then submit to a cluster or run here."""
+    _check_logs(spec, options)
+    submitted = _flink_submit(options)
+    if submitted is not None:
+        return {"submitted": submitted}
+    if options.runner == "flink":
+        from runners.flink_runner import run_flink_job
+
+        return run_flink_job(spec, options)
+    if options.resume and not options.train:
+        raise ValueError("--resume restarts a Flink job from its checkpoint: it needs --runner flink")
+    from runners.beam_runner import run_job  # (Beam's imports take ~1 s: only where Beam runs)
+
+    return run_job(spec, options)
 
 
 def cmd_join(args: argparse.Namespace) -> int:
     from schemas.spec import load_spec
 
-    spec = load_spec(args.spec)
-    _check_logs(spec, args)
-    submitted = _flink_submit(args, "join")
-    if submitted is not None:
-        return submitted
-    if getattr(args, "runner", "beam") == "flink":
-        from runners.flink_runner import run_flink_job
-
-        summary = run_flink_job(spec, args.logs, args.out, **_flink_options(args))
-    else:
-        if getattr(args, "resume", False):
-            raise ValueError("--resume restarts a Flink job from its checkpoint: it needs --runner flink")
-        from runners.beam_runner import run_join  # (Beam's imports take ~1 s: only where Beam runs)
-
-        summary = run_join(spec, args.logs, args.out, **_mode(args))
-    summary.update(_examples_summary(Path(args.out), spec))
+    options = JobOptions.from_args(args, train=False)
+    spec = load_spec(options.spec)
+    summary = _run_job(spec, options)
+    if "submitted" in summary:
+        return summary["submitted"]
+    summary.update(_examples_summary(options.out, spec))
     from schemas.logs import read_manifest
 
-    manifest = read_manifest(args.logs)
+    manifest = read_manifest(options.logs)
     events = manifest.get("impressions", 0) + sum(manifest.get("actions", {}).values())
     if events:
         summary["events"] = events
         summary["events_per_s"] = round(events / summary["seconds"])
     print(f"{summary['mode']}: {summary['examples']} examples ({summary['positives']} positive) in "
-          f"{summary['seconds']} s to {args.out}/examples; dead letters {summary['dead_letters'] or 'none'}")
+          f"{summary['seconds']} s to {options.out}/examples; dead letters {summary['dead_letters'] or 'none'}")
     _print_json(summary)
     return 0
 
@@ -217,38 +204,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     replay or live), with progressive metrics per event-time window."""
     from schemas.spec import load_spec
 
-    if args.logs is None:
-        if args.spec not in (None, "movielens"):
+    options = JobOptions.from_args(args, train=True)
+    if options.logs is None:
+        if options.spec not in (None, "movielens"):
             raise ValueError("--logs is required with a spec other than the built-in movielens")
-        from datasets import movielens
+        from event_datasets import movielens
 
-        args.logs = args.out / "logs"
-        if not (args.logs / "manifest.json").is_file():
-            movielens.convert(args.logs)
-    spec = load_spec(args.spec or "movielens")
-    if args.store is not None:
+        options = options.replace(logs=options.out / "logs")
+        if not (options.logs / "manifest.json").is_file():
+            movielens.convert(options.logs)
+    spec = load_spec(options.spec or "movielens")
+    if options.store is not None:
         from trainer.redis_store import RedisStoreConfig
 
-        RedisStoreConfig.from_uri(args.store)  # a bad URI fails here, naming the parameter
-        spec = dataclasses.replace(spec, store=args.store)
-    _check_logs(spec, args)
-    submitted = _flink_submit(args, "run")
-    if submitted is not None:
-        return submitted
-    if args.runner == "flink":
-        from runners.flink_runner import run_flink_job
-
-        summary = run_flink_job(spec, args.logs, args.out, train=True, device=args.device,
-                                progress=not args.no_progress, model_dir=args.model_dir, **_flink_options(args))
-    else:
-        from runners.beam_runner import run_training
-
-        summary = run_training(spec, args.logs, args.out, device=args.device, progress=not args.no_progress,
-                               model_dir=args.model_dir, resume=args.resume, **_mode(args))
+        RedisStoreConfig.from_uri(options.store)  # a bad URI fails here, naming the parameter
+        spec = dataclasses.replace(spec, store=options.store)
+    summary = _run_job(spec, options)
+    if "submitted" in summary:
+        return summary["submitted"]
     print(f"trained on {summary.get('examples', 0)} examples: progressive AUC {summary.get('auc')}, "
           f"logloss {summary.get('logloss')}, calibration {summary.get('calibration')}; "
           f"{summary.get('examples_per_s')} examples/s; dead letters {summary['dead_letters'] or 'none'}; "
-          f"metrics per window in {args.out}/metrics.jsonl and metrics.png")
+          f"metrics per window in {options.out}/metrics.jsonl and metrics.png")
     _print_json(summary)
     return 0
 
@@ -300,11 +277,6 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events-per-step", type=int, default=16_384, metavar="N",
                         help="with --runner flink: events per replayed micro-batch (the unit the JVM hands "
                              "to the Python workers)")
-
-
-def _mode(args: argparse.Namespace) -> dict:
-    return {"streaming": getattr(args, "streaming", False), "watch_interval_s": getattr(args, "watch", None),
-            "stop_after_s": getattr(args, "stop_after", None)}
 
 
 def build_parser() -> argparse.ArgumentParser:

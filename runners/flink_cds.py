@@ -56,7 +56,7 @@ def jvm_options() -> list[str]:
 def build(force: bool = False, timeout_s: float = 300) -> Path:
     """Build the archive (unless it exists): run a tiny join job on the local mini-cluster,
     recording the classes its JVM loads, then dump them. Returns the archive's path."""
-    from datasets.synthetic import SyntheticConfig, generate
+    from event_datasets.synthetic import SyntheticConfig, generate
 
     path = archive_path()
     if path.is_file() and not force:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from schemas.spec import FeatureSpec
+from runners.options import JobOptions
 from trainer.running import Publishing
 
 
@@ -133,15 +134,11 @@ def publish_examples(directory: Path, staging: Path) -> int:
     return rows
 
 
-def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, train: bool = False,
-                  device: str = "cpu", progress: bool = True, model_dir: str | Path | None = None,
-                  resume: bool = False, shards: int = 4, parallelism: int | None = None,
-                  events_per_step: int = 16_384, checkpoint_every_ms: int = 10_000, watch_interval_s: float | None = None,
-                  stop_after_s: float | None = None) -> dict:
-    """Backfill/replay (or, with ``watch_interval_s``, live logs) through the PyFlink job; returns
+def run_flink_job(spec: FeatureSpec, options: JobOptions, shards: int = 4) -> dict:
+    """Replay (backfill and replay are one on Flink) or live logs through the PyFlink job; returns
     the mode, seconds, dead letters by reason and, with ``train``, the trainer's summary.
 
-    Live: ``runners.log_announcer`` announces new log files every ``watch_interval_s`` into
+    Live: ``pipelines.log_announcer`` announces new log files every ``watch_interval_s`` into
     ``OUT/.live/announced``, a continuously monitored ``FileSource`` reads the announcements, and the
     watermark follows the wall clock (less twice the interval, for announcements read out of
     order). The job runs until ``stop_after_s`` or SIGTERM/SIGINT; then every announced file is
@@ -154,21 +151,21 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     ``parallelism``: instances of each operator but the trainer and the live reader (None:
     ``DEFAULT_PARALLELISM``). ``resume``: start from the newest retained checkpoint under
     ``OUT/.checkpoints`` (a fresh start if there is none)."""
-    import json
 
     from pyflink.common import Duration, Types, WatermarkStrategy
     from pyflink.common.watermark_strategy import TimestampAssigner
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
 
-    from pipelines.flink_join import (DEAD_LETTERS, JoinShard, ReadAnnouncedLogs, batch_time, read_busy_clocks,
-                                      shard_record)
+    from pipelines.busy_clock import read_busy_clocks
+    from pipelines.flink_join import JoinShard, ReadAnnouncedLogs
+    from pipelines.flink_records import DEAD_LETTERS, batch_time, shard_record
     from pipelines.flink_train import TrainStream
     from runners.replay import OUTPUTS, count_dead_letters, finish_metrics, fresh_output_dirs, replay_batches
-    from runners.log_announcer import LogAnnouncer
+    from pipelines.log_announcer import LogAnnouncer
     from schemas.dead_letters import DeadLetterSink
 
-    out_dir = Path(out_dir)
-    live = watch_interval_s is not None
+    out_dir, log_dir, live, train = Path(options.out), Path(options.logs), options.live, options.train
+    watch_interval_s, resume = options.watch_interval_s, options.resume
     # (the source's directory must not be hidden itself: Flink's file filter skips ".name"/"_name")
     checkpoints, live_dir, staging = out_dir / ".checkpoints", out_dir / ".live", out_dir / ".examples-staged"
     announcements = live_dir / "announced"
@@ -196,7 +193,8 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
         spill.mkdir()
         read_dead = DeadLetterSink(keep=None)
         # the same logs give the same batch files and list: a restored source continues where it was
-        batches, step_ms, _ = replay_batches(spec, log_dir, spill, events_per_step, read_dead, shards=shards)
+        batches, step_ms, _ = replay_batches(spec, log_dir, spill, options.events_per_step, read_dead,
+                                             shards=shards)
         source_path = spill / "batches.tsv"
         source_path.write_text("".join("\t".join(map(str, batch)) + "\n" for batch in batches))
         if restore_from is None:
@@ -208,8 +206,8 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
     # -> ~18.5 s). A training job keeps one record per bundle: the trainer's bundles would hold
     # checkpoint barriers back for as long as they train (the kill test saw no checkpoint complete
     # before training ended).
-    env = flink_environment(parallelism or DEFAULT_PARALLELISM, checkpoint_dir=checkpoints.resolve().as_uri(),
-                            checkpoint_every_ms=checkpoint_every_ms,
+    env = flink_environment(options.parallelism or DEFAULT_PARALLELISM, checkpoint_dir=checkpoints.resolve().as_uri(),
+                            checkpoint_every_ms=options.checkpoint_every_ms,
                             restore_from=None if restore_from is None else restore_from.resolve().as_uri(),
                             bundle_size=1 if train else 1_000)
     source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), source_path.resolve().as_uri())
@@ -241,15 +239,15 @@ def run_flink_job(spec: FeatureSpec, log_dir: str | Path, out_dir: str | Path, t
         dead_letters = dead_letters.union(read_dead_letters)
     dead_letters.sink_to(_file_sink(out_dir / "dead_letters", ".jsonl")).name("dead letters")
     if train:
-        publishing = None if model_dir is None else Publishing(
-            str(model_dir), clock="processing" if live else "event", resume=resume)
+        publishing = None if options.model_dir is None else Publishing(
+            str(options.model_dir), clock="processing" if live else "event", resume=resume)
         metrics = (joined.key_by(lambda _: 0, key_type=Types.INT())
-                   .process(TrainStream(spec, step_ms, device, progress, publishing, str(timing)),
+                   .process(TrainStream(spec, step_ms, options.device, options.progress, publishing, str(timing)),
                             output_type=Types.STRING()).name("train").set_parallelism(1))  # one model
         metrics.sink_to(_file_sink(out_dir / "metrics", ".jsonl")).name("metrics").set_parallelism(1)
     name = f"streamrec {'run' if train else 'join'} {spec.name}{' (live)' if live else ''}"
     if live:
-        _run_live(env.execute_async(name), announcer, ended_marker, watch_interval_s, stop_after_s,
+        _run_live(env.execute_async(name), announcer, ended_marker, watch_interval_s, options.stop_after_s,
                   (out_dir / ".savepoints").resolve().as_uri())
     else:
         env.execute(name)

@@ -14,22 +14,12 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
+from pipelines.tables import load_spilled, spill_table
 from schemas.dead_letters import DeadLetterSink
 from schemas.durations import format_duration_ms
 from schemas.events import load_schema
 from schemas.logs import read_log_tables
 from schemas.spec import FeatureSpec
-
-
-def _spill(table: pa.Table, path: Path) -> str:
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    return str(path)
-
-
-def load_spilled(path: str) -> pa.Table:
-    """One spilled table (memory-mapped: its buffers are the file's pages)."""
-    return pa.ipc.open_file(pa.memory_map(path)).read_all()
 
 
 def load_replay_batch(paths: tuple[str, str]) -> tuple[pa.Table, pa.Table]:
@@ -72,13 +62,13 @@ def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, even
         act_end = len(action_times) if bound is None else int(np.searchsorted(action_times, bound, "left"))
         batch = impressions.slice(imp_start, imp_end - imp_start), actions.slice(act_start, act_end - act_start)
         if shards is None:
-            batches.append((first, _spill(batch[0], spill_dir / f"{step:06d}-impressions.arrow"),
-                            _spill(batch[1], spill_dir / f"{step:06d}-actions.arrow")))
+            batches.append((first, spill_table(batch[0], spill_dir / f"{step:06d}-impressions.arrow"),
+                            spill_table(batch[1], spill_dir / f"{step:06d}-actions.arrow")))
         else:
             for shard, impressions_part, actions_part in split_batch_by_shard(*batch, shards):
                 name = f"{step:06d}-{shard}"
-                batches.append((first, shard, _spill(impressions_part, spill_dir / f"{name}-impressions.arrow"),
-                                _spill(actions_part, spill_dir / f"{name}-actions.arrow")))
+                batches.append((first, shard, spill_table(impressions_part, spill_dir / f"{name}-impressions.arrow"),
+                                spill_table(actions_part, spill_dir / f"{name}-actions.arrow")))
         if bound is not None:
             first = bound
         imp_start, act_start = imp_end, act_end

@@ -19,6 +19,9 @@ AVRO_DIR = Path(__file__).parent / "avro"
 # and dates downstream: such records are dead letters ("event_time_out_of_range") in every mode.
 # A spec may narrow it (``events.time_range``), never widen it.
 EVENT_TIME_RANGE_MS = (0, 7_258_118_400_000)
+# An event time later than any record's (and its negation earlier): a watermark at the end of
+# input, or "no time yet". Far from int64's ends, so sums with windows do not overflow.
+END_OF_TIME_MS = 1 << 62
 
 #: Fields every impression schema must carry (name -> Avro type), whatever context it adds.
 CORE_IMPRESSION_FIELDS = {

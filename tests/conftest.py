@@ -6,7 +6,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def movielens_logs(tmp_path_factory):
-    from datasets import movielens
+    from event_datasets import movielens
 
     out = tmp_path_factory.mktemp("movielens")
     manifest = movielens.convert(out, seed=0)
@@ -15,7 +15,7 @@ def movielens_logs(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def obd_logs(tmp_path_factory):
-    from datasets import obd
+    from event_datasets import obd
 
     out = tmp_path_factory.mktemp("obd")
     manifest = obd.convert(out, seed=0)
@@ -27,13 +27,14 @@ def movielens_ordered_examples(movielens_logs, tmp_path_factory):
     """The first 16,000 MovieLens Examples in the trainer's order (backfill join on Beam)."""
     import pyarrow.parquet as pq
 
-    from runners.beam_runner import run_join
+    from runners.beam_runner import run_job
+    from runners.options import JobOptions
     from schemas.spec import load_spec
     from trainer.running import ORDER
 
     logs, _ = movielens_logs
     out = tmp_path_factory.mktemp("ml-examples")
-    run_join(load_spec("movielens"), logs, out)
+    run_job(load_spec("movielens"), JobOptions(out=out, logs=logs))
     return pq.read_table(out / "examples").sort_by(ORDER).slice(0, 16_000)
 
 

@@ -61,7 +61,8 @@ def test_stateful_join_with_hand_driven_watermarks():
 
 @pytest.fixture(scope="module")
 def obd_runs(obd_logs, tmp_path_factory):
-    from runners.beam_runner import run_join
+    from runners.beam_runner import run_job
+    from runners.options import JobOptions, Mode
     from schemas.spec import load_spec
 
     logs, manifest = obd_logs
@@ -69,7 +70,8 @@ def obd_runs(obd_logs, tmp_path_factory):
     out = tmp_path_factory.mktemp("obd_join")
     runs = {}
     for mode in ("backfill", "streaming"):
-        summary = run_join(spec, logs, out / mode, streaming=mode == "streaming")
+        summary = run_job(spec, JobOptions(out=out / mode, logs=logs,
+                                           mode=Mode.REPLAY if mode == "streaming" else Mode.BACKFILL))
         runs[mode] = (summary, pq.read_table(sorted((out / mode / "examples").glob("*.parquet"))))
     return runs, manifest
 
@@ -101,9 +103,12 @@ def test_obd_positives_and_sampled_negatives(obd_runs):
     assert set(np.round(rates, 6)) == {0.1}  # the stream's negative rate, on positives too
 
 
-def test_movielens_backfill_end_to_end(movielens_logs, tmp_path, capsys):
+def test_movielens_backfill_end_to_end(movielens_logs, tmp_path, capsys, caplog, monkeypatch):
     logs, manifest = movielens_logs
-    assert main(["backfill", "--spec", "movielens", "--logs", str(logs), "--out", str(tmp_path)]) == 0
+    argv = ["backfill", "--spec", "movielens", "--logs", str(logs), "--out", str(tmp_path)]
+    monkeypatch.setattr("sys.argv", ["streamrec", *argv])  # as the console script sees them
+    assert main(argv) == 0
+    assert "Discarding unparseable args" not in caplog.text  # Beam must not parse our command line
     figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     # Every like arrives within the 30 min window (exponential delay, mean 120 s): all are positives.
     assert figures["examples"] == 100_000 and figures["positives"] == manifest["actions"]["like"]
@@ -157,7 +162,8 @@ def test_live_mode_picks_up_new_files_in_the_watched_directory(tmp_path):
     import pyarrow as pa
     import yaml
 
-    from runners.beam_runner import run_join
+    from runners.beam_runner import run_job
+    from runners.options import JobOptions, Mode
     from schemas.events import load_schema
     from schemas.logs import write_log
     from schemas.spec import parse_spec, spec_path
@@ -184,7 +190,8 @@ def test_live_mode_picks_up_new_files_in_the_watched_directory(tmp_path):
 
     thread = threading.Thread(target=producer)
     thread.start()
-    summary = run_join(spec, logs, tmp_path / "out", watch_interval_s=0.5, stop_after_s=5)
+    summary = run_job(spec, JobOptions(out=tmp_path / "out", logs=logs, mode=Mode.LIVE, watch_interval_s=0.5,
+                                       stop_after_s=5))
     thread.join()
     assert summary["mode"] == "live" and summary["dead_letters"] == {}
     table = pq.read_table(sorted((tmp_path / "out" / "examples").glob("*.parquet")))

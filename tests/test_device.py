@@ -93,7 +93,7 @@ def test_sparse_optimizer_step_on_cuda_equals_cpu(kind):
 
 
 def test_trainer_on_cuda_learns_as_on_the_cpu():
-    from bench.trainer import synthetic_examples
+    from transforms.log_examples import synthetic_examples
     from schemas.spec import load_spec
     from trainer.online import OnlineTrainer
 

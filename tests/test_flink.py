@@ -48,7 +48,8 @@ def _examples(out: Path) -> pa.Table:
 
 
 def test_flink_and_beam_produce_identical_examples_and_bad_records_become_dead_letters(obd_logs, tmp_path):
-    from runners.beam_runner import run_join
+    from runners.beam_runner import run_job
+    from runners.options import JobOptions, Mode
     from schemas.spec import load_spec
 
     source, manifest = obd_logs
@@ -60,7 +61,7 @@ def test_flink_and_beam_produce_identical_examples_and_bad_records_become_dead_l
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
 
     flink = _run_flink_join("obd", logs, tmp_path / "flink")
-    beam = run_join(load_spec("obd"), logs, tmp_path / "beam", streaming=True)
+    beam = run_job(load_spec("obd"), JobOptions(out=tmp_path / "beam", logs=logs, mode=Mode.REPLAY))
     flink_examples, beam_examples = _examples(tmp_path / "flink"), _examples(tmp_path / "beam")
     assert flink_examples.num_rows > 500 and flink_examples.equals(beam_examples)
     assert flink["positives"] == manifest["actions"]["click"]
@@ -70,7 +71,8 @@ def test_flink_and_beam_produce_identical_examples_and_bad_records_become_dead_l
 def test_job_runs_on_a_standalone_cluster_started_from_the_wheel(obd_logs, tmp_path):
     """A JobManager and a TaskManager from the wheel's bin/ on loopback (own process groups,
     stopped by group id); ``--flink-master`` submits through ``flink run``."""
-    from runners.beam_runner import run_join
+    from runners.beam_runner import run_job
+    from runners.options import JobOptions, Mode
     from runners.flink_cluster import StandaloneCluster
     from schemas.spec import load_spec
 
@@ -87,7 +89,7 @@ def test_job_runs_on_a_standalone_cluster_started_from_the_wheel(obd_logs, tmp_p
     finally:
         cluster.stop()
     assert len(processes) == 2 and all(process.poll() is not None for process in processes)
-    run_join(load_spec("obd"), logs, tmp_path / "beam", streaming=True)
+    run_job(load_spec("obd"), JobOptions(out=tmp_path / "beam", logs=logs, mode=Mode.REPLAY))
     assert _examples(tmp_path / "remote").equals(_examples(tmp_path / "beam"))
 
 
@@ -104,8 +106,9 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
     plus the restarted run's) and trained exactly once."""
     import time
 
-    from datasets.synthetic import SyntheticConfig, generate
-    from runners.beam_runner import run_join
+    from event_datasets.synthetic import SyntheticConfig, generate
+    from runners.beam_runner import run_job
+    from runners.options import JobOptions, Mode
     from runners.flink_runner import newest_checkpoint
     from schemas.spec import load_spec
     from trainer.publish import read_manifest
@@ -138,7 +141,7 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
     summary = _run_to_end(command + ["--resume"])
     assert summary["restored_from_checkpoint"] and summary["resumed_from_version"] is not None
 
-    run_join(load_spec("synthetic"), logs, tmp_path / "beam", streaming=True)
+    run_job(load_spec("synthetic"), JobOptions(out=tmp_path / "beam", logs=logs, mode=Mode.REPLAY))
     flink_examples, beam_examples = _examples(out), _examples(tmp_path / "beam")
     assert flink_examples.num_rows == beam_examples.num_rows > 50_000  # no loss, no duplicates
     assert flink_examples.equals(beam_examples)

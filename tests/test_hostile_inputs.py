@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import without_checksums
 
-from datasets.synthetic import SyntheticConfig, generate
+from event_datasets.synthetic import SyntheticConfig, generate
 from runners.cli import main
 from schemas.events import load_schema
 from schemas.logs import arrow_schema, log_files, read_log_file, write_table

@@ -8,7 +8,6 @@ import os
 import pickle
 
 import pytest
-import torch
 
 from schemas.spec import parse_spec
 from trainer.online import OnlineTrainer
@@ -199,7 +198,6 @@ def test_a_damaged_delta_is_skipped_once_a_newer_snapshot_exists(model_dir):
 def test_serving_answers_oversized_requests_413_and_keeps_serving(model_dir):
     """Body bytes and impressions per request are bounded (configurable); a refused request is
     read no further and the server stays responsive."""
-    import httpx
 
     from serving.process import ServingProcess
 

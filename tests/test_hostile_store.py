@@ -6,9 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
 import pytest
-import torch
 
 from runners.redis_server import RedisServer, redis_server_binary
 from tests.test_embedding_table import SLOT_A, fid

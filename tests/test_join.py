@@ -7,7 +7,8 @@ import pytest
 
 from schemas.spec import load_spec, parse_spec
 from transforms.examples import ExampleBuilder
-from transforms.features import FeatureExtractor, hash48_string, splitmix64
+from schemas.hashing import splitmix64
+from transforms.features import FeatureExtractor, hash48_string
 from transforms.join import JoinConfig, Joined, StreamJoiner, join_key_events, run_join
 from transforms.sampling import NegativeSampler, corrected_probability, stable_uniform
 from trainer.hashing import mix64
@@ -258,3 +259,24 @@ def test_batch_joiner_makes_the_same_decisions(batch_size):
     assert [r for r, _ in dead] == [r for r, _ in expected_dead]
     # action dead letters carry the same action records (impression duplicates carry row numbers here)
     assert sorted(r for _, r in dead if "'kind'" in r) == sorted(r for _, r in expected_dead if "'kind'" in r)
+
+
+def test_join_tables_dead_letters_carry_action_records_at_any_size():
+    """Backfill shards with 100k+ actions once carried row numbers as their action references;
+    the dead letters must show the action, as the streaming join's do."""
+    from transforms.batch_join import join_tables
+
+    n = 100_001
+    impressions = pa.table({"request_id": ["r0"], "item_id": ["i0"], "event_time_ms": pa.array([0], pa.int64())})
+    actions = pa.table({"request_id": ["r0"] * (n - 1) + ["nobody"], "item_id": ["i0"] * n,
+                        "event_time_ms": pa.array(np.arange(n), pa.int64()),
+                        "action_type": ["share"] * (n - 1) + ["click"]})
+    batches = join_tables(CONFIG, impressions, actions)
+    next(batches)
+    letters = [letter for _, dead in batches for letter in dead]
+    assert sorted({letter.reason for letter in letters}) == ["orphan_action", "unlabelled_action"]
+    assert len(letters) == n
+    orphan = next(letter for letter in letters if letter.reason == "orphan_action")
+    assert orphan.record == repr({"request_id": "nobody", "item_id": "i0", "event_time_ms": n - 1,
+                                  "action_type": "click"})
+    assert all("'action_type': 'share'" in letter.record for letter in letters if letter.reason != "orphan_action")

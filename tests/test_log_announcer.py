@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from runners.log_announcer import END, LogAnnouncer, parse_announcement
+from pipelines.log_announcer import END, LogAnnouncer, parse_announcement
 
 
 def _lines(directory):

@@ -290,7 +290,7 @@ def test_killed_trainer_restarts_on_the_same_redis(shards, tmp_path):
     import subprocess
     import sys
 
-    from datasets.synthetic import SyntheticConfig, generate
+    from event_datasets.synthetic import SyntheticConfig, generate
     from tests.test_flink import ROOT
     from trainer.publish import read_manifest
 

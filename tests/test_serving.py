@@ -21,7 +21,7 @@ Server = ServingProcess
 
 @pytest.fixture(scope="module")
 def movielens_parts(movielens_logs):
-    from bench.trainer import examples_from_logs
+    from transforms.log_examples import examples_from_logs
     from schemas.dead_letters import DeadLetterSink
     from schemas.events import load_schema
     from schemas.logs import read_log_tables

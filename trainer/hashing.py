@@ -1,4 +1,4 @@
-"""Vectorised 64-bit hashing in torch (the same bits on CPU and CUDA).
+"""Vectorised 64-bit hashing in torch (the same bits on CPU and CUDA): ``schemas.hashing``'s twin.
 
 ``mix64`` is splitmix64 (golden-gamma step and finaliser) on int64 tensors; multiplication wraps modulo 2**64 and
 right shifts are made logical by masking, so results equal the unsigned reference.
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-_GAMMA = 0x9E3779B97F4A7C15 - (1 << 64)
-_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_M2 = 0x94D049BB133111EB - (1 << 64)
+from schemas.hashing import GAMMA, M1, M2
+
+_GAMMA, _M1, _M2 = (constant - (1 << 64) for constant in (GAMMA, M1, M2))  # as int64
 
 
 def _shr(x: torch.Tensor, bits: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from schemas.events import END_OF_TIME_MS
 from schemas.logs import atomic_write
 from schemas.spec import FeatureSpec
 from schemas.spec_json import SpecJsonError, spec_from_json, spec_to_json
@@ -188,7 +189,7 @@ class Position:
     """The last example trained: its (impression time, request id, item id) - the total order
     in which the trainer consumes examples - and how many examples were trained."""
 
-    impression_time_ms: int = -(1 << 62)
+    impression_time_ms: int = -END_OF_TIME_MS
     request_id: str = ""
     item_id: str = ""
     examples: int = 0

@@ -22,15 +22,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.dead_letters import DeadLetter
+from schemas.events import END_OF_TIME_MS
 from transforms.join import JoinConfig, Joined
-from transforms.sampling import fnv1a64
+from transforms.keys import join_keys, key_shards
 
 _EMPTY_KEYS = pa.array([], pa.string())
-
-
-def join_keys(request_ids: pa.Array, item_ids: pa.Array) -> pa.Array:
-    """``request_id \\x1f item_id`` as one string column (the join key)."""
-    return pc.binary_join_element_wise(request_ids, item_ids, "\x1f")
 
 
 @dataclass
@@ -99,12 +95,11 @@ class BatchJoiner:
         return len(self.open.keys) + len(self.tomb_keys) + len(self.held_keys)
 
     def _letters(self, reason: str, keys: pa.Array, detail: str, refs) -> list[DeadLetter]:
-        records = refs.to_pylist() if isinstance(refs, pa.Table) else refs
         return [DeadLetter("join", reason, f"{detail} (key {k!r})", record=repr(r))
-                for k, r in zip(keys.to_pylist(), records)]
+                for k, r in zip(keys.to_pylist(), _records(refs))]
 
     def add_tables(self, impressions: pa.Table, refs: np.ndarray, actions: pa.Table,
-                   watermark_ms: int = -(1 << 62)) -> tuple[ClosedImpressions, list[DeadLetter]]:
+                   watermark_ms: int = -END_OF_TIME_MS) -> tuple[ClosedImpressions, list[DeadLetter]]:
         """``add`` for event tables: impressions (with their row references) and actions (their
         rows kept as an Arrow table, made records only for dead letters); by default the
         watermark does not move."""
@@ -145,7 +140,8 @@ class BatchJoiner:
         if len(codes) and (codes < 0).any():
             bad = np.flatnonzero(codes < 0)
             letters += [DeadLetter("join", "unlabelled_action", f"action type {action_types[i]!r} is not a label "
-                                   f"{self.labels}", record=repr(action_refs[i])) for i in bad]
+                                   f"{self.labels}", record=repr(record))
+                        for i, record in zip(bad, _records(_pick(action_refs, bad)))]
             good = np.flatnonzero(codes >= 0)
             action_keys, codes, action_times = action_keys.take(pa.array(good)), codes[good], action_times[good]
             action_refs = _pick(action_refs, good)
@@ -237,7 +233,12 @@ class BatchJoiner:
         return self._advance(watermark_ms, [])
 
     def flush(self) -> tuple[ClosedImpressions, list[DeadLetter]]:
-        return self._advance(1 << 62, [])
+        return self._advance(END_OF_TIME_MS, [])
+
+
+def _records(refs) -> list:
+    """Action references as the records dead letters show: an Arrow table's rows as dicts."""
+    return refs.to_pylist() if isinstance(refs, pa.Table) else list(refs)
 
 
 def _pick(refs, index: np.ndarray):
@@ -278,7 +279,7 @@ def split_by_shard(table: pa.Table, shards: int) -> dict[int, pa.Table]:
     if table.num_rows == 0:
         return {}
     keys = join_keys(table.column("request_id"), table.column("item_id"))
-    shard_of_row = (fnv1a64(keys) % np.uint64(shards)).astype(np.int64)
+    shard_of_row = key_shards(keys, shards)
     return {shard: table.filter(pa.array(shard_of_row == shard)) for shard in np.unique(shard_of_row).tolist()}
 
 
@@ -311,7 +312,6 @@ def join_tables(config: JoinConfig, impressions: pa.Table, actions: pa.Table,
         if actions.num_rows else _EMPTY_KEYS
     action_times = actions.column("event_time_ms").to_numpy()
     action_types = actions.column("action_type").to_pylist()
-    action_refs = actions.to_pylist() if actions.num_rows < 100_000 else list(range(actions.num_rows))
     action_start = 0
     for start in range(0, len(impression_times), batch_rows):
         end = min(start + batch_rows, len(impression_times))
@@ -320,10 +320,10 @@ def join_tables(config: JoinConfig, impressions: pa.Table, actions: pa.Table,
         yield joiner.add(impression_keys.slice(start, end - start), impression_times[start:end],
                          np.arange(start, end), action_keys.slice(action_start, action_end - action_start),
                          action_types[action_start:action_end], action_times[action_start:action_end],
-                         action_refs[action_start:action_end], watermark)
+                         actions.slice(action_start, action_end - action_start), watermark)
         action_start = action_end
     rest = action_keys.slice(action_start)
     yield joiner.add(rest[:0], np.zeros(0, np.int64), np.zeros(0, np.int64), rest, action_types[action_start:],
-                     action_times[action_start:], action_refs[action_start:],
+                     action_times[action_start:], actions.slice(action_start),
                      int(impression_times[-1]) if len(impression_times) else 0)
     yield joiner.flush()

@@ -12,7 +12,8 @@ import pyarrow as pa
 from schemas.dead_letters import DeadLetter
 from schemas.events import arrow_schema, load_schema
 from schemas.spec import FeatureSpec
-from transforms.batch_join import ClosedImpressions, join_keys
+from transforms.batch_join import ClosedImpressions
+from transforms.keys import join_keys
 from transforms.features import FeatureExtractor
 from transforms.join import Joined
 from transforms.sampling import NegativeSampler

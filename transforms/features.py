@@ -24,21 +24,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.dead_letters import DeadLetter, record_json
+from schemas.hashing import splitmix64
 from schemas.events import arrow_schema, load_schema
 from schemas.fids import HASH_BITS, HASH_MASK
 from schemas.spec import FeatureSpec, MissingPolicy, Normalization, SlotKind, SlotSpec
 
 _MASK48 = np.uint64(HASH_MASK)
 _CROSS_MULTIPLIER = np.uint64(0x9E3779B1)
-
-
-def splitmix64(values: np.ndarray) -> np.ndarray:
-    """splitmix64 of uint64 values (numpy, wrapping arithmetic); equals trainer.hashing.mix64."""
-    with np.errstate(over="ignore"):
-        z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
 
 
 def hash48_string(value: str) -> int:

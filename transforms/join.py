@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Hashable, Iterable
 
 from schemas.dead_letters import DeadLetter
+from schemas.events import END_OF_TIME_MS
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class StreamJoiner:
         self.states: dict[Hashable, KeyState] = {}
         self.timers: list[tuple[int, Hashable]] = []  # (time, key) min-heap; stale entries are skipped
         self.scheduled: dict[Hashable, int] = {}  # key -> its live timer
-        self.watermark_ms = -(1 << 62)
+        self.watermark_ms = -END_OF_TIME_MS
 
     def _reschedule(self, key: Hashable, state: KeyState) -> None:
         due = self.logic.next_timer(state)
@@ -233,7 +234,7 @@ class StreamJoiner:
 
     def flush(self) -> list:
         """End of input: the watermark goes to +infinity."""
-        return self.advance_watermark(1 << 62)
+        return self.advance_watermark(END_OF_TIME_MS)
 
     @property
     def live_keys(self) -> int:
@@ -248,7 +249,7 @@ def run_join(config: JoinConfig, events: Iterable[tuple[str, Hashable, str | Non
     """
     joiner = StreamJoiner(config)
     outputs: list = []
-    newest = -(1 << 62)
+    newest = -END_OF_TIME_MS
     for kind, key, action_type, time_ms, record in events:
         if kind == "impression":
             outputs += joiner.impression(key, time_ms, record)
@@ -275,7 +276,7 @@ def join_key_events(config: JoinConfig, events: list[tuple[str, str | None, int,
         else:
             outputs += logic.on_action(state, action_type, time_ms, record)
     while logic.next_timer(state) is not None:
-        fired, drop = logic.on_timer(state, 1 << 62)
+        fired, drop = logic.on_timer(state, END_OF_TIME_MS)
         outputs += fired
         if drop:
             break

@@ -23,29 +23,8 @@ import math
 import numpy as np
 import pyarrow as pa
 
-from transforms.features import splitmix64
-
-_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-_FNV_PRIME = np.uint64(0x100000001B3)
-
-
-def fnv1a64(strings: pa.Array) -> np.ndarray:
-    """FNV-1a (64-bit) of each string's UTF-8 bytes, vectorised over the column (one pass per byte position)."""
-    if isinstance(strings, pa.ChunkedArray):  # (a table's column: pa.array() would go through Python objects)
-        strings = strings.combine_chunks()
-    elif not isinstance(strings, pa.Array):
-        strings = pa.array(strings, pa.string())
-    n = len(strings)
-    offsets = np.frombuffer(strings.buffers()[1], dtype=np.int32)[strings.offset:strings.offset + n + 1]
-    data = np.frombuffer(strings.buffers()[2], dtype=np.uint8) if n and strings.buffers()[2] is not None \
-        else np.zeros(0, np.uint8)
-    starts, lengths = offsets[:-1], np.diff(offsets)
-    hashes = np.full(n, _FNV_OFFSET, dtype=np.uint64)
-    with np.errstate(over="ignore"):
-        for position in range(int(lengths.max(initial=0))):
-            rows = np.flatnonzero(lengths > position)
-            hashes[rows] = (hashes[rows] ^ data[starts[rows] + position].astype(np.uint64)) * _FNV_PRIME
-    return hashes
+from schemas.hashing import fnv1a64, splitmix64
+from transforms.keys import join_key
 
 
 def uniform_for_keys(seed: int, keys: pa.Array) -> np.ndarray:
@@ -56,7 +35,7 @@ def uniform_for_keys(seed: int, keys: pa.Array) -> np.ndarray:
 
 def stable_uniform(seed: int, request_id: str, item_id: str) -> float:
     """``uniform_for_keys`` for one example."""
-    return float(uniform_for_keys(seed, pa.array([f"{request_id}\x1f{item_id}"]))[0])
+    return float(uniform_for_keys(seed, pa.array([join_key(request_id, item_id)]))[0])
 
 
 def corrected_probability(p_sampled: float, rate: float) -> float:

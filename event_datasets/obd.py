@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 
-from datasets.fetch import package_files
+from event_datasets.fetch import package_files
 from schemas.events import load_schema
 from schemas.logs import HOUR_MS, write_event_logs
 

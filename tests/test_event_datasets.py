@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow.csv as pa_csv
 import pytest
 
-from datasets import movielens, obd
-from datasets.synthetic import SyntheticConfig, SyntheticStream, exact_auc, generate
+from event_datasets import movielens, obd
+from event_datasets.synthetic import SyntheticConfig, SyntheticStream, exact_auc, generate
 from schemas.events import load_schema
 from schemas.logs import log_files, read_log_file, read_manifest
 from schemas.spec import load_spec

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.events import load_schema
+from schemas.hashing import splitmix64
 from schemas.logs import HOUR_MS, SpanWriter, write_manifest
 
 NUM_DENSE = 13
@@ -83,13 +84,8 @@ class SyntheticConfig:
 
 
 def mix64(values: np.ndarray, salt: int) -> np.ndarray:
-    """splitmix64's finaliser of ``values ^ salt``: a well-spread 64-bit hash, vectorised."""
-    with np.errstate(over="ignore"):
-        z = values.astype(np.uint64) ^ np.uint64(salt & 0xFFFFFFFFFFFFFFFF)
-        z = z + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
+    """A well-spread 64-bit hash of ``values`` under ``salt`` (``schemas.hashing.splitmix64``)."""
+    return splitmix64(values, salt)
 
 
 def exact_auc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -288,3 +284,4 @@ def generate(out_dir: str | Path, config: SyntheticConfig, fmt: str = "parquet")
     }
     write_manifest(out_dir, manifest)
     return manifest
+

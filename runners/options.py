@@ -1,0 +1,109 @@
+"""The options of one job (``streamrec join`` / ``run``), typed: what the CLI parsed, what both
+runners read, and what cluster submission forwards.
+
+A job runs in one of three modes: backfill (bounded logs in bulk), replay (the logs in event-time
+order through the streaming job) or live (new log files as they arrive, until stopped).
+``JobOptions.to_argv`` is the command line that parses back to the same options; submission to
+a Flink cluster runs exactly that, so no option is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+
+
+class Mode(str, Enum):
+    BACKFILL = "backfill"  # bounded logs in bulk, the same decisions as streaming
+    REPLAY = "replay"  # the logs in event-time order through the streaming job
+    LIVE = "live"  # new files of the log directory as they arrive (``watch_interval_s``)
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    out: Path
+    logs: Path | None = None  # None: ``run`` obtains MovieLens-100K into OUT/logs
+    spec: str | None = None  # a built-in name or a YAML path (None: movielens)
+    train: bool = False  # ``run`` (join and train) rather than ``join``
+    mode: Mode = Mode.BACKFILL
+    watch_interval_s: float | None = None  # live: seconds between looks at the log directory
+    stop_after_s: float | None = None  # live: stop after this long (None: until SIGTERM)
+    runner: str = "beam"  # "beam" (DirectRunner) or "flink"
+    flink_master: str | None = None  # HOST:PORT of a standalone cluster's REST endpoint
+    checkpoint_every_s: float = 10.0  # Flink checkpoint interval
+    parallelism: int | None = None  # Flink operator parallelism (None: the runner's default)
+    events_per_step: int = 16_384  # Flink replay: events per micro-batch
+    resume: bool = False  # Flink: from the newest checkpoint; with model_dir: its newest snapshot
+    device: str = "cpu"  # where tables and model live
+    progress: bool = True  # a progress bar on stderr
+    model_dir: Path | None = None  # publish snapshots and deltas here
+    store: str | None = None  # redis:// URI of the row store (overrides the spec's)
+
+    def __post_init__(self):
+        if (self.mode is Mode.LIVE) != (self.watch_interval_s is not None):
+            raise ValueError("live mode and a watch interval go together (--watch SECONDS)")
+        if self.stop_after_s is not None and self.mode is not Mode.LIVE:
+            raise ValueError("--stop-after needs --watch (it ends a live job)")
+
+    @property
+    def live(self) -> bool:
+        return self.mode is Mode.LIVE
+
+    @property
+    def streaming(self) -> bool:
+        """Replay or live: the streaming job, whose watermark closes windows as it goes."""
+        return self.mode is not Mode.BACKFILL
+
+    @property
+    def checkpoint_every_ms(self) -> int:
+        return round(self.checkpoint_every_s * 1000)
+
+    @property
+    def command(self) -> str:
+        return "run" if self.train else "join"
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, train: bool) -> "JobOptions":
+        """The options of a parsed ``join`` / ``backfill`` / ``run`` command line."""
+        watch = getattr(args, "watch", None)
+        mode = Mode.LIVE if watch is not None else Mode.REPLAY if getattr(args, "streaming", False) else Mode.BACKFILL
+        values = {field: getattr(args, dest) for dest, field in _DESTS.items() if hasattr(args, dest)}
+        values["progress"] = not getattr(args, "no_progress", False)
+        return cls(train=train, mode=mode, watch_interval_s=watch, **values)
+
+    def to_argv(self) -> list[str]:
+        """The command line that parses back to these options, paths made absolute (for a job
+        submitted to a cluster, which runs elsewhere). ``--flink-master`` is left out: the
+        submitted command runs on that cluster."""
+        argv = [self.command]
+        if self.spec is not None:
+            argv += ["--spec", str(Path(self.spec).resolve()) if Path(self.spec).is_file() else self.spec]
+        for dest, field in _DESTS.items():
+            value = getattr(self, field)
+            if field in ("spec", "flink_master") or value is None or value == _DEFAULTS[field]:
+                continue
+            if field not in _TRAIN_ONLY or self.train:
+                flag = "--" + dest.replace("_", "-")
+                argv += [flag] if value is True else [flag, str(value.resolve() if isinstance(value, Path) else value)]
+        if self.mode is Mode.REPLAY:
+            argv.append("--streaming")
+        if self.live:
+            argv += ["--watch", repr(self.watch_interval_s)]
+        if not self.progress and self.train:
+            argv.append("--no-progress")
+        return argv
+
+    def replace(self, **changes) -> "JobOptions":
+        return dataclasses.replace(self, **changes)
+
+
+# argparse dest -> JobOptions field, for every option the parser has beyond the mode flags
+# (--streaming, --watch, --no-progress); tests check that no parsed option is missing here.
+_DESTS = {"spec": "spec", "logs": "logs", "out": "out", "runner": "runner", "flink_master": "flink_master",
+          "checkpoint_every": "checkpoint_every_s", "parallelism": "parallelism",
+          "events_per_step": "events_per_step", "resume": "resume", "stop_after": "stop_after_s",
+          "device": "device", "model_dir": "model_dir", "store": "store"}
+_TRAIN_ONLY = {"device", "model_dir", "store"}
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(JobOptions)}
