@@ -40,6 +40,7 @@ from transforms.batch_join import join_tables, split_batch_by_shard, split_by_sh
 from transforms.examples import ExampleBuilder
 from transforms.join import JoinConfig, Joined, KeyJoin, KeyState
 from transforms.keys import join_key
+from transforms.shard_join import EntryList, ShardJoin
 
 DEAD = "dead_letters"
 NAMESPACE = "streamrec"
@@ -215,8 +216,9 @@ class SplitToShards(beam.DoFn):
 
 
 class JoinShardStreamDoFn(beam.DoFn):
-    """Streaming, in batches: per join-key shard, the columnar BatchJoiner held in Beam state
-    (with the open impressions' rows), one event-time timer for its next due time."""
+    """Streaming, in batches: per join-key shard, ``transforms.shard_join.ShardJoin`` with its
+    state and open impressions (the tables themselves) in one Beam state value, and one
+    event-time timer at its next due time."""
 
     STATE = ReadModifyWriteStateSpec("shard_join", PickleCoder())
     DUE = TimerSpec("due", TimeDomain.WATERMARK)
@@ -225,59 +227,34 @@ class JoinShardStreamDoFn(beam.DoFn):
         self.spec, self.emit_every_ms = spec, emit_every_ms
 
     def setup(self):
-        self.builder = ExampleBuilder(self.spec)
-        self.config = JoinConfig.from_spec(self.spec)
-        self.granularity = max(self.config.window_ms, self.emit_every_ms or 0)
+        self.join = ShardJoin(self.spec, self.emit_every_ms, load=lambda table: table)
 
-    def _new_state(self, impression_schema: pa.Schema) -> dict:
-        from transforms.batch_join import BatchJoiner
-
-        return {"joiner": BatchJoiner(self.config), "next_ref": 0,
-                "pending": impression_schema.append(pa.field("_ref", pa.int64())).empty_table()}
-
-    def _save(self, state_cell, timer, state):
-        """Persist the state; the timer goes to the next due time rounded up to a whole
-        ``granularity`` (the join window, or ``emit_every_ms`` if longer).
-
-        A firing at T advances the join to T, closing everything due by then: rounding bounds
-        the firings by (event-time span / granularity) - each costs a state round trip, and on
-        the DirectRunner a timer set behind the watermark waits for a round of its own - and
-        only delays emission (decisions are on event time, so the output is the same).
-        """
-        state_cell.write(state)
-        due = state["joiner"].next_due()
+    def _save(self, state_cell, timer, state, open_impressions) -> None:
+        state_cell.write((state, open_impressions))
+        due = self.join.next_timer(state)
         if due is None:
             timer.clear()
-        else:
-            step = self.granularity
-            timer.set(Timestamp(micros=(-(-due // step) * step) * 1000))
+        else:  # (on the DirectRunner a timer set behind the watermark waits for a round of its own)
+            timer.set(Timestamp(micros=due * 1000))
 
     def process(self, element, state_cell=beam.DoFn.StateParam(STATE), timer=beam.DoFn.TimerParam(DUE)):
-        import numpy as np
-
         _, (impressions, actions) = element
-        state = state_cell.read() or self._new_state(impressions.schema)
-        refs = np.arange(state["next_ref"], state["next_ref"] + impressions.num_rows)
-        state["next_ref"] += impressions.num_rows
-        state["pending"] = pa.concat_tables([state["pending"], impressions.append_column("_ref", pa.array(refs))])
-        _, letters = state["joiner"].add_tables(impressions, refs, actions)  # the watermark moves only by timer
-        self._save(state_cell, timer, state)
+        state, open_impressions = state_cell.read() or (self.join.new_state(), EntryList())
+        letters = self.join.add(state, open_impressions, impressions, impressions, actions)
+        self._save(state_cell, timer, state, open_impressions)
         yield from dead_letter_outputs(letters)
 
     @on_timer(DUE)
     def due(self, fired_at=beam.DoFn.TimestampParam, state_cell=beam.DoFn.StateParam(STATE),
             timer=beam.DoFn.TimerParam(DUE)):
-        state = state_cell.read()
-        if state is None:
+        if state_cell.read() is None:
             return
-        closed, letters = state["joiner"].advance(fired_at.micros // 1000)
+        state, open_impressions = state_cell.read()
+        table, letters = self.join.close_to(state, open_impressions, fired_at.micros // 1000)
         yield from dead_letter_outputs(letters)
-        if len(closed):
-            table, feature_letters, state["pending"] = self.builder.build_pending(state["pending"], closed)
-            yield from dead_letter_outputs(feature_letters)
-            if table.num_rows:
-                yield table
-        self._save(state_cell, timer, state)
+        if table is not None:
+            yield table
+        self._save(state_cell, timer, state, open_impressions)
 
 
 class StreamingJoin(beam.PTransform):

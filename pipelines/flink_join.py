@@ -16,7 +16,8 @@ Arrow tables themselves.
   naming new log files (``pipelines.log_announcer``), stamped with the wall clock;
   ``ReadAnnouncedLogs`` reads each announced file (bad records to dead letters) and splits it
   into shard records that carry the tables themselves (Arrow IPC);
-* ``key_by(shard)`` -> ``JoinShard`` (KeyedProcessFunction): the shard's ``BatchJoiner`` and its
+* ``key_by(shard)`` -> ``JoinShard`` (KeyedProcessFunction) around the engine-free
+  ``transforms.shard_join.ShardJoin`` (the Beam job's DoFn wires the same): its state and its
   open impressions' references (paths, or live their IPC bytes) in keyed state (freed as windows
   close), one event-time timer at the next due time rounded up to ``emit_every_ms`` (at least the
   join window); on a timer the impressions whose window the watermark has passed become Examples
@@ -34,8 +35,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 from pyflink.common import Types
 from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
@@ -44,6 +43,7 @@ from pipelines.busy_clock import BusyClock
 from pipelines.flink_records import dead_letter_records, shard_records
 from pipelines.tables import load_table, stage_examples
 from schemas.spec import FeatureSpec
+from transforms.shard_join import ShardJoin
 
 
 class ReadAnnouncedLogs(KeyedProcessFunction):
@@ -93,7 +93,10 @@ class ReadAnnouncedLogs(KeyedProcessFunction):
 
 
 class JoinShard(KeyedProcessFunction):
-    """Per join-key shard: the columnar join in keyed state, closed on event-time timers."""
+    """Per join-key shard: ``transforms.shard_join.ShardJoin`` in keyed state (the ``ShardState``
+    in one value; the open impressions' entries - paths, or live IPC bytes - in list state,
+    appended to without a read-modify-write: PyFlink moves state between the JVM and the Python
+    worker on every access), closed on event-time timers."""
 
     def __init__(self, spec: FeatureSpec, emit_every_ms: int | None, staging_dir: str, in_order: bool = False,
                  timing_dir: str | None = None):
@@ -101,103 +104,54 @@ class JoinShard(KeyedProcessFunction):
         self.in_order, self.timing_dir = in_order, timing_dir
 
     def open(self, runtime_context: RuntimeContext):
-        from transforms.examples import ExampleBuilder
-        from transforms.join import JoinConfig
-
-        # The joiner (open keys, times, held actions: numeric arrays) in one value; the open
-        # impressions as (first ref, rows, path or IPC bytes) entries appended to a list (no
-        # read-modify-write per batch: PyFlink moves state between the JVM and the Python worker
-        # on every access), pruned when all of an entry's rows have closed.
         self.state = runtime_context.get_state(ValueStateDescriptor("shard_join", Types.PICKLED_BYTE_ARRAY()))
-        self.pending = runtime_context.get_list_state(ListStateDescriptor("open_impressions", Types.PICKLED_BYTE_ARRAY()))
-        self.builder = ExampleBuilder(self.spec)
-        self.config = JoinConfig.from_spec(self.spec)
-        self.granularity = max(self.config.window_ms, self.emit_every_ms or 0)
+        self.open_impressions = runtime_context.get_list_state(
+            ListStateDescriptor("open_impressions", Types.PICKLED_BYTE_ARRAY()))
+        self.join = ShardJoin(self.spec, self.emit_every_ms, load=load_table)
         self.clock = BusyClock("join", self.timing_dir)
 
     def close(self):
         self.clock.write()
 
-    def _new_state(self, impression_schema: pa.Schema) -> dict:
-        from transforms.batch_join import BatchJoiner
-
-        return {"joiner": BatchJoiner(self.config), "next_ref": 0, "timer": None}
-
-    def _save(self, ctx, state) -> None:
-        due = state["joiner"].next_due()
-        if due is not None and (state["timer"] is None or due < state["timer"]):
-            step = self.granularity
-            state["timer"] = -(-due // step) * step
-            ctx.timer_service().register_event_time_timer(state["timer"])
-        self.state.update(state)
-
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         with self.clock:
-            return self._add(value, ctx)
+            _, impressions_ref, actions_ref = value
+            state = self.state.value() or self.join.new_state()
+            out = dead_letter_records(self.join.add(state, self.open_impressions, load_table(impressions_ref),
+                                                    impressions_ref, load_table(actions_ref)))
+            # In order (the replay): a record stamped T says every event before T has come, as the
+            # watermark T - 1 will - but PyFlink holds watermarks back until the upstream Python
+            # operator's bundle ends, and a replay's whole batch list can be one bundle: without
+            # this the join would hold every impression open until the end. So close what is due.
+            if self.in_order and state.timer_ms is not None and state.timer_ms < ctx.timestamp():
+                ctx.timer_service().delete_event_time_timer(state.timer_ms)
+                return out + self._close_to(state, ctx.timestamp() - 1, ctx)
+            self._save(ctx, state)
+            return out
 
     def on_timer(self, timestamp: int, ctx: KeyedProcessFunction.OnTimerContext):
+        # Close all the watermark has passed, not only what was due at this timer: a timer Python
+        # registers while the JVM's watermark is already past it would fire only at the next
+        # watermark, and its Examples would reach the trainer behind it.
         with self.clock:
-            return self._close(timestamp, ctx)
+            state = self.state.value()
+            return [] if state is None else self._close_to(state, timestamp, ctx)
 
-    def _add(self, value, ctx) -> list:
-        _, impressions_ref, actions_ref = value
-        impressions, actions = load_table(impressions_ref), load_table(actions_ref)
-        state = self.state.value() or self._new_state(impressions.schema)
-        first = state["next_ref"]
-        state["next_ref"] += impressions.num_rows
-        if impressions.num_rows:
-            # the reference as it came (a path, or live the IPC bytes) and the refs it numbers
-            self.pending.add((first, impressions.num_rows, impressions_ref))
-        refs = np.arange(first, first + impressions.num_rows)
-        _, letters = state["joiner"].add_tables(impressions, refs, actions)  # the watermark moves only by timer
-        out = dead_letter_records(letters)
-        # In order (the replay): a record stamped T says every event before T has come, as the
-        # watermark T - 1 will - but PyFlink holds watermarks back until the upstream Python
-        # operator's bundle ends, and a replay's whole batch list can be one bundle: without this
-        # the join would hold every impression open until the end (state and per-batch work
-        # growing with the log). So close what is due now, as that timer would.
-        if self.in_order and state["timer"] is not None and state["timer"] < ctx.timestamp():
-            ctx.timer_service().delete_event_time_timer(state["timer"])
-            return out + self._close_to(state, ctx.timestamp() - 1, ctx)
-        self._save(ctx, state)
-        return out
-
-    def _close(self, timestamp: int, ctx) -> list:
-        state = self.state.value()
-        if state is None:
-            return []
-        # Close everything the watermark has passed, not only what was due at this timer: a timer
-        # that Python registers while the JVM's watermark is already past it (its registration
-        # comes back after the JVM fired the timers due) would fire only at the next watermark,
-        # and its Examples would reach the trainer behind the watermark it had already passed.
-        # Closing up to the watermark leaves no due time behind it. (At the final watermark this
-        # closes everything; labels do not depend on when a window is closed.)
-        return self._close_to(state, timestamp, ctx)
-
-    def _close_to(self, state: dict, watermark: int, ctx) -> list:
+    def _close_to(self, state, watermark: int, ctx) -> list:
+        state.timer_ms = None
         watermark = max(watermark, ctx.timer_service().current_watermark())
-        closed, letters = state["joiner"].advance(watermark)
-        state["timer"] = None
-        out = dead_letter_records(letters)
-        if len(closed):
-            entries = list(self.pending.get())
-            pending = pa.concat_tables([load_table(ref).append_column("_ref", pa.array(np.arange(first, first + rows)))
-                                        for first, rows, ref in entries])
-            table, feature_letters, rest = self.builder.build_pending(pending, closed)
-            # keep the entries with a row still open - a ref in [first, first + rows) - (their closed
-            # rows are never asked for again)
-            open_refs = rest.column("_ref").to_numpy()  # ascending: entries come in ref order
-            firsts = np.array([first for first, _, _ in entries])
-            ends = firsts + np.array([rows for _, rows, _ in entries])
-            still_open = np.searchsorted(open_refs, ends) > np.searchsorted(open_refs, firsts)
-            if not still_open.all():
-                self.pending.update([entry for entry, keep in zip(entries, still_open) if keep])
-            out += dead_letter_records(feature_letters)
-            if table.num_rows:
-                out.append(stage_examples(table, self.staging_dir))
-        if state["joiner"].next_due() is None:
-            self.state.clear()  # nothing open in this shard: free its state
-            self.pending.clear()
+        table, letters = self.join.close_to(state, self.open_impressions, watermark)
+        out = dead_letter_records(letters) + ([] if table is None else [stage_examples(table, self.staging_dir)])
+        if state.idle:  # nothing open in this shard: free its state
+            self.state.clear()
+            self.open_impressions.clear()
         else:
             self._save(ctx, state)
         return out
+
+    def _save(self, ctx, state) -> None:
+        due = self.join.next_timer(state)
+        if due is not None and (state.timer_ms is None or due < state.timer_ms):
+            state.timer_ms = due
+            ctx.timer_service().register_event_time_timer(due)
+        self.state.update(state)

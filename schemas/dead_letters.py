@@ -9,7 +9,7 @@ import json
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -44,10 +44,6 @@ class DeadLetterSink:
         self.counts[letter.reason] += 1
         if self.keep is None or len(self.letters) < self.keep:
             self.letters.append(letter)
-
-    def extend(self, letters: Iterable[DeadLetter]) -> None:
-        for letter in letters:
-            self.add(letter)
 
     @property
     def total(self) -> int:

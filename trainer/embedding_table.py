@@ -138,6 +138,10 @@ class RowBatch:
 class RowStore(Protocol):
     """A backing store of rows by fid (host memory, Redis, ...)."""
 
+    #: Whether the store outlives the trainer's process (Redis): then it has identity ``tokens``,
+    #: ``check_identity`` and the trainer's position (``trained_mark``; ``trainer.redis_store``).
+    persistent: bool
+
     def get_rows(self, fids: torch.Tensor) -> tuple[torch.Tensor, RowBatch]:
         """(found mask over ``fids``, the found rows in the order of ``fids[found]``)."""
 
@@ -146,6 +150,12 @@ class RowStore(Protocol):
 
     def delete(self, fids: torch.Tensor) -> None:
         """Remove rows; unknown fids are ignored."""
+
+    def expire_fids(self, data_time_ms: int) -> torch.Tensor:
+        """Remove the rows expired at ``data_time_ms`` (each slot's ``expire_after``); their fids."""
+
+    def flush(self) -> None:
+        """Return once every write so far is stored (a write-behind store acknowledges later)."""
 
 
 @dataclass
@@ -634,7 +644,7 @@ class EmbeddingTable:
         """
         now = self.data_time_ms if data_time_ms is None else data_time_ms
         expired = self.expire_fids(now)
-        if self.store is not None and hasattr(self.store, "expire_fids"):
+        if self.store is not None:
             # a written-back row expires in both tiers: count it once
             expired = torch.unique(torch.cat([expired, self.store.expire_fids(now).to(self.device)]))
         self._record_removed(expired)
@@ -690,8 +700,7 @@ class EmbeddingTable:
     def _store_rows(self, batch: RowBatch) -> None:
         """Put rows to the store and wait until it has them (a write-behind store acknowledges later)."""
         self.store.put_rows(batch)
-        if hasattr(self.store, "flush"):
-            self.store.flush()
+        self.store.flush()
 
     def reset_delta(self) -> None:
         """Start the next delta here (e.g. after a full snapshot, which holds every row); with a
@@ -703,12 +712,6 @@ class EmbeddingTable:
         self.touched.zero_()
         self.evicted_touched, self.removed_fids = [], []
 
-    def rows_of(self, fids: torch.Tensor) -> RowBatch:
-        """Full rows (embedding, state, time, count) of fids present here, in the order found."""
-        rows = self.lookup(fids)
-        present = rows >= 0
-        return self._read_rows(rows[present], fids.to(self.device)[present])
-
     def all_rows(self) -> RowBatch:
         """Every live row, ordered by fid."""
         _, keys, rows = self._live()
@@ -716,6 +719,11 @@ class EmbeddingTable:
         return self._read_rows(rows[order], keys[order])
 
     # RowStore protocol: a table on host memory is the default backing store of a bounded one.
+
+    persistent = False  # (it ends with the process)
+
+    def flush(self) -> None:
+        """Writes to a table are done when ``put_rows`` returns."""
 
     def get_rows(self, fids: torch.Tensor) -> tuple[torch.Tensor, RowBatch]:
         rows = self.lookup(fids)

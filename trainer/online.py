@@ -469,7 +469,8 @@ class OnlineTrainer:
                 "metrics": self._metrics.state_dict(), "window_metrics": self.window_metrics.state_dict(),
                 "batches": self.batches, "data_time_ms": self.data_time_ms, "last_expiry_ms": self.last_expiry_ms,
                 "unknown_slot_fids": self.unknown_slot_fids,
-                "store_tokens": [list(getattr(group.table.store, "tokens", [])) for group in self.groups]}
+                "store_tokens": [list(group.table.store.tokens) if _persistent(group.table.store) else []
+                                 for group in self.groups]}
 
     def load_training_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
@@ -482,5 +483,10 @@ class OnlineTrainer:
             setattr(self, key, state[key])
         if not self.serving:  # the rows the snapshot's cache lacks must still be in the same store
             for index, (group, tokens) in enumerate(zip(self.groups, state.get("store_tokens", []))):
-                if hasattr(group.table.store, "check_identity"):
+                if _persistent(group.table.store):
                     group.table.store.check_identity(tokens, f"the snapshot's table {index}")
+
+
+def _persistent(store) -> bool:
+    """A table's backing store outlives this process (it has identity tokens and a position)."""
+    return store is not None and store.persistent

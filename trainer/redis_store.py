@@ -135,10 +135,6 @@ class RedisStoreConfig:
             raise ValueError(f"store: bad parameter in {uri!r}: {exc}") from None
 
 
-def is_store_uri(uri: str | None) -> bool:
-    return uri is not None and uri.split("://", 1)[0] in ("redis", "redis+cluster")
-
-
 class HashRing:
     """Consistent hashing of fids onto servers (``VNODES`` points per server)."""
 
@@ -161,6 +157,8 @@ class HashRing:
 
 class RedisStore:
     """``RowStore`` on one or more Redis servers (or a Redis Cluster) for one table's rows."""
+
+    persistent = True  # rows outlive the trainer: marker tokens and the trained mark say whose they are
 
     def __init__(self, config: RedisStoreConfig, table: TableConfig, name: str = "table", writer: bool = True):
         """``writer``: this store writes rows (a trainer) - it sets and checks the marker keys;

@@ -69,7 +69,8 @@ class RunningTrainer:
                 log(f"resumed from snapshot version {entry['version']}: {self.position.examples} examples trained "
                     f"up to impression time {self.position.impression_time_ms}")
             self.publisher = Publisher(self.trainer, publishing.model_dir, clock=publishing.clock)
-        self.stores = [group.table.store for group in self.trainer.groups if hasattr(group.table.store, "trained_mark")]
+        self.stores = [group.table.store for group in self.trainer.groups
+                       if group.table.store is not None and group.table.store.persistent]
         if self.resumed_at is not None and self.stores:
             # Rows written to the external store after the snapshot had learned the examples the
             # killed run trained past it: those are re-trained now, but scoring them again would

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from schemas.spec import OptimizerKind, OptimizerSpec
+from schemas.spec import STATE_FLOATS_PER_DIM, OptimizerKind, OptimizerSpec
 
 FTRL_BETA = 1.0
 
@@ -32,8 +32,8 @@ class SparseOptimizer:
 
     @staticmethod
     def state_width(kind: OptimizerKind, dim: int) -> int:
-        return {OptimizerKind.SGD: 0, OptimizerKind.ADAGRAD: dim, OptimizerKind.ADAM: 2 * dim,
-                OptimizerKind.FTRL: 2 * dim}[kind]
+        """State floats per row: ``dim`` times the spec's ``STATE_FLOATS_PER_DIM`` of the kind."""
+        return STATE_FLOATS_PER_DIM[kind] * dim
 
     @property
     def state_init(self) -> float:

@@ -18,7 +18,6 @@ True
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pyarrow as pa
@@ -41,11 +40,6 @@ def stable_uniform(seed: int, request_id: str, item_id: str) -> float:
 def corrected_probability(p_sampled: float, rate: float) -> float:
     """Undo negative sampling at rate r: p = p' / (p' + (1 - p') / r)."""
     return p_sampled / (p_sampled + (1.0 - p_sampled) / rate)
-
-
-def logit_offset(rate: float) -> float:
-    """What training subtracts from the logit of an example kept at ``rate``: log(rate)."""
-    return math.log(rate)
 
 
 class NegativeSampler:
