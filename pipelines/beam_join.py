@@ -2,13 +2,15 @@
 
 Each stage is a small composite transform around the pure logic of ``transforms/``:
 
-* record level - ``JoinSampleExtract`` for any PCollection of ("impression" | "action", record),
-  e.g. from a Kafka source: ``JoinImpressionsWithActions``, a stateful DoFn keyed by
-  (request_id, item_id) that drives ``transforms.join.KeyJoin`` with one event-time timer per
-  key and clears its state when done, then ``ToExamples`` (batches -> ``ExampleBuilder``);
+* record level, the reference - ``JoinSampleExtract`` for any PCollection of ("impression" |
+  "action", record): ``JoinImpressionsWithActions``, a stateful DoFn keyed by (request_id,
+  item_id) that drives the per-key state machine ``transforms.join.KeyJoin`` with one event-time
+  timer per key, then ``ToExamples`` (batches -> ``ExampleBuilder.build``). No command runs it:
+  it is the plain per-record form of the join: ``tests/test_join.py`` holds the columnar join to
+  ``KeyJoin``'s decisions, and ``tests/test_beam_join.py`` runs this DoFn on hand-driven watermarks;
 * streaming in micro-batches (what ``streamrec join --streaming`` runs) - ``StreamingJoin``:
-  (impressions table, actions table) batches split by join-key shard, the columnar join of
-  ``transforms.batch_join`` held per shard in Beam state with one event-time timer;
+  (impressions table, actions table) batches split by join-key shard, the engine-free
+  ``transforms.shard_join.ShardJoin`` held per shard in Beam state with one event-time timer;
 * backfill - ``BackfillJoin``: log files -> Arrow tables split into join-key shards
   (``ReadLogTableShards``) -> a GroupByKey -> ``JoinShardDoFn``, the columnar join of
   ``transforms.batch_join`` in event-time micro-batches, then ``ExampleBuilder`` on columns.
