@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from trainer.embedding_table import EmbeddingTable, SlotPolicy, TableConfig
+from trainer.embedding_table import EmbeddingTable
+from trainer.table_config import SlotPolicy, TableConfig
 
 NUM_SLOTS = 26
 DIM = 16

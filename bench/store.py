@@ -27,7 +27,9 @@ import numpy as np
 import torch
 
 from runners.redis_server import RedisServer
-from trainer.embedding_table import EmbeddingTable, RowBatch, TableConfig
+from trainer.embedding_table import EmbeddingTable
+from trainer.rows import RowBatch
+from trainer.table_config import TableConfig
 from trainer.redis_store import RedisStore, RedisStoreConfig
 
 DIM = 16

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from schemas.spec import OptimizerKind, OptimizerSpec
-from trainer.embedding_table import EmbeddingTable, SlotPolicy, TableConfig
+from trainer.embedding_table import EmbeddingTable
+from trainer.table_config import SlotPolicy, TableConfig
 from trainer.sparse_optimizers import SparseOptimizer
 from trainer.table_snapshot import load_table, save_table
 

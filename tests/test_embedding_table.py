@@ -4,7 +4,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from runners.cli import main
-from trainer.embedding_table import EmbeddingTable, RowBatch, SlotPolicy, TableConfig
+from trainer.embedding_table import EmbeddingTable
+from trainer.rows import RowBatch
+from trainer.table_config import SlotPolicy, TableConfig
 from trainer.frequency_filter import CountMinSketch, false_admit_bound
 from trainer.table_snapshot import load_table, save_table, snapshot_stats
 
@@ -55,7 +57,7 @@ def test_growth_keeps_every_fid_and_never_shares_a_row():
     table = EmbeddingTable(small_config())
     fids = torch.randperm(1 << 20)[:20_000] | (SLOT_A << 48)
     rows = torch.cat([table.lookup_or_insert(part, 5) for part in fids.split(500)])
-    assert table.stats["grows"] > 3 and len(table) == 20_000
+    assert table.index.stats["grows"] > 3 and len(table) == 20_000
     assert len(torch.unique(rows)) == 20_000
     assert torch.equal(table.lookup(fids), rows)
     assert bool((table.lookup(fids + (1 << 21)) == -1).all())
@@ -294,7 +296,7 @@ def test_stashed_fids_are_found_removed_and_survive_growth():
                                        stash_after_rounds=0))
     first = torch.tensor([fid(SLOT_A, v) for v in range(40)])
     rows = table.lookup_or_insert(first, 0)
-    assert table.stats["stashed"] > 0 and table.stats["grows"] == 1  # 40 keys: 16 slots grow, the rest stash
+    assert table.index.stats["stashed"] > 0 and table.index.stats["grows"] == 1  # 40 keys: 16 slots grow, the rest stash
     table.embeddings[rows, 0] = first.float()
     assert torch.equal(table.lookup(first), rows)
     removed = first[::3]

@@ -11,7 +11,7 @@ import pytest
 from runners.redis_server import RedisServer, redis_server_binary
 from tests.test_embedding_table import SLOT_A, fid
 from tests.test_redis_store import rows_for, store_uri
-from trainer.embedding_table import TableConfig
+from trainer.table_config import TableConfig
 from trainer.redis_store import RedisStore, RedisStoreConfig, StoreLost, StoreUnavailable
 
 try:

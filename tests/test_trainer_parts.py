@@ -8,7 +8,8 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from schemas.spec import OptimizerKind, OptimizerSpec
 from trainer.cowclip import cowclip
-from trainer.embedding_table import EmbeddingTable, TableConfig
+from trainer.embedding_table import EmbeddingTable
+from trainer.table_config import TableConfig
 from trainer.metrics import ProgressiveMetrics
 from trainer.sparse_optimizers import SparseOptimizer
 

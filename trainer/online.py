@@ -33,7 +33,8 @@ import torch
 from schemas.fids import HASH_BITS, MAX_SLOT_ID
 from schemas.spec import FeatureSpec, OptimizerKind, OptimizerSpec
 from trainer.cowclip import cowclip
-from trainer.embedding_table import EmbeddingTable, TableConfig
+from trainer.embedding_table import EmbeddingTable
+from trainer.table_config import TableConfig
 from trainer.in_batch import NEWTON_STEPS, SequentialRows, sequential_logits
 from trainer.metrics import ProgressiveMetrics, WindowedMetrics
 from trainer.models import CTRModel

@@ -45,7 +45,7 @@ from schemas.events import END_OF_TIME_MS
 from schemas.logs import atomic_write
 from schemas.spec import FeatureSpec
 from schemas.spec_json import SpecJsonError, spec_from_json, spec_to_json
-from trainer.embedding_table import RowBatch
+from trainer.rows import RowBatch
 from trainer.table_snapshot import load_table, save_table
 
 MANIFEST = "manifest.json"

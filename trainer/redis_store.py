@@ -58,7 +58,8 @@ import numpy as np
 import torch
 
 from schemas.fids import HASH_BITS
-from trainer.embedding_table import NEVER, RowBatch, TableConfig
+from trainer.rows import RowBatch
+from trainer.table_config import NEVER, TableConfig
 from trainer.hashing import mix64
 
 VNODES = 160  # ring points per server

@@ -19,7 +19,9 @@ import torch
 
 from schemas.logs import atomic_write
 from schemas.spec import InitializerKind
-from trainer.embedding_table import EmbeddingTable, RowBatch, RowStore, SlotPolicy, TableConfig
+from trainer.embedding_table import EmbeddingTable
+from trainer.rows import RowBatch, RowStore
+from trainer.table_config import SlotPolicy, TableConfig
 
 FORMAT = "streamrec.table.v1"
 CHUNK_ROWS = 1 << 20
