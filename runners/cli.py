@@ -140,15 +140,6 @@ def _examples_summary(out_dir: Path, spec) -> dict:
     return {"examples": examples, "positives": positives}
 
 
-def _flink_submit(options: JobOptions) -> int | None:
-    """With ``--flink-master``: the same command through ``flink run`` on that cluster."""
-    if options.runner != "flink" or not options.flink_master:
-        return None
-    from runners.flink_runner import submit
-
-    return submit(options.flink_master, options.to_argv())
-
-
 def _check_logs(spec, options: JobOptions) -> None:
     """Missing logs or logs of another spec are refused before a job starts."""
     from schemas.events import load_schema
@@ -160,12 +151,15 @@ def _check_logs(spec, options: JobOptions) -> None:
     check_log_dir(options.logs, schemas, live=options.live, used={"impressions": read & fields})
 
 
-def _run_job(spec, options: JobOptions) -> dict:
-    """The job on the runner the options name: check the logs, then submit to a cluster or run here."""
-    _check_logs(spec, options)
-    submitted = _flink_submit(options)
-    if submitted is not None:
-        return {"submitted": submitted}
+def _submit(options: JobOptions) -> int:
+    """The same command through ``flink run`` on the cluster of ``--flink-master``; its exit code."""
+    from runners.flink_runner import submit
+
+    return submit(options.flink_master, options.to_argv())
+
+
+def _run_here(spec, options: JobOptions) -> dict:
+    """The job on the runner the options name, in this process; its summary."""
     if options.runner == "flink":
         from runners.flink_runner import run_flink_job
 
@@ -182,9 +176,10 @@ def cmd_join(args: argparse.Namespace) -> int:
 
     options = JobOptions.from_args(args, train=False)
     spec = load_spec(options.spec)
-    summary = _run_job(spec, options)
-    if "submitted" in summary:
-        return summary["submitted"]
+    _check_logs(spec, options)
+    if options.on_cluster:
+        return _submit(options)
+    summary = _run_here(spec, options)
     summary.update(_examples_summary(options.out, spec))
     from schemas.logs import read_manifest
 
@@ -219,9 +214,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         RedisStoreConfig.from_uri(options.store)  # a bad URI fails here, naming the parameter
         spec = dataclasses.replace(spec, store=options.store)
-    summary = _run_job(spec, options)
-    if "submitted" in summary:
-        return summary["submitted"]
+    _check_logs(spec, options)
+    if options.on_cluster:
+        return _submit(options)
+    summary = _run_here(spec, options)
     print(f"trained on {summary.get('examples', 0)} examples: progressive AUC {summary.get('auc')}, "
           f"logloss {summary.get('logloss')}, calibration {summary.get('calibration')}; "
           f"{summary.get('examples_per_s')} examples/s; dead letters {summary['dead_letters'] or 'none'}; "

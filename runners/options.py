@@ -57,6 +57,11 @@ class JobOptions:
         return self.mode is not Mode.BACKFILL
 
     @property
+    def on_cluster(self) -> bool:
+        """Submitted through ``flink run`` to the cluster of ``--flink-master``, not run here."""
+        return self.runner == "flink" and bool(self.flink_master)
+
+    @property
     def checkpoint_every_ms(self) -> int:
         return round(self.checkpoint_every_s * 1000)
 

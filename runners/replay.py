@@ -17,9 +17,8 @@ import pyarrow as pa
 from pipelines.tables import load_spilled, spill_table
 from schemas.dead_letters import DeadLetterSink
 from schemas.durations import format_duration_ms
-from schemas.events import load_schema
-from schemas.logs import read_log_tables
 from schemas.spec import FeatureSpec
+from transforms.log_examples import read_events
 
 
 def load_replay_batch(paths: tuple[str, str]) -> tuple[pa.Table, pa.Table]:
@@ -44,11 +43,7 @@ def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, even
     carry only paths, and each shard's join reads its own rows."""
     from transforms.batch_join import split_batch_by_shard
 
-    sink = dead_letters if dead_letters is not None else DeadLetterSink(keep=None)
-    impressions, actions = (read_log_tables(log_dir, kind, load_schema(schema), sink, spec.events.time_range_ms)
-                            .sort_by("event_time_ms")
-                            for kind, schema in (("impressions", spec.events.impression),
-                                                 ("actions", spec.events.action)))
+    impressions, actions = (table.sort_by("event_time_ms") for table in read_events(spec, log_dir, dead_letters))
     times = np.concatenate([impressions.column("event_time_ms").to_numpy(), actions.column("event_time_ms").to_numpy()])
     times.sort()
     impression_times = impressions.column("event_time_ms").to_numpy()

@@ -422,10 +422,11 @@ def _time_range_text(time_range_ms: TimeRange) -> str:
     return f"[{time_range_ms[0]}, {time_range_ms[1]}) ms ({start} to {end} UTC)"
 
 
-def _parquet_table(path: Path, schema: dict,
-                   time_range_ms: TimeRange = EVENT_TIME_RANGE_MS) -> tuple[pa.Table, np.ndarray]:
+def _parquet_table(path: Path, schema: dict, time_range_ms: TimeRange | None = EVENT_TIME_RANGE_MS
+                   ) -> tuple[pa.Table, np.ndarray]:
     """A Parquet log fitted to ``schema`` (defaults filled, types cast) and the rows that are bad:
-    a required field null, or the event time outside ``time_range_ms`` (as a bool mask)."""
+    a required field null, or the event time outside ``time_range_ms`` (as a bool mask; None:
+    times are not checked here)."""
     table = pq.read_table(path)
     want = arrow_schema(schema)
     fill = defaults(schema)
@@ -446,7 +447,7 @@ def _parquet_table(path: Path, schema: dict,
         columns.append(column)
     fitted = pa.table(columns, schema=want)
     bad = np.zeros(table.num_rows, dtype=bool)
-    if "event_time_ms" in fitted.column_names:
+    if time_range_ms is not None and "event_time_ms" in fitted.column_names:
         times = fitted.column("event_time_ms").to_numpy(zero_copy_only=False)
         with np.errstate(invalid="ignore"):
             bad |= ~((times >= time_range_ms[0]) & (times < time_range_ms[1]))
@@ -457,7 +458,7 @@ def _parquet_table(path: Path, schema: dict,
 
 
 def _iter_parquet(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, str | None]]:
-    table, bad = _parquet_table(path, schema, (-(1 << 63), (1 << 63) - 1))  # (times: read_log_file checks them)
+    table, bad = _parquet_table(path, schema, time_range_ms=None)  # (times: read_log_file checks them)
     required = [f["name"] for f in schema["fields"] if not base_type(f["type"])[1]]
     for index, row in enumerate(table.to_pylist()):
         nulls = [name for name in required if row[name] is None] if bad[index] else []
