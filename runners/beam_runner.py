@@ -25,8 +25,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from apache_beam.testing.test_stream import TestStream
 from apache_beam.utils.timestamp import Timestamp
 
-from pipelines.beam_join import (DEAD, BackfillJoin, StreamingJoin, WatchLogDirectory, WriteBundles,
-                                 log_file_names)
+from pipelines.beam_io import DEAD, WatchLogDirectory, WriteBundles, log_file_names
+from pipelines.beam_join import BackfillJoin, StreamingJoin
 from pipelines.beam_train import SUMMARY, TrainExamples, release_trainers
 from schemas.dead_letters import DeadLetterSink
 from runners.replay import OUTPUTS, count_dead_letters, finish_metrics, fresh_output_dirs, load_replay_batch, replay_batches
