@@ -16,7 +16,7 @@ import pyarrow as pa
 from sklearn.metrics import roc_auc_score
 
 from schemas.fids import HASH_BITS
-from trainer.online import target_labels
+from trainer.ranking_model import target_labels
 
 VW_ARGUMENTS = "--loss_function logistic --quiet -b 18"
 

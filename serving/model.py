@@ -1,8 +1,8 @@
 """The serving model: the newest snapshot plus the deltas after it, applied in version order.
 
 Serving tables hold the embedding and wide weight of each fid only (no optimizer state; fp16 on
-request). Prediction runs the trainer's own forward pass (``OnlineTrainer`` in serving mode) on
-the features that the trainer's ``FeatureExtractor`` makes from raw impressions, so a served
+request). Prediction runs the trainer's own model (``trainer.ranking_model.RankingModel``, with
+tables that hold no optimizer state) on the features that the trainer's ``FeatureExtractor`` makes from raw impressions, so a served
 probability is the trainer's: ``sigmoid(logit)``, the logit already calibrated to unsampled
 traffic by the log-odds correction in training.
 
@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import torch
 
 from trainer.embedding_table import EmbeddingTable
-from trainer.online import OnlineTrainer
+from trainer.ranking_model import RankingModel, table_configs
 from trainer.publish import (ModelDirError, load_tensors, newest_snapshot, read_manifest, read_spec,
                              read_sparse_delta, verify)
 from trainer.table_snapshot import read_rows
@@ -48,7 +48,7 @@ class ServingModel:
         self.read_through_rows = 0
         self.extractor = FeatureExtractor(self.spec)
         self.schema = load_schema(self.spec.events.impression)  # requests are checked as log records
-        self.model: OnlineTrainer | None = None
+        self.model: RankingModel | None = None
         self.version = 0
         self.data_time_ms = 0
         self.applied: list[int] = []
@@ -116,9 +116,8 @@ class ServingModel:
         from trainer.redis_store import RedisStore, RedisStoreConfig
 
         config = RedisStoreConfig.from_uri(uri)
-        trainer_shape = OnlineTrainer(self.spec)
-        return [RedisStore(config, group.table.config, name=f"{self.spec.name}:g{index}", writer=False)
-                for index, group in enumerate(trainer_shape.groups)]
+        return [RedisStore(config, table, name=f"{self.spec.name}:g{index}", writer=False)
+                for index, table in enumerate(table_configs(self.spec, optimizer_state=True))]
 
     def _read_through(self, fids: pa.ListArray) -> None:
         """Fetch the request's fids that no version has given us from the store (under the lock)."""
@@ -131,26 +130,20 @@ class ServingModel:
                 continue
             found, rows = store.get_rows(missing)
             if len(rows):
-                rows.state = torch.zeros(len(rows), 0)
-                group.table.put_rows(rows)
+                group.table.put_rows(rows.without_state())
                 self.read_through_rows += len(rows)
-
-    def _new_model(self) -> OnlineTrainer:
-        return OnlineTrainer(self.spec, device=self.device, serving=True)
 
     def _load_snapshot(self, entry: dict) -> None:
         verify(self.dir, entry)
-        model = self._new_model()
+        model = RankingModel(self.spec, self.device, optimizer_state=False,
+                             embedding_dtype="float16" if self.fp16 else "float32")
         for index, group in enumerate(model.groups):
             rows, _, _ = read_rows(self.dir / entry["path"] / f"table-{index}.arrow", with_state=False)
             group.table.put_rows(rows)
         state = load_tensors(self.dir / entry["path"] / "state.pt", f"version {entry['version']} (snapshot)",
                              self.device)
-        model.model.load_state_dict(state["model"])
-        model.model.eval()
-        if self.fp16:
-            for group in model.groups:
-                group.table.embeddings = group.table.embeddings.half()
+        model.net.load_state_dict(state["model"])
+        model.net.eval()
         with self.lock:
             self.model = model
             self._applied(entry)
@@ -163,7 +156,7 @@ class ServingModel:
         if entry["kind"] == "dense":
             weights = load_tensors(path, f"version {entry['version']} (dense weights)", self.device)
             with self.lock:
-                self.model.model.load_state_dict(weights)
+                self.model.net.load_state_dict(weights)
                 self._applied(entry)
             return
         groups = read_sparse_delta(path)

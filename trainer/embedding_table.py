@@ -39,7 +39,7 @@ class EmbeddingTable:
                                  growth=config.growth, max_kick_rounds=config.max_kick_rounds,
                                  stash_after_rounds=config.stash_after_rounds, device=self.device)
         rows = max(1, config.initial_rows if config.max_rows is None else min(config.initial_rows, config.max_rows))
-        self.embeddings = torch.zeros(rows, self.dim, device=self.device)
+        self.embeddings = torch.zeros(rows, self.dim, dtype=getattr(torch, config.embedding_dtype), device=self.device)
         self.state = torch.zeros(rows, self.state_width, device=self.device)
         self.last_seen_ms = torch.zeros(rows, dtype=torch.int64, device=self.device)
         self.counts = torch.zeros(rows, dtype=torch.int32, device=self.device)
@@ -251,7 +251,7 @@ class EmbeddingTable:
         if n_new:
             new_fids = fids[new_mask]
             new_rows = self._allocate_rows(n_new)
-            self.embeddings[new_rows] = self._initial_embeddings(new_fids)
+            self.embeddings[new_rows] = self._initial_embeddings(new_fids).to(self.embeddings.dtype)
             self.state[new_rows] = self.config.state_init
             self.last_seen_ms[new_rows] = times[new_mask]
             self.counts[new_rows] = 0

@@ -17,28 +17,23 @@ and the dense optimizer. Progressive validation: the metrics record each example
 it is trained on (with sequential updates, after the batch's earlier examples), negatives
 weighted 1/r. Expiry sweeps run on data time.
 
-Slots are grouped by optimizer; each group has one table whose rows hold the deep embedding
-(``dim`` floats) and the fid's wide weight (one more float), so one index lookup serves both.
-The optimizers are element-wise, so the two share a row; CowClip clips the deep part only.
+The tables, their slot groups and the forward pass are ``trainer.ranking_model.RankingModel``
+(serving holds the same model); CowClip clips the deep part of a row only, never the wide weight.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from schemas.fids import HASH_BITS, MAX_SLOT_ID
 from schemas.spec import FeatureSpec, OptimizerKind, OptimizerSpec
 from trainer.cowclip import cowclip
 from trainer.embedding_table import EmbeddingTable
-from trainer.table_config import TableConfig
 from trainer.in_batch import NEWTON_STEPS, SequentialRows, sequential_logits
 from trainer.metrics import ProgressiveMetrics, WindowedMetrics
-from trainer.models import CTRModel
-from trainer.sparse_optimizers import SparseOptimizer
+from trainer.ranking_model import GroupFids, PreparedExamples, RankingModel, ResolvedWindow, TableGroup
 
 #: Expiry sweeps (each scans a table) run every hour of data time, or every 1/100 of the shortest
 #: ``expire_after`` if longer: a row lives at most 1 % (or an hour) past its expiry.
@@ -51,77 +46,15 @@ RESOLVE_AHEAD_OCCURRENCES = 16_384
 
 
 @dataclass
-class _ResolvedWindow:
-    """Rows of one table's fids for a window of coming occurrences, found in one search; valid
-    until the table frees rows (expiry, eviction: ``rows_freed`` changes)."""
-
-    start: int  # the window: occurrences start:stop of the group
-    stop: int
-    fids: torch.Tensor  # [distinct] the window's distinct fids, sorted
-    inverse: torch.Tensor  # [stop - start] index into fids
-    rows: torch.Tensor  # [distinct] their rows; -1 while not in the table
-    rows_freed: int  # the table's rows_freed when searched
-
-
-@dataclass
-class _GroupFids:
-    """The fids of one table's slots in a prepared Example table, in example order."""
-
-    fids: torch.Tensor  # [occurrences] int64
-    example: torch.Tensor  # [occurrences] the example each occurrence belongs to
-    target: torch.Tensor  # [occurrences] example * slots + the slot's position: its pooled row
-    times: torch.Tensor  # [occurrences] the example's impression time (ms)
-    bounds: np.ndarray  # [examples + 1]: example i's occurrences are bounds[i]:bounds[i + 1]
-    resolved: _ResolvedWindow | None = None
-
-
-@dataclass
-class PreparedExamples:
-    """An Example table's columns as arrays, converted once and then trained on in slices: a
-    slice of examples is a slice of each group's occurrences, with no per-batch conversion."""
-
-    n: int
-    groups: list[_GroupFids]
-    labels: np.ndarray  # [n] float64, the target label
-    times: np.ndarray  # [n] impression time (ms)
-    rates: np.ndarray  # [n] the sampling rate each example was kept at
-    label_tensor: torch.Tensor  # [n] float32 labels on the device
-    log_rate: torch.Tensor  # [n] log(sample_rate): the logit offset of sampled training
-    dense: torch.Tensor  # [n, dense features] float32
-
-
-@dataclass
 class _Touched:
     """What a batch read from one group's table, for the update after the backward pass."""
 
-    group: "_Group"
+    group: TableGroup
     rows: torch.Tensor  # [unique fids] rows (-1: held back by the frequency filter)
     inverse: torch.Tensor  # [occurrences] index into rows
     target: torch.Tensor  # [occurrences] pooled row of each occurrence
     example: torch.Tensor  # [occurrences] example of each occurrence
     counts: torch.Tensor  # [unique fids] occurrences in the batch
-
-
-def target_labels(examples: pa.Table, target: str) -> np.ndarray:
-    """The value of label ``target`` per Example (0 where it has none) [examples] float64."""
-    labels_column = examples.column("labels").combine_chunks()
-    is_target = labels_column.keys.to_numpy(zero_copy_only=False) == target
-    label_rows = np.repeat(np.arange(examples.num_rows), np.diff(labels_column.offsets.to_numpy()))
-    labels = np.zeros(examples.num_rows)
-    labels[label_rows[is_target]] = labels_column.items.to_numpy(zero_copy_only=False)[is_target]
-    return labels
-
-
-@dataclass
-class _Group:
-    slot_ids: list[int]
-    table: EmbeddingTable  # rows: [deep embedding (dim) | wide weight (1)]
-    optimizer: SparseOptimizer
-
-    @property
-    def sequential(self) -> bool:
-        """Whether its rows can take sequential in-batch updates (``trainer.in_batch``)."""
-        return self.optimizer.spec.kind in (OptimizerKind.ADAGRAD, OptimizerKind.SGD)
 
 
 def _dense_optimizer(spec: OptimizerSpec, parameters) -> torch.optim.Optimizer:
@@ -139,36 +72,13 @@ def _dense_optimizer(spec: OptimizerSpec, parameters) -> torch.optim.Optimizer:
 
 
 class OnlineTrainer:
-    """``serving=True`` builds the same model and tables without optimizer state (rows hold the
-    embedding and wide weight only) for prediction."""
-
-    def __init__(self, spec: FeatureSpec, device: str = "cpu", seed: int = 0, serving: bool = False,
-                 store: str | None = None):
+    def __init__(self, spec: FeatureSpec, device: str = "cpu", seed: int = 0, store: str | None = None):
         """``store`` (default: the spec's ``store``): a ``redis://`` URI - each table is then a
         bounded cache (``cache_rows``) in front of rows kept in Redis (``trainer.redis_store``)."""
-        self.spec, self.device, self.serving = spec, torch.device(device), serving
+        self.spec, self.device = spec, torch.device(device)
         self.store_uri = store if store is not None else spec.store
-        torch.manual_seed(seed)
-        self.slot_position = np.full(MAX_SLOT_ID + 1, -1, dtype=np.int64)
-        for position, slot in enumerate(spec.slots):
-            self.slot_position[slot.slot_id] = position
-        by_optimizer: dict[OptimizerSpec, list] = {}
-        for slot in spec.slots:
-            by_optimizer.setdefault(slot.optimizer, []).append(slot)
-        self.groups = []
-        for index, (optimizer, slots) in enumerate(by_optimizer.items()):
-            sparse = SparseOptimizer(optimizer)
-            width = slots[0].dim + 1
-            state_width = 0 if serving else SparseOptimizer.state_width(optimizer.kind, width)
-            config = TableConfig.for_slots(slots, state_width=state_width,
-                                           state_init=sparse.state_init, device=device, seed=seed + index)
-            config = dataclasses.replace(config, dim=width)
-            table = EmbeddingTable(config) if self.store_uri is None else self._cached_table(config, index)
-            self.groups.append(_Group([s.slot_id for s in slots], table, sparse))
-        self.group_of_slot = np.full(MAX_SLOT_ID + 1, -1, dtype=np.int64)
-        for index, group in enumerate(self.groups):
-            self.group_of_slot[group.slot_ids] = index
-        self.model = CTRModel.from_spec(spec).to(self.device)
+        self.ranking = RankingModel(spec, device, seed, optimizer_state=True, store=self.store_uri)
+        self.groups, self.model = self.ranking.groups, self.ranking.net
         self.sequential_updates = spec.training.uses_sequential_updates
         self.newton_steps = NEWTON_STEPS
         self.dense_parameters = [p for p in self.model.parameters() if p.requires_grad]
@@ -177,9 +87,7 @@ class OnlineTrainer:
         self._pending_scores: list = []  # (logits, start, stop, prepared) of batches not yet in the metrics
         self.window_metrics = WindowedMetrics(spec.training.metrics_window_ms)
         self.dense_lr = [group["lr"] for group in self.dense_optimizer.param_groups]
-        self.target = spec.labels.target
-        self.dim = spec.slots[0].dim
-        self.num_slots = len(spec.slots)
+        self.dim, self.num_slots = self.ranking.dim, self.ranking.num_slots
         self.batches = 0
         self.data_time_ms = 0
         self.last_expiry_ms = 0
@@ -187,84 +95,40 @@ class OnlineTrainer:
         self.expire_every_ms = max(EXPIRE_EVERY_MS, min(lifetimes, default=0) // EXPIRE_RESOLUTION)
         self.unknown_slot_fids = 0
 
-    def _columns(self, examples: pa.Table):
-        fids = examples.column("fids").combine_chunks()
-        offsets = fids.offsets.to_numpy()
-        flat = fids.values.to_numpy(zero_copy_only=False)[offsets[0]:offsets[-1]]
-        example_of = np.repeat(np.arange(examples.num_rows), np.diff(offsets))
-        labels = target_labels(examples, self.target)
-        dense = examples.column("dense").combine_chunks()
-        dense_values = dense.values.to_numpy(zero_copy_only=False).reshape(examples.num_rows, -1)
-        times = examples.column("impression_time_ms").to_numpy()
-        rates = examples.column("sample_rate").to_numpy()
-        return flat, example_of, labels, dense_values, times, rates
+    def prepare(self, examples: pa.Table) -> PreparedExamples:
+        """The columns of ``examples`` laid out for training in slices (``RankingModel.prepare``);
+        counts the fids of slots the spec does not have."""
+        prepared = self.ranking.prepare(examples)
+        self.unknown_slot_fids += prepared.unknown_slot_fids
+        return prepared
 
-    def prepare(self, examples: pa.Table, for_training: bool = True) -> "PreparedExamples":
-        """The columns of ``examples`` as arrays laid out for training in slices (see
-        ``PreparedExamples``); for training, counts fids of slots the spec does not have."""
-        flat, example_of, labels, dense_values, times, rates = self._columns(examples)
-        slots = flat >> HASH_BITS
-        position = self.slot_position[slots]
-        known = position >= 0
-        if for_training:
-            self.unknown_slot_fids += int((~known).sum())
-        group_index = np.where(known, self.group_of_slot[slots], -1)
-        n = examples.num_rows
-        groups = []
-        for index in range(len(self.groups)):
-            mask = group_index == index
-            examples_of_group = example_of[mask]
-            bounds = np.searchsorted(examples_of_group, np.arange(n + 1))  # fids of example i: [b[i], b[i+1])
-            groups.append(_GroupFids(
-                fids=torch.from_numpy(flat[mask]).to(self.device),
-                example=torch.from_numpy(examples_of_group).to(self.device),
-                target=torch.from_numpy(examples_of_group * self.num_slots + position[mask]).to(self.device),
-                times=torch.from_numpy(times[examples_of_group]).to(self.device),
-                bounds=bounds))
-        device = self.device
-        return PreparedExamples(
-            n=n, groups=groups, labels=labels, times=times, rates=rates,
-            label_tensor=torch.from_numpy(labels).to(device, torch.float32),
-            log_rate=torch.from_numpy(np.log(rates)).to(device, torch.float32),
-            dense=torch.from_numpy(np.array(dense_values, dtype=np.float32)).to(device))
-
-    def _pool(self, prepared: "PreparedExamples", start: int, stop: int, train: bool):
-        """Pooled embeddings [n, slots, dim] and wide sums [n] of examples ``start:stop``, and per
-        group the (rows, occurrences) that training updates. Training inserts new fids (frequency
-        filter, last-seen time, counts); prediction only reads."""
-        n, dim = stop - start, self.dim
-        pooled = torch.zeros(n * self.num_slots, dim, device=self.device)
-        wide = torch.zeros(n, device=self.device)
+    def _pool(self, prepared: PreparedExamples, start: int, stop: int):
+        """Pooled embeddings and wide sums of examples ``start:stop`` (``RankingModel.pool``), and
+        per group the (rows, occurrences) that training updates. New fids are inserted (frequency
+        filter, last-seen time, counts)."""
         used = []
-        for group, fids_of in zip(self.groups, prepared.groups):
-            lo, hi = int(fids_of.bounds[start]), int(fids_of.bounds[stop])
-            if lo == hi:
-                continue
-            fids = fids_of.fids[lo:hi]
-            target = fids_of.target[lo:hi] - start * self.num_slots
-            example = fids_of.example[lo:hi] - start
-            if train:
-                rows, inverse, counts = self._rows_for_training(group.table, fids_of, lo, hi)
-                weights = (group.table.gather(rows) if group.table.sketch is not None  # zeros if filtered
-                           else group.table.embeddings.index_select(0, rows))  # [unique, dim + 1]
-                used.append(_Touched(group, rows, inverse, target, example, counts))
-            else:
-                unique, inverse = torch.unique(fids, return_inverse=True)
-                weights = group.table.gather(group.table.lookup(unique)).float()  # fp16 serving rows
-            occurrences = weights.index_select(0, inverse)
-            pooled.index_add_(0, target, occurrences[:, :dim])
-            wide.index_add_(0, example, occurrences[:, dim])
+
+        def read_rows(index: int, fids_of: GroupFids, lo: int, hi: int):
+            group = self.groups[index]
+            rows, inverse, counts = self._rows_for_training(group.table, fids_of, lo, hi)
+            weights = (group.table.gather(rows) if group.table.sketch is not None  # zeros if filtered
+                       else group.table.embeddings.index_select(0, rows))  # [unique, dim + 1]
+            used.append(_Touched(group, rows, inverse, fids_of.target[lo:hi] - start * self.num_slots,
+                                 fids_of.example[lo:hi] - start, counts))
+            return weights, inverse
+
+        pooled, wide = self.ranking.pool(prepared, start, stop, read_rows)
         return pooled, wide, used
 
-    def _rows_for_training(self, table: EmbeddingTable, fids_of: _GroupFids, lo: int, hi: int):
+    def _rows_for_training(self, table: EmbeddingTable, fids_of: GroupFids, lo: int, hi: int):
         """(rows, inverse, counts) of the distinct fids of occurrences ``lo:hi`` - exactly what
         ``table.lookup_or_insert`` of them gives - with the table's index searched once per window
-        of coming occurrences (``_ResolvedWindow``) instead of once per batch."""
+        of coming occurrences (``ResolvedWindow``) instead of once per batch."""
         window = fids_of.resolved
         if (window is None or lo < window.start or hi > window.stop or window.rows_freed != table.rows_freed):
             stop = max(hi, min(len(fids_of.fids), lo + RESOLVE_AHEAD_OCCURRENCES))
             distinct, window_inverse = torch.unique(fids_of.fids[lo:stop], return_inverse=True)
-            window = fids_of.resolved = _ResolvedWindow(lo, stop, distinct, window_inverse, table.lookup(distinct),
+            window = fids_of.resolved = ResolvedWindow(lo, stop, distinct, window_inverse, table.lookup(distinct),
                                                         table.rows_freed)
         ids, inverse, counts = torch.unique(window.inverse[lo - window.start:hi - window.start],
                                             return_inverse=True, return_counts=True)
@@ -285,16 +149,16 @@ class OnlineTrainer:
         loss = self.train_prepared(prepared, 0, prepared.n)
         return {"loss": float(loss) / max(prepared.n, 1), "examples": prepared.n}
 
-    def train_prepared(self, prepared: "PreparedExamples", start: int, stop: int,
+    def train_prepared(self, prepared: PreparedExamples, start: int, stop: int,
                        unscored: int = 0) -> torch.Tensor:
         """Score examples ``start:stop`` of ``prepared`` (progressive metrics; the first
         ``unscored`` of them are left out of the metrics), then train on them as one batch;
         returns the batch's summed loss (a 0-d tensor: reading it syncs)."""
         n = stop - start
-        pooled, wide, used = self._pool(prepared, start, stop, train=True)
+        pooled, wide, used = self._pool(prepared, start, stop)
         pooled.requires_grad_()
         wide.requires_grad_()
-        logits = self.model(pooled.view(n, self.num_slots, self.dim), wide, prepared.dense[start:stop])
+        logits = self.ranking.forward(pooled, wide, prepared.dense[start:stop])
         labels, log_rate = prepared.label_tensor[start:stop], prepared.log_rate[start:stop]
         # Summed, not averaged: each example moves its own embedding rows by a full gradient (as
         # in per-example online learning); a mean would shrink sparse updates by the batch size.
@@ -340,7 +204,7 @@ class OnlineTrainer:
             self.last_expiry_ms = self.data_time_ms
         return loss.detach()
 
-    def _sequential_rows(self, touched: "_Touched", jac_pooled: torch.Tensor,
+    def _sequential_rows(self, touched: _Touched, jac_pooled: torch.Tensor,
                          jac_wide: torch.Tensor) -> SequentialRows:
         """One table's occurrences for ``trainer.in_batch``, with ``J`` = [d logit / d pooled slot,
         d logit / d wide sum] of each occurrence's example."""
@@ -357,7 +221,7 @@ class OnlineTrainer:
         return SequentialRows(fid_index, example, jacobian, len(rows), spec.lr, spec.eps, accumulator, weights, spec.l2)
 
     @torch.no_grad()
-    def _apply_sequential(self, touched: "_Touched", steps: torch.Tensor, squares: torch.Tensor) -> None:
+    def _apply_sequential(self, touched: _Touched, steps: torch.Tensor, squares: torch.Tensor) -> None:
         """Move the rows by their summed in-batch steps, their accumulators by the squares."""
         table, rows = touched.group.table, touched.rows
         if table.sketch is not None:
@@ -369,7 +233,7 @@ class OnlineTrainer:
         table.mark_touched(rows)
         touched.group.optimizer.steps += 1
 
-    def _sparse_step(self, used: list["_Touched"], pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> None:
+    def _sparse_step(self, used: list[_Touched], pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> None:
         """Per touched row: the sum of its occurrences' gradients (an occurrence's gradient is that
         of the pooled slot, or the wide sum, of its example), CowClip on the deep part if enabled,
         then the group's sparse optimizer."""
@@ -427,36 +291,13 @@ class OnlineTrainer:
             self.train_prepared(prepared, start, min(start + batch_size, prepared.n))
         return self.metrics.summary()
 
-    @torch.no_grad()
     def predict_logits(self, examples: pa.Table) -> np.ndarray:
         """Logits calibrated to unsampled traffic, without inserting or updating anything."""
-        return self._predict(self.prepare(examples, for_training=False))
+        return self.ranking.predict_logits(examples)
 
-    @torch.no_grad()
     def predict_features(self, fids: pa.ListArray, dense: pa.ListArray) -> np.ndarray:
         """Logits for extracted features (``FeatureExtractor.extract``): what serving computes."""
-        fids = fids.combine_chunks() if isinstance(fids, pa.ChunkedArray) else fids
-        dense = dense.combine_chunks() if isinstance(dense, pa.ChunkedArray) else dense
-        n = len(fids)
-        no_labels = pa.MapArray.from_arrays(pa.array(np.zeros(n + 1, dtype=np.int32)), pa.array([], pa.string()),
-                                            pa.array([], pa.float64()))
-        examples = pa.table({
-            "fids": fids, "dense": dense, "labels": no_labels,
-            "impression_time_ms": pa.array(np.zeros(n, dtype=np.int64)),
-            "sample_rate": pa.array(np.ones(n))})
-        return self._predict(self.prepare(examples, for_training=False))
-
-    def _predict(self, prepared: "PreparedExamples") -> np.ndarray:
-        pooled, wide, _ = self._pool(prepared, 0, prepared.n, train=False)
-        logits = self.model(pooled.view(prepared.n, self.num_slots, self.dim), wide, prepared.dense)
-        return logits.cpu().numpy()
-
-    def _cached_table(self, config: TableConfig, index: int) -> EmbeddingTable:
-        from trainer.redis_store import RedisStore, RedisStoreConfig
-
-        store_config = RedisStoreConfig.from_uri(self.store_uri)
-        store = RedisStore(store_config, config, name=f"{self.spec.name}:g{index}")
-        return EmbeddingTable(dataclasses.replace(config, max_rows=store_config.cache_rows), store=store)
+        return self.ranking.predict_features(fids, dense)
 
     def write_back(self) -> None:
         """Write every table's touched rows to its backing store (nothing without one)."""
@@ -475,17 +316,16 @@ class OnlineTrainer:
 
     def load_training_state(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        if not self.serving:
-            self.dense_optimizer.load_state_dict(state["dense_optimizer"])
+        self.dense_optimizer.load_state_dict(state["dense_optimizer"])
         self._pending_scores = []
         self._metrics.load_state_dict(state["metrics"])
         self.window_metrics.load_state_dict(state["window_metrics"])
         for key in ("batches", "data_time_ms", "last_expiry_ms", "unknown_slot_fids"):
             setattr(self, key, state[key])
-        if not self.serving:  # the rows the snapshot's cache lacks must still be in the same store
-            for index, (group, tokens) in enumerate(zip(self.groups, state.get("store_tokens", []))):
-                if _persistent(group.table.store):
-                    group.table.store.check_identity(tokens, f"the snapshot's table {index}")
+        # the rows the snapshot's cache lacks must still be in the same store
+        for index, (group, tokens) in enumerate(zip(self.groups, state.get("store_tokens", []))):
+            if _persistent(group.table.store):
+                group.table.store.check_identity(tokens, f"the snapshot's table {index}")
 
 
 def _persistent(store) -> bool:

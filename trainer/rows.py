@@ -27,6 +27,10 @@ class RowBatch:
     def to(self, device) -> "RowBatch":
         return RowBatch(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
+    def without_state(self) -> "RowBatch":
+        """The same rows with no optimizer state (for a table that holds weights only)."""
+        return dataclasses.replace(self, state=self.state[:, :0])
+
     @staticmethod
     def concat(batches: list["RowBatch"]) -> "RowBatch":
         return RowBatch(*(torch.cat([getattr(b, f.name) for b in batches]) for f in dataclasses.fields(RowBatch)))

@@ -55,6 +55,7 @@ class TableConfig:
     filter_depth: int = 4
     seed: int = 0
     device: str = "cpu"
+    embedding_dtype: str = "float32"  # or "float16" (serving tables: half the memory)
 
     def __post_init__(self):
         if self.dim <= 0:
@@ -67,6 +68,8 @@ class TableConfig:
             raise ValueError(f"growth and row_growth must be > 1, got {self.growth}, {self.row_growth}")
         if self.max_rows is not None and self.max_rows <= 0:
             raise ValueError(f"max_rows must be > 0, got {self.max_rows}")
+        if self.embedding_dtype not in ("float32", "float16"):
+            raise ValueError(f"embedding_dtype must be float32 or float16, got {self.embedding_dtype!r}")
         for slot in self.slots:
             if not 0 <= slot <= MAX_SLOT_ID:
                 raise ValueError(f"slot id {slot} outside [0, {MAX_SLOT_ID}]")
