@@ -6,9 +6,9 @@
 * ``predict_per_s`` / ``predict_p99_ms``: ``POST /predict`` with batches of 100 raw impressions
   against a ``streamrec serve`` process on loopback, one client; baseline in the same run: the
   same ``ServingModel.predict`` in-process (``http_vs_inprocess``);
-* ``staleness_s``: live mode (processing-time clock) with a 10 s sparse sync: from an example
+* ``staleness_s``: live mode (processing-time clock) with a 10 s sparse publish interval: from an example
   being trained to serving answering with a version that holds it (mean; ``staleness_max_s``).
-  It covers sync + publish + poll + apply; the join adds its window for examples that wait for
+  It covers the interval + publish + poll + apply; the join adds its window for examples that wait for
   the window to close.
 
     python -m bench.serving [--quick]
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
             figures["predict_p50_ms"] = round(float(np.percentile(latencies, 50)) * 1000, 2)
             figures["predict_p99_ms"] = round(float(np.percentile(latencies, 99)) * 1000, 2)
 
-            # staleness, live: processing-time clock, 10 s sparse sync, serving polls every 50 ms
-            live = dataclasses.replace(spec, sync=dataclasses.replace(spec.sync, sparse_every_ms=10_000))
+            # staleness, live: processing-time clock, 10 s sparse publish interval, serving polls every 50 ms
+            live = dataclasses.replace(spec, publish=dataclasses.replace(spec.publish, sparse_every_ms=10_000))
             trainer.spec = live
             live_publisher = Publisher(trainer, tmp / "model", clock="processing")
             live_publisher.last = {"sparse": live_publisher.now(), "dense": live_publisher.now(),
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
             server.stop()
     print(f"delta {figures['delta_bytes_ratio']:.2%} of a snapshot, publish {figures['publish_ms']} ms; "
           f"predict {figures['predict_per_s']:,}/s over HTTP ({figures['http_vs_inprocess']}x in-process), "
-          f"p99 {figures['predict_p99_ms']} ms; staleness {figures['staleness_s']} s at a 10 s sync")
+          f"p99 {figures['predict_p99_ms']} ms; staleness {figures['staleness_s']} s at a 10 s publish interval")
     print(json.dumps(figures))
     return figures
 

@@ -8,7 +8,7 @@ trainer sees them in event-time order:
 * streaming - an event-time timer at the earliest buffered table's timestamp trains, in
   impression-time order and in batches of ``training.batch_size``, every buffered table the
   watermark has passed; fewer than a batch's examples wait for the next firing;
-* every trained batch may publish (``Publishing``: sparse deltas, dense weights, snapshots to a
+* every trained batch may publish (``PublishOptions``: sparse deltas, dense weights, snapshots to a
   model directory on the job's clock); ``resume`` restores the newest snapshot and skips the
   examples it had trained (the order is total: impression time, request id, item id);
 * backfill (``at_end``) - everything is buffered and trained, in impression-time order, when the
@@ -34,7 +34,7 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
 from schemas.spec import FeatureSpec
-from trainer.running import Publishing, RunningTrainer, log
+from trainer.running import PublishOptions, RunningTrainer, log
 
 SUMMARY = "summary"
 _TRAINERS: dict[str, "RunningTrainer"] = {}
@@ -47,7 +47,7 @@ class TrainDoFn(beam.DoFn):
     END = TimerSpec("end", TimeDomain.WATERMARK)
 
     def __init__(self, spec: FeatureSpec, device: str, at_end: bool, progress: bool, run_id: str,
-                 publishing: Publishing | None):
+                 publishing: PublishOptions | None):
         self.spec, self.device, self.at_end, self.progress, self.run_id = spec, device, at_end, progress, run_id
         self.publishing = publishing
 
@@ -115,7 +115,7 @@ class TrainExamples(beam.PTransform):
     """Example tables -> {"metrics": rows per event-time window, "summary": one final dict}."""
 
     def __init__(self, spec: FeatureSpec, device: str = "cpu", at_end: bool = False, progress: bool = True,
-                 publishing: Publishing | None = None):
+                 publishing: PublishOptions | None = None):
         super().__init__()
         self.spec, self.device, self.at_end, self.progress = spec, device, at_end, progress
         self.publishing = publishing

@@ -28,7 +28,7 @@ from pyflink.datastream.state import ListStateDescriptor
 from pipelines.busy_clock import BusyClock
 from pipelines.flink_records import FINAL_WATERMARK as END
 from schemas.spec import FeatureSpec
-from trainer.running import ORDER, Publishing, after_position, log
+from trainer.running import ORDER, PublishOptions, after_position, log
 
 
 
@@ -46,7 +46,7 @@ class TrainStream(KeyedProcessFunction):
     the trainer's order even then.)"""
 
     def __init__(self, spec: FeatureSpec, emit_every_ms: int, device: str, progress: bool,
-                 publishing: Publishing | None, timing_dir: str | None = None):
+                 publishing: PublishOptions | None, timing_dir: str | None = None):
         self.spec, self.device, self.progress, self.publishing = spec, device, progress, publishing
         self.timing_dir = timing_dir
         self.lag_ms = spec.join.window_ms + max(spec.join.window_ms, emit_every_ms or 0)

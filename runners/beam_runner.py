@@ -32,7 +32,7 @@ from schemas.dead_letters import DeadLetterSink
 from runners.replay import OUTPUTS, count_dead_letters, finish_metrics, fresh_output_dirs, load_replay_batch, replay_batches
 from schemas.spec import FeatureSpec
 from runners.options import JobOptions, Mode
-from trainer.running import Publishing
+from trainer.running import PublishOptions
 
 
 def replay_stream(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, events_per_step: int = 4_096,
@@ -74,7 +74,7 @@ def run_job(spec: FeatureSpec, options: JobOptions) -> dict:
         result["examples"] | "WriteExamples" >> beam.ParDo(WriteBundles(str(out_dir / "examples"), "examples"))
         dead | "WriteDeadLetters" >> beam.ParDo(WriteBundles(str(out_dir / "dead_letters"), "dead_letters"))
         if options.train:
-            publishing = None if options.model_dir is None else Publishing(
+            publishing = None if options.model_dir is None else PublishOptions(
                 str(options.model_dir), clock="processing" if options.live else "event", resume=options.resume)
             trained = result["examples"] | "Train" >> TrainExamples(
                 spec, options.device, at_end=not options.streaming, progress=options.progress, publishing=publishing)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from schemas.spec import FeatureSpec
 from runners.options import JobOptions
-from trainer.running import Publishing
+from trainer.running import PublishOptions
 
 
 DEFAULT_PARALLELISM = 1  # of the join (the trainer is one); 2 is 8-37 % faster on 2 cores (BENCHMARKS.md)
@@ -239,7 +239,7 @@ def run_flink_job(spec: FeatureSpec, options: JobOptions, shards: int = 4) -> di
         dead_letters = dead_letters.union(read_dead_letters)
     dead_letters.sink_to(_file_sink(out_dir / "dead_letters", ".jsonl")).name("dead letters")
     if train:
-        publishing = None if options.model_dir is None else Publishing(
+        publishing = None if options.model_dir is None else PublishOptions(
             str(options.model_dir), clock="processing" if live else "event", resume=resume)
         metrics = (joined.key_by(lambda _: 0, key_type=Types.INT())
                    .process(TrainStream(spec, step_ms, options.device, options.progress, publishing, str(timing)),

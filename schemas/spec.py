@@ -4,7 +4,7 @@
 A spec names the event schemas it reads, the embedding slots (their source fields, kind,
 dim, expiry, frequency filter, initialiser, optimiser), the dense features and their
 normalisation, the labels, the join window, the negative-sampling rate, the model and the
-training / sync / snapshot settings. Every check runs at load time against the Avro
+training / publish / snapshot settings. Every check runs at load time against the Avro
 schemas; all problems are reported together, each naming the slot or field and the value.
 
 Durations carry units (``30m``, ``7d``); they are held as integer milliseconds (``*_ms``).
@@ -28,7 +28,7 @@ from schemas.spec_types import (  # noqa: F401 (the spec's types are imported fr
     InitializerKind, Normalization, ModelKind, EXAMPLE_LR, OptimizerSpec, InitializerSpec, SlotSpec,
     DenseFeatureSpec, EventsSpec, LabelSpec, JoinSpec, SamplingSpec, ModelSpec, CowClipSpec, MAX_DIM,
     MAX_HIDDEN_UNITS, MAX_BATCH_SIZE, MAX_DURATION_MS, MAX_SPEC_BYTES, MAX_YAML_NODES,
-    SEQUENTIAL_AUTO_MAX_BATCH, SEQUENTIAL_MAX_BATCH, TrainingSpec, SyncSpec, SnapshotSpec, FeatureSpec,
+    SEQUENTIAL_AUTO_MAX_BATCH, SEQUENTIAL_MAX_BATCH, TrainingSpec, PublishSpec, SnapshotSpec, FeatureSpec,
 )
 
 SPEC_DIR = Path(__file__).parent / "specs"
@@ -229,7 +229,7 @@ class _SpecParser:
     def parse(self, raw: Any) -> FeatureSpec:
         top = self._mapping(raw, "spec")
         allowed = {"name", "events", "defaults", "slots", "dense", "labels", "join", "sampling",
-                   "model", "training", "sync", "snapshot", "store"}
+                   "model", "training", "publish", "sync", "snapshot", "store"}
         self._unknown_keys(top, allowed, "spec")
         name = top.get("name")
         if not isinstance(name, str) or not name:
@@ -260,7 +260,7 @@ class _SpecParser:
         sampling = self._sampling(top.get("sampling"))
         model = self._model(top.get("model"), slots)
         training = self._training(top.get("training"))
-        sync = self._sync(top.get("sync"))
+        publish = self._publish(top)
         snapshot_raw = self._mapping(top.get("snapshot"), "snapshot")
         self._unknown_keys(snapshot_raw, {"every"}, "snapshot")
         snapshot = SnapshotSpec(every_ms=self._duration(snapshot_raw.get("every"), "snapshot.every",
@@ -275,7 +275,7 @@ class _SpecParser:
         if self.errors:
             raise SpecError(self.source, self.errors)
         return FeatureSpec(name=name, events=events, slots=slots, dense=dense, labels=labels, join=join,
-                           sampling=sampling, model=model, training=training, sync=sync,
+                           sampling=sampling, model=model, training=training, publish=publish,
                            snapshot=snapshot, store=store)
 
     def _optimizer(self, raw: Any, where: str, base: OptimizerSpec) -> OptimizerSpec:
@@ -551,10 +551,17 @@ class _SpecParser:
                                              TrainingSpec.metrics_window_ms),
         )
 
-    def _sync(self, raw: Any) -> SyncSpec:
-        data = self._mapping(raw, "sync")
-        self._unknown_keys(data, {"sparse_every", "dense_every"}, "sync")
-        return SyncSpec(
-            sparse_every_ms=self._duration(data.get("sparse_every"), "sync.sparse_every", SyncSpec.sparse_every_ms),
-            dense_every_ms=self._duration(data.get("dense_every"), "sync.dense_every", SyncSpec.dense_every_ms),
+    def _publish(self, top: dict) -> PublishSpec:
+        """``publish:``; ``sync:``, its name before, is read the same (both at once is an error)."""
+        key = "publish"
+        if "sync" in top:
+            if "publish" in top:
+                self.error("publish and sync: give one (sync is the older name of publish)")
+            key = "publish" if "publish" in top else "sync"
+        data = self._mapping(top.get(key), key)
+        self._unknown_keys(data, {"sparse_every", "dense_every"}, key)
+        return PublishSpec(
+            sparse_every_ms=self._duration(data.get("sparse_every"), f"{key}.sparse_every",
+                                           PublishSpec.sparse_every_ms),
+            dense_every_ms=self._duration(data.get("dense_every"), f"{key}.dense_every", PublishSpec.dense_every_ms),
         )

@@ -79,6 +79,8 @@ def spec_from_json(text: str | bytes) -> FeatureSpec:
         raw = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise SpecJsonError(f"not valid JSON: {exc}") from None
+    if isinstance(raw, dict) and "sync" in raw and "publish" not in raw:  # (model dirs before the rename)
+        raw["publish"] = raw.pop("sync")
     try:
         return _build(FeatureSpec, raw, "spec")
     except (RecursionError, TypeError) as exc:

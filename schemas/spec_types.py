@@ -215,9 +215,11 @@ class TrainingSpec:
 
 
 @dataclass(frozen=True)
-class SyncSpec:
-    sparse_every_ms: int = 60_000  # touched rows to serving
-    dense_every_ms: int = 86_400_000  # dense weights to serving
+class PublishSpec:
+    """How often the trainer publishes to serving (``trainer.publish``), in data time."""
+
+    sparse_every_ms: int = 60_000  # touched rows (a sparse delta)
+    dense_every_ms: int = 86_400_000  # dense weights
 
 
 @dataclass(frozen=True)
@@ -236,7 +238,7 @@ class FeatureSpec:
     sampling: SamplingSpec
     model: ModelSpec
     training: TrainingSpec
-    sync: SyncSpec
+    publish: PublishSpec
     snapshot: SnapshotSpec
     store: str | None = None  # URI of an external row store; None: in memory
 

@@ -69,10 +69,10 @@ def examples(movielens_ordered_examples):
 
 def _running(uri, model_dir, resume=False):
     from schemas.spec import load_spec
-    from trainer.running import Publishing, RunningTrainer
+    from trainer.running import PublishOptions, RunningTrainer
 
     spec = dataclasses.replace(load_spec("movielens"), store=uri)
-    return RunningTrainer(spec, "cpu", progress=False, publishing=Publishing(str(model_dir), resume=resume))
+    return RunningTrainer(spec, "cpu", progress=False, publishing=PublishOptions(str(model_dir), resume=resume))
 
 
 def test_a_restart_during_training_fails_the_run_and_resume_refuses_the_emptied_store(server, examples, tmp_path):

@@ -180,3 +180,19 @@ def test_sequential_updates_are_auto_on_small_batches_and_bounded():
     assert "training.sequential_updates" in error and "'sometimes'" in error
     [error] = _errors({**BASE, "training": {"batch_size": 4096, "sequential_updates": True}})
     assert "batch_size <= 1024" in error and "4096" in error
+
+
+def test_publish_intervals_and_their_older_name_sync():
+    from schemas.spec_json import spec_from_json, spec_to_json
+
+    published = parse_spec(_with(lambda raw: raw.update(publish={"sparse_every": "30s", "dense_every": "2h"})))
+    assert (published.publish.sparse_every_ms, published.publish.dense_every_ms) == (30_000, 7_200_000)
+    older = parse_spec(_with(lambda raw: raw.update(sync={"sparse_every": "30s", "dense_every": "2h"})))
+    assert older == published
+    both = _errors(_with(lambda raw: raw.update(sync={}, publish={})))
+    assert any("publish and sync" in error for error in both)
+    assert any("sync.sparse_every" in error for error in _errors(_with(lambda raw: raw.update(
+        sync={"sparse_every": "soon"}))))
+    # a model directory written before the rename stores the spec with "sync"
+    stored = spec_to_json(published).replace('"publish"', '"sync"')
+    assert spec_from_json(stored) == published

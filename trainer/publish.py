@@ -22,7 +22,7 @@ only). Every manifest entry is checked field by field, and every path it names m
 relative name that stays inside the directory (no ``..``, no absolute path, no symlink out).
 
 Schedule (on the job's clock - event time when replaying, processing time when live): a sparse
-delta every ``sync.sparse_every``, dense weights every ``sync.dense_every``, a snapshot every
+delta every ``publish.sparse_every``, dense weights every ``publish.dense_every``, a snapshot every
 ``snapshot.every`` (and one at the start, so serving has a base).
 """
 from __future__ import annotations
@@ -227,9 +227,9 @@ class Publisher:
         now, spec, new = self.now(), self.trainer.spec, []
         if self.last["snapshot"] is None or now - self.last["snapshot"] >= spec.snapshot.every_ms:
             return [self.publish_snapshot(position)]
-        if now - self.last["dense"] >= spec.sync.dense_every_ms:
+        if now - self.last["dense"] >= spec.publish.dense_every_ms:
             new.append(self.publish_dense())
-        if now - self.last["sparse"] >= spec.sync.sparse_every_ms:
+        if now - self.last["sparse"] >= spec.publish.sparse_every_ms:
             new.append(self.publish_sparse())
         return new
 

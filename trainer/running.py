@@ -27,7 +27,7 @@ ORDER = [("impression_time_ms", "ascending"), ("request_id", "ascending"), ("ite
 
 
 @dataclass(frozen=True)
-class Publishing:
+class PublishOptions:
     """Where and how the trainer publishes (see ``trainer.publish``)."""
 
     model_dir: str
@@ -50,7 +50,7 @@ def after_position(examples: pa.Table, position) -> pa.Table:
 class RunningTrainer:
     """One run's trainer with its publisher, progress bar and timing (lives in the worker)."""
 
-    def __init__(self, spec: FeatureSpec, device: str, progress: bool, publishing: Publishing | None = None):
+    def __init__(self, spec: FeatureSpec, device: str, progress: bool, publishing: PublishOptions | None = None):
         from trainer.online import OnlineTrainer
         from trainer.publish import Position, Publisher, restore_trainer
         from trainer.report import Progress
