@@ -35,10 +35,10 @@ import pyarrow as pa
 
 from event_datasets.synthetic import SyntheticConfig, generate
 from schemas.spec import load_spec
-from transforms.examples import ExampleBuilder
 from transforms.batch_join import join_tables
-from transforms.log_examples import read_events
+from transforms.examples import ExampleBuilder
 from transforms.join import JoinConfig
+from transforms.log_examples import read_events
 from transforms.sampling import NegativeSampler
 
 BATCH = 32_768  # micro-batch rows: per-batch work grows with the open window, so bigger batches amortise it

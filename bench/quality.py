@@ -39,14 +39,14 @@ import pyarrow as pa
 import torch
 
 from bench.trainer import PAPER_HIDDEN_UNITS
-from transforms.log_examples import synthetic_examples
-from transforms.log_examples import examples_from_logs
 from schemas.fids import HASH_BITS
-from schemas.spec import FeatureSpec, load_spec
+from schemas.spec import load_spec
+from schemas.spec_types import FeatureSpec
 from trainer.cowclip import Hyperparameters, scale_hyperparameters
 from trainer.hashing import mix64
 from trainer.metrics import ProgressiveMetrics
 from trainer.online import OnlineTrainer
+from transforms.log_examples import examples_from_logs, synthetic_examples
 
 
 def hashed_fids(examples: pa.Table, shrink: int = 10) -> pa.Table:

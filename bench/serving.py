@@ -30,7 +30,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
 
-    from transforms.log_examples import synthetic_examples
     from event_datasets.synthetic import SyntheticConfig, generate
     from schemas.dead_letters import DeadLetterSink
     from schemas.events import load_schema
@@ -40,6 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     from serving.process import ServingProcess as Server
     from trainer.online import OnlineTrainer
     from trainer.publish import Position, Publisher
+    from transforms.log_examples import synthetic_examples
 
     spec = load_spec("synthetic")
     spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, batch_size=1024))

@@ -28,9 +28,10 @@ import torch
 
 from runners.redis_server import RedisServer
 from trainer.embedding_table import EmbeddingTable
+from trainer.redis_config import RedisStoreConfig
+from trainer.redis_store import RedisStore
 from trainer.rows import RowBatch
 from trainer.table_config import TableConfig
-from trainer.redis_store import RedisStore, RedisStoreConfig
 
 DIM = 16
 
@@ -118,9 +119,9 @@ def cache_hit_rate(servers, ids: int, batches: int, batch: int) -> dict:
 
 
 def trainer_cost(servers, impressions: int) -> dict:
-    from transforms.log_examples import synthetic_examples
     from schemas.spec import load_spec
     from trainer.online import OnlineTrainer
+    from transforms.log_examples import synthetic_examples
 
     spec = load_spec("synthetic")
     examples = synthetic_examples(spec, impressions)

@@ -19,11 +19,10 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from transforms.log_examples import synthetic_examples
 from schemas.spec import load_spec
 from trainer.models import CTRModel
 from trainer.online import OnlineTrainer
-
+from transforms.log_examples import synthetic_examples
 
 LARGE_BATCH = 4096
 PAPER_HIDDEN_UNITS = (400, 400, 400)  # CowClip's DeepFM

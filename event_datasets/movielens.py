@@ -17,7 +17,8 @@ import pyarrow.csv as pa_csv
 
 from event_datasets.fetch import package_files
 from schemas.events import load_schema
-from schemas.logs import DAY_MS, write_event_logs
+from schemas.log_writer import write_event_logs
+from schemas.logs import DAY_MS
 
 REQUIREMENT = "recbole==1.2.1"
 MEMBER_DIR = "recbole/dataset_example/ml-100k"

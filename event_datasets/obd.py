@@ -19,7 +19,8 @@ import pyarrow.csv as pa_csv
 
 from event_datasets.fetch import package_files
 from schemas.events import load_schema
-from schemas.logs import HOUR_MS, write_event_logs
+from schemas.log_writer import write_event_logs
+from schemas.logs import HOUR_MS
 
 REQUIREMENT = "obp==0.5.7"
 POLICIES = ("random", "bts")

@@ -31,7 +31,8 @@ import pyarrow.compute as pc
 
 from schemas.events import load_schema
 from schemas.hashing import splitmix64
-from schemas.logs import HOUR_MS, SpanWriter, write_manifest
+from schemas.log_writer import SpanWriter, write_manifest
+from schemas.logs import HOUR_MS
 
 NUM_DENSE = 13
 NUM_CATEGORICAL = 26

@@ -17,7 +17,7 @@ from apache_beam.utils.timestamp import Timestamp
 from schemas.dead_letters import DeadLetter, DeadLetterSink
 from schemas.events import load_schema
 from schemas.logs import read_event_file
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 
 DEAD = "dead_letters"
 NAMESPACE = "streamrec"
@@ -62,7 +62,7 @@ class WriteBundles(beam.DoFn):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from schemas.logs import atomic_write
+        from schemas.files import atomic_write
         from transforms.examples import EXAMPLE_SCHEMA
 
         name = f"part-{uuid.uuid4().hex}"

@@ -26,7 +26,7 @@ from pipelines.beam_io import DEAD, dead_letter_outputs
 from schemas.dead_letters import DeadLetterSink
 from schemas.events import arrow_schema, load_schema
 from schemas.logs import read_log_table
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 from transforms.batch_join import join_tables, split_batch_by_shard, split_by_shard
 from transforms.examples import ExampleBuilder
 from transforms.join import JoinConfig

@@ -19,7 +19,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from pipelines.beam_io import DEAD, dead_letter_outputs
 from schemas.dead_letters import DeadLetter
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 from transforms.examples import ExampleBuilder
 from transforms.join import JoinConfig, Joined, KeyJoin, KeyState
 from transforms.keys import join_key

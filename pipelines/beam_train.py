@@ -33,7 +33,7 @@ from apache_beam.transforms.userstate import BagStateSpec, ReadModifyWriteStateS
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import Timestamp
 
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 from trainer.running import PublishOptions, RunningTrainer, log
 
 SUMMARY = "summary"

@@ -42,7 +42,7 @@ from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 from pipelines.busy_clock import BusyClock
 from pipelines.flink_records import dead_letter_records, shard_records
 from pipelines.tables import load_table, stage_examples
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 from transforms.shard_join import ShardJoin
 
 

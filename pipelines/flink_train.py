@@ -27,9 +27,8 @@ from pyflink.datastream.state import ListStateDescriptor
 
 from pipelines.busy_clock import BusyClock
 from pipelines.flink_records import FINAL_WATERMARK as END
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 from trainer.running import ORDER, PublishOptions, after_position, log
-
 
 
 class TrainStream(KeyedProcessFunction):

@@ -47,7 +47,7 @@ def stage_examples(table: pa.Table, directory: str) -> str:
 
     import pyarrow.parquet as pq
 
-    from schemas.logs import atomic_write
+    from schemas.files import atomic_write
 
     path = Path(directory) / f"part-{uuid.uuid4().hex}.parquet"
     with atomic_write(path) as out:

@@ -28,10 +28,17 @@ from apache_beam.utils.timestamp import Timestamp
 from pipelines.beam_io import DEAD, WatchLogDirectory, WriteBundles, log_file_names
 from pipelines.beam_join import BackfillJoin, StreamingJoin
 from pipelines.beam_train import SUMMARY, TrainExamples, release_trainers
-from schemas.dead_letters import DeadLetterSink
-from runners.replay import OUTPUTS, count_dead_letters, finish_metrics, fresh_output_dirs, load_replay_batch, replay_batches
-from schemas.spec import FeatureSpec
 from runners.options import JobOptions, Mode
+from runners.replay import (
+    OUTPUTS,
+    count_dead_letters,
+    finish_metrics,
+    fresh_output_dirs,
+    load_replay_batch,
+    replay_batches,
+)
+from schemas.dead_letters import DeadLetterSink
+from schemas.spec_types import FeatureSpec
 from trainer.running import PublishOptions
 
 
@@ -62,26 +69,40 @@ def run_job(spec: FeatureSpec, options: JobOptions) -> dict:
     (watch the log directory for new files, until ``stop_after_s`` if given); join, sample and
     extract features, and with ``train`` train online on the Examples, publishing to
     ``model_dir`` if given (``resume``: from its newest snapshot). Returns the summary."""
-    if options.resume and options.model_dir is None:
-        raise ValueError("--resume needs --model-dir (the snapshots to resume from)")
-    out_dir = Path(options.out)
-    fresh_output_dirs(out_dir, OUTPUTS if options.train else OUTPUTS[:2])
+    _prepare(options)
     pipeline_options = PipelineOptions(flags=[], runner="DirectRunner")  # (flags=None would parse our sys.argv)
     pipeline_options.view_as(StandardOptions).streaming = options.streaming
     started = time.perf_counter()
-    with beam.Pipeline(options=pipeline_options) as pipeline:
-        result, dead = _join_graph(pipeline, spec, options)
-        result["examples"] | "WriteExamples" >> beam.ParDo(WriteBundles(str(out_dir / "examples"), "examples"))
-        dead | "WriteDeadLetters" >> beam.ParDo(WriteBundles(str(out_dir / "dead_letters"), "dead_letters"))
-        if options.train:
-            publishing = None if options.model_dir is None else PublishOptions(
-                str(options.model_dir), clock="processing" if options.live else "event", resume=options.resume)
-            trained = result["examples"] | "Train" >> TrainExamples(
-                spec, options.device, at_end=not options.streaming, progress=options.progress, publishing=publishing)
-            final = trained[SUMMARY] | "MarkFinal" >> beam.Map(lambda summary: {**summary, "final": True})
-            ((trained["metrics"], final) | "AllMetrics" >> beam.Flatten()
-             | "WriteMetrics" >> beam.ParDo(WriteBundles(str(out_dir / "metrics"), "metrics")))
-    elapsed = time.perf_counter() - started
+    with beam.Pipeline(options=pipeline_options) as pipeline:  # (executed when the block ends)
+        _build(pipeline, spec, options)
+    return _summarise(spec, options, time.perf_counter() - started)
+
+
+def _prepare(options: JobOptions) -> None:
+    if options.resume and options.model_dir is None:
+        raise ValueError("--resume needs --model-dir (the snapshots to resume from)")
+    fresh_output_dirs(Path(options.out), OUTPUTS if options.train else OUTPUTS[:2])
+
+
+def _build(pipeline, spec: FeatureSpec, options: JobOptions) -> None:
+    """The job graph: the join of the options' mode -> Examples and dead letters to files; with
+    ``train``, the trainer and its metrics."""
+    out_dir = Path(options.out)
+    result, dead = _join_graph(pipeline, spec, options)
+    result["examples"] | "WriteExamples" >> beam.ParDo(WriteBundles(str(out_dir / "examples"), "examples"))
+    dead | "WriteDeadLetters" >> beam.ParDo(WriteBundles(str(out_dir / "dead_letters"), "dead_letters"))
+    if options.train:
+        publishing = None if options.model_dir is None else PublishOptions(
+            str(options.model_dir), clock="processing" if options.live else "event", resume=options.resume)
+        trained = result["examples"] | "Train" >> TrainExamples(
+            spec, options.device, at_end=not options.streaming, progress=options.progress, publishing=publishing)
+        final = trained[SUMMARY] | "MarkFinal" >> beam.Map(lambda summary: {**summary, "final": True})
+        ((trained["metrics"], final) | "AllMetrics" >> beam.Flatten()
+         | "WriteMetrics" >> beam.ParDo(WriteBundles(str(out_dir / "metrics"), "metrics")))
+
+
+def _summarise(spec: FeatureSpec, options: JobOptions, elapsed: float) -> dict:
+    out_dir = Path(options.out)
     release_trainers()
     shutil.rmtree(out_dir / ".replay", ignore_errors=True)
     dead_counts = count_dead_letters(out_dir)  # (streaming replay: the letters read before the pipeline too)

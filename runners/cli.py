@@ -29,7 +29,6 @@ from pathlib import Path
 from runners.options import JobOptions
 
 
-
 def _print_json(figures: dict) -> None:
     """The last line of every command: one JSON object (strict: no NaN)."""
     from trainer.report import json_safe
@@ -210,7 +209,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             movielens.convert(options.logs)
     spec = load_spec(options.spec or "movielens")
     if options.store is not None:
-        from trainer.redis_store import RedisStoreConfig
+        from trainer.redis_config import RedisStoreConfig
 
         RedisStoreConfig.from_uri(options.store)  # a bad URI fails here, naming the parameter
         spec = dataclasses.replace(spec, store=options.store)

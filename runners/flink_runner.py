@@ -19,12 +19,12 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from schemas.spec import FeatureSpec
 from runners.options import JobOptions
+from schemas.spec_types import FeatureSpec
 from trainer.running import PublishOptions
-
 
 DEFAULT_PARALLELISM = 1  # of the join (the trainer is one); 2 is 8-37 % faster on 2 cores (BENCHMARKS.md)
 
@@ -134,6 +134,26 @@ def publish_examples(directory: Path, staging: Path) -> int:
     return rows
 
 
+@dataclass
+class _FlinkRun:
+    """What ``_prepare`` set up for one run: its working paths and the source to read."""
+
+    out_dir: Path
+    checkpoints: Path  # OUT/.checkpoints: retained checkpoints (``--resume`` restores the newest)
+    staging: Path  # OUT/.examples-staged: Example files the join wrote, published at the end
+    live_dir: Path  # OUT/.live: announcements of new log files, and the "ended" marker
+    spill: Path  # OUT/.replay: the replay's micro-batch files
+    timing: Path  # OUT/.timing: the Python operators' busy clocks
+    restore_from: Path | None  # the checkpoint this run restores, if any
+    source_path: Path  # a batch list (replay) or the announcements directory (live)
+    step_ms: int  # event time per micro-batch (replay) or per announcement round (live)
+    announcer: object | None = None  # pipelines.log_announcer.LogAnnouncer (live)
+
+    @property
+    def ended_marker(self) -> Path:
+        return self.live_dir / "ended"
+
+
 def run_flink_job(spec: FeatureSpec, options: JobOptions, shards: int = 4) -> dict:
     """Replay (backfill and replay are one on Flink) or live logs through the PyFlink job; returns
     the mode, seconds, dead letters by reason and, with ``train``, the trainer's summary.
@@ -151,66 +171,78 @@ def run_flink_job(spec: FeatureSpec, options: JobOptions, shards: int = 4) -> di
     ``parallelism``: instances of each operator but the trainer and the live reader (None:
     ``DEFAULT_PARALLELISM``). ``resume``: start from the newest retained checkpoint under
     ``OUT/.checkpoints`` (a fresh start if there is none)."""
+    started = time.perf_counter()
+    start_jvm_in_background()
+    run = _prepare(spec, options, shards)
+    env = _build(spec, options, run, shards)
+    _execute(env, spec, options, run)
+    return _summarise(spec, options, run, time.perf_counter() - started)
 
+
+def _prepare(spec: FeatureSpec, options: JobOptions, shards: int) -> _FlinkRun:
+    """Output directories (kept on ``--resume`` from a checkpoint), and the source: the replay's
+    micro-batches spilled and listed, or the live announcer."""
+    from pipelines.log_announcer import LogAnnouncer
+    from runners.replay import OUTPUTS, fresh_output_dirs, replay_batches
+    from schemas.dead_letters import DeadLetterSink
+
+    out_dir = Path(options.out)
+    # (the source's directory must not be hidden itself: Flink's file filter skips ".name"/"_name")
+    run = _FlinkRun(out_dir, checkpoints=out_dir / ".checkpoints", staging=out_dir / ".examples-staged",
+                    live_dir=out_dir / ".live", spill=out_dir / ".replay", timing=out_dir / ".timing",
+                    restore_from=newest_checkpoint(out_dir / ".checkpoints") if options.resume else None,
+                    source_path=out_dir / ".live" / "announced", step_ms=0)
+    if run.restore_from is None:
+        for stale in (run.checkpoints, run.live_dir, run.staging):  # (a resumed job's state names staged files)
+            shutil.rmtree(stale, ignore_errors=True)
+        fresh_output_dirs(out_dir, OUTPUTS if options.train else OUTPUTS[:2])
+    for stale in (run.spill, run.timing):
+        shutil.rmtree(stale, ignore_errors=True)
+    if options.live:
+        run.announcer = LogAnnouncer(Path(options.logs), run.source_path)
+        run.ended_marker.unlink(missing_ok=True)
+        run.step_ms = max(1, round(options.watch_interval_s * 1000))
+        return run
+    run.spill.mkdir()
+    read_dead = DeadLetterSink(keep=None)
+    # the same logs give the same batch files and list: a restored source continues where it was
+    batches, run.step_ms, _ = replay_batches(spec, Path(options.logs), run.spill, options.events_per_step,
+                                             read_dead, shards=shards)
+    run.source_path = run.spill / "batches.tsv"
+    run.source_path.write_text("".join("\t".join(map(str, batch)) + "\n" for batch in batches))
+    if run.restore_from is None:
+        with open(out_dir / "dead_letters" / "read.jsonl", "w") as out:
+            out.writelines(letter.to_json() + "\n" for letter in read_dead.letters)
+    return run
+
+
+def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
+    """The job graph: source -> (live: read announced logs) -> shard records -> join per shard ->
+    Examples and dead letters to files; with ``train``, the trainer and its metrics."""
     from pyflink.common import Duration, Types, WatermarkStrategy
     from pyflink.common.watermark_strategy import TimestampAssigner
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
 
-    from pipelines.busy_clock import read_busy_clocks
     from pipelines.flink_join import JoinShard, ReadAnnouncedLogs
     from pipelines.flink_records import DEAD_LETTERS, batch_time, shard_record
     from pipelines.flink_train import TrainStream
-    from runners.replay import OUTPUTS, count_dead_letters, finish_metrics, fresh_output_dirs, replay_batches
-    from pipelines.log_announcer import LogAnnouncer
-    from schemas.dead_letters import DeadLetterSink
-
-    out_dir, log_dir, live, train = Path(options.out), Path(options.logs), options.live, options.train
-    watch_interval_s, resume = options.watch_interval_s, options.resume
-    # (the source's directory must not be hidden itself: Flink's file filter skips ".name"/"_name")
-    checkpoints, live_dir, staging = out_dir / ".checkpoints", out_dir / ".live", out_dir / ".examples-staged"
-    announcements = live_dir / "announced"
-    restore_from = newest_checkpoint(checkpoints) if resume else None
-    if restore_from is None:
-        for stale in (checkpoints, live_dir, staging):  # (a resumed job's state names staged files)
-            shutil.rmtree(stale, ignore_errors=True)
-        fresh_output_dirs(out_dir, OUTPUTS if train else OUTPUTS[:2])
-    spill = out_dir / ".replay"
-    shutil.rmtree(spill, ignore_errors=True)
 
     class BatchTime(TimestampAssigner):
         def extract_timestamp(self, value, record_timestamp):
             return batch_time(value)
 
-    started = time.perf_counter()
-    start_jvm_in_background()
-    if live:
-        announcer = LogAnnouncer(log_dir, announcements)
-        ended_marker = live_dir / "ended"
-        ended_marker.unlink(missing_ok=True)
-        step_ms = max(1, round(watch_interval_s * 1000))
-        source_path = announcements
-    else:
-        spill.mkdir()
-        read_dead = DeadLetterSink(keep=None)
-        # the same logs give the same batch files and list: a restored source continues where it was
-        batches, step_ms, _ = replay_batches(spec, log_dir, spill, options.events_per_step, read_dead,
-                                             shards=shards)
-        source_path = spill / "batches.tsv"
-        source_path.write_text("".join("\t".join(map(str, batch)) + "\n" for batch in batches))
-        if restore_from is None:
-            with open(out_dir / "dead_letters" / "read.jsonl", "w") as out:
-                out.writelines(letter.to_json() + "\n" for letter in read_dead.letters)
-
+    live, train, step_ms, timing = options.live, options.train, run.step_ms, str(run.timing)
     # Bundles: a join-only job takes up to 1,000 records or 1 s per bundle, so the joiner's state
     # goes back to the JVM about once a second, not after every shard record (360k events: ~24 s
     # -> ~18.5 s). A training job keeps one record per bundle: the trainer's bundles would hold
     # checkpoint barriers back for as long as they train (the kill test saw no checkpoint complete
     # before training ended).
-    env = flink_environment(options.parallelism or DEFAULT_PARALLELISM, checkpoint_dir=checkpoints.resolve().as_uri(),
+    env = flink_environment(options.parallelism or DEFAULT_PARALLELISM,
+                            checkpoint_dir=run.checkpoints.resolve().as_uri(),
                             checkpoint_every_ms=options.checkpoint_every_ms,
-                            restore_from=None if restore_from is None else restore_from.resolve().as_uri(),
+                            restore_from=None if run.restore_from is None else run.restore_from.resolve().as_uri(),
                             bundle_size=1 if train else 1_000)
-    source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), source_path.resolve().as_uri())
+    source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), run.source_path.resolve().as_uri())
     if live:
         source = source.monitor_continuously(Duration.of_millis(step_ms))
         watermarks = WatermarkStrategy.for_bounded_out_of_orderness(Duration.of_millis(2 * step_ms))
@@ -219,47 +251,56 @@ def run_flink_job(spec: FeatureSpec, options: JobOptions, shards: int = 4) -> di
     lines = env.from_source(source.build(), WatermarkStrategy.no_watermarks(),
                             "announced log files" if live else "replayed log batches")
     stamped = lines.assign_timestamps_and_watermarks(watermarks.with_timestamp_assigner(BatchTime()))
-    timing = out_dir / ".timing"
-    shutil.rmtree(timing, ignore_errors=True)
     if live:
         read = (stamped.key_by(lambda _: 0, key_type=Types.INT())
-                .process(ReadAnnouncedLogs(spec, shards, str(ended_marker), str(timing)),
+                .process(ReadAnnouncedLogs(spec, shards, str(run.ended_marker), timing),
                          output_type=Types.PICKLED_BYTE_ARRAY()).name("read logs, split by shard").set_parallelism(1))
         read_dead_letters = read.get_side_output(DEAD_LETTERS)
     else:
         read = stamped.map(shard_record, output_type=Types.PICKLED_BYTE_ARRAY()).name("shard records")
         read_dead_letters = None
     joined = (read.key_by(lambda value: value[0], key_type=Types.INT())
-              .process(JoinShard(spec, step_ms, str(staging.resolve()), in_order=not live, timing_dir=str(timing)),
+              .process(JoinShard(spec, step_ms, str(run.staging.resolve()), in_order=not live, timing_dir=timing),
                        output_type=Types.STRING())
               .name("join, sample, features"))
-    joined.sink_to(_file_sink(out_dir / "examples", ".examples")).name("examples")
+    joined.sink_to(_file_sink(run.out_dir / "examples", ".examples")).name("examples")
     dead_letters = joined.get_side_output(DEAD_LETTERS)
     if read_dead_letters is not None:
         dead_letters = dead_letters.union(read_dead_letters)
-    dead_letters.sink_to(_file_sink(out_dir / "dead_letters", ".jsonl")).name("dead letters")
+    dead_letters.sink_to(_file_sink(run.out_dir / "dead_letters", ".jsonl")).name("dead letters")
     if train:
         publishing = None if options.model_dir is None else PublishOptions(
-            str(options.model_dir), clock="processing" if live else "event", resume=resume)
+            str(options.model_dir), clock="processing" if live else "event", resume=options.resume)
         metrics = (joined.key_by(lambda _: 0, key_type=Types.INT())
-                   .process(TrainStream(spec, step_ms, options.device, options.progress, publishing, str(timing)),
+                   .process(TrainStream(spec, step_ms, options.device, options.progress, publishing, timing),
                             output_type=Types.STRING()).name("train").set_parallelism(1))  # one model
-        metrics.sink_to(_file_sink(out_dir / "metrics", ".jsonl")).name("metrics").set_parallelism(1)
-    name = f"streamrec {'run' if train else 'join'} {spec.name}{' (live)' if live else ''}"
-    if live:
-        _run_live(env.execute_async(name), announcer, ended_marker, watch_interval_s, options.stop_after_s,
-                  (out_dir / ".savepoints").resolve().as_uri())
+        metrics.sink_to(_file_sink(run.out_dir / "metrics", ".jsonl")).name("metrics").set_parallelism(1)
+    return env
+
+
+def _execute(env, spec: FeatureSpec, options: JobOptions, run: _FlinkRun) -> None:
+    """Run the job to its end: a replay ends with its input, a live job on stop (draining)."""
+    name = f"streamrec {options.command} {spec.name}{' (live)' if options.live else ''}"
+    if options.live:
+        _run_live(env.execute_async(name), run.announcer, run.ended_marker, options.watch_interval_s,
+                  options.stop_after_s, (run.out_dir / ".savepoints").resolve().as_uri())
     else:
         env.execute(name)
-    elapsed = time.perf_counter() - started
-    python_busy_s = read_busy_clocks(timing)
-    for done in (spill, checkpoints, timing, live_dir, out_dir / ".savepoints"):  # nothing left to restore
-        shutil.rmtree(done, ignore_errors=True)
-    publish_examples(out_dir / "examples", staging)
-    counts = count_dead_letters(out_dir)
-    summary = finish_metrics(spec, out_dir) if train else {}
-    summary.update({"mode": "flink live" if live else "flink", "seconds": round(elapsed, 2), "dead_letters": counts,
-                    "restored_from_checkpoint": None if restore_from is None else restore_from.name,
+
+
+def _summarise(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, elapsed: float) -> dict:
+    """Publish the staged Examples, remove the run's working files, and count what it made."""
+    from pipelines.busy_clock import read_busy_clocks
+    from runners.replay import count_dead_letters, finish_metrics
+
+    python_busy_s = read_busy_clocks(run.timing)
+    for done in (run.spill, run.checkpoints, run.timing, run.live_dir, run.out_dir / ".savepoints"):
+        shutil.rmtree(done, ignore_errors=True)  # (nothing left to restore)
+    publish_examples(run.out_dir / "examples", run.staging)
+    summary = finish_metrics(spec, run.out_dir) if options.train else {}
+    summary.update({"mode": "flink live" if options.live else "flink", "seconds": round(elapsed, 2),
+                    "dead_letters": count_dead_letters(run.out_dir),
+                    "restored_from_checkpoint": None if run.restore_from is None else run.restore_from.name,
                     "python_busy_s": python_busy_s})
     return summary
 

@@ -17,7 +17,7 @@ import pyarrow as pa
 from pipelines.tables import load_spilled, spill_table
 from schemas.dead_letters import DeadLetterSink
 from schemas.durations import format_duration_ms
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 from transforms.log_examples import read_events
 
 

@@ -10,16 +10,11 @@ Files hold their records in event-time order. Avro files carry their writer sche
 written with an older schema version is read with the current one (new fields take their
 defaults). Reading never crashes on bad input: in ``strict`` mode a LogReadError names the
 file and record; otherwise the bad record (or the unreadable rest of a file) becomes a
-DeadLetter with a reason and a counter.
+DeadLetter with a reason and a counter. This module reads; ``schemas.log_writer`` writes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
-from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -32,6 +27,8 @@ import pyarrow.parquet as pq
 
 from schemas.dead_letters import DeadLetter, DeadLetterSink, record_json
 from schemas.events import EVENT_TIME_RANGE_MS, arrow_schema, base_type, defaults
+from schemas.files import file_sha256
+from schemas.records import conform
 
 KINDS = ("impressions", "actions")
 FORMATS = ("avro", "parquet")
@@ -42,174 +39,6 @@ MANIFEST = "manifest.json"
 
 class LogReadError(ValueError):
     """A log file or record could not be read; the message names the file and the record."""
-
-
-# ------------------------------------------------------------------------------------------
-# Writing
-
-
-@contextmanager
-def atomic_write(path: str | Path, mode: str = "wb"):
-    """Write to a temporary file beside ``path`` and rename it into place on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as out:
-            yield out
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def span_file_name(start_ms: int, span_ms: int, fmt: str) -> str:
-    """``YYYYMMDD-HH.<fmt>`` for the span starting at ``start_ms`` (UTC); ``YYYYMMDD-HHMMSS`` below an hour."""
-    start = datetime.fromtimestamp(start_ms / 1000, tz=timezone.utc)
-    stamp = f"{start:%Y%m%d-%H}" if span_ms % HOUR_MS == 0 else f"{start:%Y%m%d-%H%M%S}"
-    return f"{stamp}.{fmt}"
-
-
-def _avro_rows(table: pa.Table, schema: dict) -> list[dict]:
-    """Rows of an Arrow table as Avro-ready dicts (Arrow maps come back as pairs: make dicts)."""
-    rows = table.to_pylist()
-    map_fields = [f["name"] for f in schema["fields"]
-                  if isinstance(base_type(f["type"])[0], dict) and base_type(f["type"])[0].get("type") == "map"]
-    for row in rows:
-        for name in map_fields:
-            if row.get(name) is not None:
-                row[name] = dict(row[name])
-    return rows
-
-
-def write_table(table: pa.Table, path: str | Path, schema: dict, fmt: str) -> None:
-    """Write one Arrow table as an Avro or Parquet file, atomically and deterministically.
-
-    The Avro sync marker is derived from the file name, so equal input gives equal bytes.
-    """
-    path = Path(path)
-    if fmt == "avro":
-        marker = hashlib.md5(path.name.encode()).digest()
-        with atomic_write(path) as out:
-            fastavro.writer(out, schema, _avro_rows(table, schema), codec="deflate", sync_marker=marker)
-    elif fmt == "parquet":
-        table = table.select(arrow_schema(schema).names).cast(arrow_schema(schema))
-        with atomic_write(path) as out:
-            pq.write_table(table, out, compression="zstd")
-    else:
-        raise ValueError(f"unknown log format {fmt!r}: expected one of {FORMATS}")
-
-
-class SpanWriter:
-    """Writes a stream of Arrow tables as one sorted file per span of event time.
-
-    Tables may arrive in any order; ``flush(before_ms)`` writes every span that ends at or before
-    ``before_ms`` (the caller knows no later record falls there), ``close()`` writes the rest.
-    Each span file is written once, atomically. With ``background=True`` files are encoded and
-    written on a helper thread (Arrow and Parquet release the GIL), overlapping the caller's work;
-    ``close()`` waits for them and re-raises the first error.
-    """
-
-    def __init__(self, log_dir: str | Path, kind: str, schema: dict, fmt: str = "avro", span_ms: int = HOUR_MS,
-                 background: bool = False):
-        if kind not in KINDS:
-            raise ValueError(f"unknown log kind {kind!r}: expected one of {KINDS}")
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown log format {fmt!r}: expected one of {FORMATS}")
-        if span_ms <= 0 or span_ms % 1000:
-            raise ValueError(f"span_ms must be a positive whole number of seconds, got {span_ms}")
-        self.log_dir, self.kind, self.schema, self.fmt, self.span_ms = Path(log_dir), kind, schema, fmt, span_ms
-        self.pending: dict[int, list[pa.Table]] = {}
-        self.written: list[Path] = []
-        self._executor = ThreadPoolExecutor(max_workers=1) if background else None
-        self._futures: list[Future] = []
-
-    def add(self, table: pa.Table) -> None:
-        spans = table.column("event_time_ms").to_numpy() // self.span_ms
-        order = np.argsort(spans, kind="stable")
-        sorted_spans = spans[order]
-        table = table.take(pa.array(order))
-        bounds = np.flatnonzero(np.diff(sorted_spans)) + 1
-        for start, end in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [len(spans)]])):
-            if end > start:
-                self.pending.setdefault(int(sorted_spans[start]), []).append(table.slice(start, end - start))
-
-    def _write(self, span: int) -> None:
-        pieces = self.pending.pop(span)
-        path = self.log_dir / self.kind / span_file_name(span * self.span_ms, self.span_ms, self.fmt)
-        self.written.append(path)
-        if self._executor is None:
-            self._write_file(pieces, path)
-        else:
-            self._futures.append(self._executor.submit(self._write_file, pieces, path))
-
-    def _write_file(self, pieces: list[pa.Table], path: Path) -> None:
-        table = pa.concat_tables(pieces)
-        order = np.argsort(table.column("event_time_ms").to_numpy(), kind="stable")
-        write_table(table.take(pa.array(order)), path, self.schema, self.fmt)
-
-    def flush(self, before_ms: int) -> None:
-        for span in sorted(s for s in self.pending if (s + 1) * self.span_ms <= before_ms):
-            self._write(span)
-
-    def close(self) -> list[Path]:
-        for span in sorted(self.pending):
-            self._write(span)
-        if self._executor is not None:
-            try:
-                for future in self._futures:
-                    future.result()
-            finally:
-                self._executor.shutdown()
-        return self.written
-
-
-def write_log(table: pa.Table, log_dir: str | Path, kind: str, schema: dict, fmt: str = "avro",
-              span_ms: int = HOUR_MS) -> list[Path]:
-    """Split ``table`` into spans of ``span_ms`` of ``event_time_ms`` and write one sorted file per span."""
-    writer = SpanWriter(log_dir, kind, schema, fmt, span_ms)
-    writer.add(table)
-    return writer.close()
-
-
-def write_event_logs(log_dir: str | Path, impressions: pa.Table, actions: pa.Table, impression_schema: dict,
-                     action_schema: dict, fmt: str, span_ms: int, **about) -> dict:
-    """Write impression and action logs plus a manifest (counts, files, time range, ``about``)."""
-    impression_files = write_log(impressions, log_dir, "impressions", impression_schema, fmt, span_ms)
-    action_files = write_log(actions, log_dir, "actions", action_schema, fmt, span_ms)
-    types, counts = np.unique(actions.column("action_type").to_numpy(zero_copy_only=False), return_counts=True)
-    times = impressions.column("event_time_ms").to_numpy()
-    manifest = {
-        **about,
-        "format": fmt,
-        "impressions": impressions.num_rows,
-        "actions": {str(t): int(c) for t, c in zip(types, counts)},
-        "files": {"impressions": len(impression_files), "actions": len(action_files)},
-        "event_time_ms": [int(times.min()), int(times.max())] if len(times) else [],
-    }
-    write_manifest(log_dir, manifest)
-    return manifest
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        for block in iter(lambda: source.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(log_dir: str | Path, manifest: dict) -> None:
-    """The manifest, with the sha256 of every log file now in the directory (``sha256``:
-    ``kind/name`` -> hex): Avro's deflate blocks carry no checksum, so a flipped bit could change
-    records silently; the readers and ``logs check`` verify each listed file against it."""
-    log_dir = Path(log_dir)
-    manifest = {**manifest, "sha256": {f"{kind}/{path.name}": file_sha256(path)
-                                       for kind in KINDS for path in log_files(log_dir, kind)}}
-    with atomic_write(log_dir / MANIFEST, "w") as out:
-        json.dump(manifest, out, indent=2, sort_keys=True)
-        out.write("\n")
 
 
 _manifest_cache: dict[Path, tuple[float, dict]] = {}
@@ -295,96 +124,6 @@ def check_log_dir(log_dir: str | Path, schemas: dict[str, dict], live: bool = Fa
                     f"{path}: written with schema {written[0]!r}, which lacks the field(s) "
                     f"{sorted(required - written[1])} that the spec's {kind} schema {schema.get('name')!r} requires: "
                     f"these logs are not for this spec")
-
-
-def conform(record: dict, schema: dict) -> dict:
-    """Fit a record to ``schema``: fill defaults, drop unknown fields, check every type.
-
-    Raises ValueError naming the field and the value.
-    """
-    fields = schema["fields"]
-    result = {}
-    for field in fields:
-        name = field["name"]
-        if name in record and record[name] is not None:
-            result[name] = record[name]
-        elif name in record and base_type(field["type"])[1]:
-            result[name] = None
-        elif "default" in field:
-            result[name] = field["default"]
-        else:
-            raise ValueError(f"missing required field {name!r}")
-    for field in fields:
-        name = field["name"]
-        try:
-            fastavro.validation.validate(result[name], field["type"], raise_errors=True)
-        except fastavro.validation.ValidationError:
-            raise ValueError(
-                f"field {name!r}: value {result[name]!r} is not of type {field['type']!r}"
-            ) from None
-    return result
-
-
-def _is_int(low: int, high: int):
-    return lambda v: type(v) is int and low <= v < high
-
-
-_PRIMITIVE_CHECKS = {
-    "null": lambda v: v is None, "string": lambda v: isinstance(v, str), "boolean": lambda v: type(v) is bool,
-    "int": _is_int(-(1 << 31), 1 << 31), "long": _is_int(-(1 << 63), 1 << 63),
-    "float": lambda v: type(v) in (int, float), "double": lambda v: type(v) in (int, float),
-}
-
-
-def _quick_check(avro_type):
-    """A predicate that accepts only values ``conform`` accepts for ``avro_type`` (None where the
-    type is not one of the simple ones: records of it then go through ``conform`` alone)."""
-    if isinstance(avro_type, str):
-        return _PRIMITIVE_CHECKS.get(avro_type)
-    if isinstance(avro_type, list):
-        checks = [_quick_check(branch) for branch in avro_type]
-        return None if None in checks else (lambda v: any(check(v) for check in checks))
-    if isinstance(avro_type, dict) and avro_type.get("type") in ("array", "map"):
-        item = _quick_check(avro_type.get("items" if avro_type["type"] == "array" else "values"))
-        if item is None:
-            return None
-        if avro_type["type"] == "array":
-            return lambda v: isinstance(v, list) and all(item(x) for x in v)
-        return lambda v: isinstance(v, dict) and all(isinstance(k, str) and item(x) for k, x in v.items())
-    if isinstance(avro_type, dict) and isinstance(avro_type.get("type"), str) and len(avro_type) == 1:
-        return _quick_check(avro_type["type"])
-    return None
-
-
-def conform_records(records: list[dict], schema: dict) -> list[dict]:
-    """``conform`` for many JSON records (what serving receives): the same check and the same
-    errors, but records whose every field passes a quick type test are filled without calling
-    fastavro per value. Raises ValueError ``record I: <conform's message>`` at the first misfit."""
-    checks = [(field["name"], _quick_check(field["type"]), field) for field in schema["fields"]]
-    quick = all(check is not None for _, check, _ in checks)
-    out = []
-    for index, record in enumerate(records):
-        if quick and isinstance(record, dict):
-            fitted = {}
-            for name, check, field in checks:
-                value = record.get(name)
-                if value is None and not (name in record and check(None)):  # absent, or null where not allowed
-                    if "default" not in field:
-                        break
-                    value = field["default"]
-                if not check(value):
-                    break
-                fitted[name] = value
-            else:
-                out.append(fitted)
-                continue
-        try:
-            if not isinstance(record, dict):
-                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-            out.append(conform(record, schema))
-        except ValueError as exc:
-            raise ValueError(f"record {index}: {exc}") from None
-    return out
 
 
 def _iter_avro(path: Path, schema: dict) -> Iterator[tuple[int, dict | None, str | None]]:

@@ -21,14 +21,45 @@ from typing import Any
 import yaml
 
 from schemas.durations import format_duration_ms, parse_duration_ms
-from schemas.events import EVENT_TIME_RANGE_MS, SchemaError, base_type, check_impression_schema, field_types, load_schema
+from schemas.events import (
+    EVENT_TIME_RANGE_MS,
+    SchemaError,
+    base_type,
+    check_impression_schema,
+    field_types,
+    load_schema,
+)
 from schemas.fids import MAX_SLOT_ID
-from schemas.spec_types import (  # noqa: F401 (the spec's types are imported from here too)
-    SpecError, SlotKind, MissingPolicy, OptimizerKind, STATE_FLOATS_PER_DIM, ROW_METADATA_BYTES,
-    InitializerKind, Normalization, ModelKind, EXAMPLE_LR, OptimizerSpec, InitializerSpec, SlotSpec,
-    DenseFeatureSpec, EventsSpec, LabelSpec, JoinSpec, SamplingSpec, ModelSpec, CowClipSpec, MAX_DIM,
-    MAX_HIDDEN_UNITS, MAX_BATCH_SIZE, MAX_DURATION_MS, MAX_SPEC_BYTES, MAX_YAML_NODES,
-    SEQUENTIAL_AUTO_MAX_BATCH, SEQUENTIAL_MAX_BATCH, TrainingSpec, PublishSpec, SnapshotSpec, FeatureSpec,
+from schemas.spec_types import (
+    EXAMPLE_LR,
+    MAX_BATCH_SIZE,
+    MAX_DIM,
+    MAX_DURATION_MS,
+    MAX_HIDDEN_UNITS,
+    MAX_SPEC_BYTES,
+    MAX_YAML_NODES,
+    SEQUENTIAL_MAX_BATCH,
+    CowClipSpec,
+    DenseFeatureSpec,
+    EventsSpec,
+    FeatureSpec,
+    InitializerKind,
+    InitializerSpec,
+    JoinSpec,
+    LabelSpec,
+    MissingPolicy,
+    ModelKind,
+    ModelSpec,
+    Normalization,
+    OptimizerKind,
+    OptimizerSpec,
+    PublishSpec,
+    SamplingSpec,
+    SlotKind,
+    SlotSpec,
+    SnapshotSpec,
+    SpecError,
+    TrainingSpec,
 )
 
 SPEC_DIR = Path(__file__).parent / "specs"

@@ -19,7 +19,7 @@ import types
 import typing
 from typing import Any
 
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 
 
 class SpecJsonError(ValueError):

@@ -12,7 +12,6 @@ from schemas.durations import format_duration_ms
 from schemas.events import EVENT_TIME_RANGE_MS
 
 
-
 class SpecError(ValueError):
     """A feature spec failed validation; ``errors`` lists every problem found."""
 

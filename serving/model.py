@@ -21,15 +21,22 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
+from schemas.events import load_schema
+from schemas.fids import HASH_BITS
+from schemas.records import conform_records
 from trainer.embedding_table import EmbeddingTable
+from trainer.publish import (
+    ModelDirError,
+    load_tensors,
+    newest_snapshot,
+    read_manifest,
+    read_sparse_delta,
+    read_spec,
+    verify,
+)
 from trainer.ranking_model import RankingModel, table_configs
-from trainer.publish import (ModelDirError, load_tensors, newest_snapshot, read_manifest, read_spec,
-                             read_sparse_delta, verify)
 from trainer.table_snapshot import read_rows
 from transforms.features import FeatureExtractor
-from schemas.events import load_schema
-from schemas.logs import conform_records
-from schemas.fids import HASH_BITS
 
 
 class BadRequest(ValueError):
@@ -113,7 +120,8 @@ class ServingModel:
     def _stores(self, uri: str) -> list:
         """One ``RedisStore`` per table, named and shaped as the trainer's (rows hold its
         optimizer state, which serving drops)."""
-        from trainer.redis_store import RedisStore, RedisStoreConfig
+        from trainer.redis_config import RedisStoreConfig
+        from trainer.redis_store import RedisStore
 
         config = RedisStoreConfig.from_uri(uri)
         return [RedisStore(config, table, name=f"{self.spec.name}:g{index}", writer=False)
@@ -179,7 +187,7 @@ class ServingModel:
 
     def features(self, records: list[dict]):
         """Fids and dense values of raw impressions, checked exactly as the log readers check a
-        record (``schemas.logs.conform``: defaults filled, every type checked, no coercion); a
+        record (``schemas.records.conform``: defaults filled, every type checked, no coercion); a
         misfit is refused naming the record and field."""
         if not isinstance(records, list) or not records:
             raise BadRequest("'impressions' must be a non-empty list of impression records (JSON objects)")

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-
 from runners.cli import main
 from schemas.logs import log_files
 from tests.conftest import without_checksums
+
 
 @pytest.fixture(scope="module")
 def obd_runs(obd_logs, tmp_path_factory):
@@ -96,7 +96,7 @@ def test_live_mode_picks_up_new_files_in_the_watched_directory(tmp_path):
     from runners.beam_runner import run_job
     from runners.options import JobOptions, Mode
     from schemas.events import load_schema
-    from schemas.logs import write_log
+    from schemas.log_writer import write_log
     from schemas.spec import parse_spec, spec_path
 
     raw = yaml.safe_load(spec_path("movielens").read_text())

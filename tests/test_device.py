@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from schemas.spec import OptimizerKind, OptimizerSpec
+from schemas.spec_types import OptimizerKind, OptimizerSpec
 from trainer.embedding_table import EmbeddingTable
-from trainer.table_config import SlotPolicy, TableConfig
 from trainer.sparse_optimizers import SparseOptimizer
+from trainer.table_config import SlotPolicy, TableConfig
 from trainer.table_snapshot import load_table, save_table
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
@@ -94,9 +94,9 @@ def test_sparse_optimizer_step_on_cuda_equals_cpu(kind):
 
 
 def test_trainer_on_cuda_learns_as_on_the_cpu():
-    from transforms.log_examples import synthetic_examples
     from schemas.spec import load_spec
     from trainer.online import OnlineTrainer
+    from transforms.log_examples import synthetic_examples
 
     spec = load_spec("synthetic")
     examples = synthetic_examples(spec, 30_000, seed=2)

@@ -5,9 +5,9 @@ from hypothesis import strategies as st
 
 from runners.cli import main
 from trainer.embedding_table import EmbeddingTable
+from trainer.frequency_filter import CountMinSketch, false_admit_bound
 from trainer.rows import RowBatch
 from trainer.table_config import SlotPolicy, TableConfig
-from trainer.frequency_filter import CountMinSketch, false_admit_bound
 from trainer.table_snapshot import load_table, save_table, snapshot_stats
 
 SLOT_A, SLOT_B, SLOT_C = 1, 2, 3  # A: plain; B: expires after 100 ms of data time; C: min_count 2

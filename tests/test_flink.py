@@ -72,8 +72,8 @@ def test_job_runs_on_a_standalone_cluster_started_from_the_wheel(obd_logs, tmp_p
     """A JobManager and a TaskManager from the wheel's bin/ on loopback (own process groups,
     stopped by group id); ``--flink-master`` submits through ``flink run``."""
     from runners.beam_runner import run_job
-    from runners.options import JobOptions, Mode
     from runners.flink_cluster import StandaloneCluster
+    from runners.options import JobOptions, Mode
     from schemas.spec import load_spec
 
     logs, _ = obd_logs
@@ -108,8 +108,8 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
 
     from event_datasets.synthetic import SyntheticConfig, generate
     from runners.beam_runner import run_job
-    from runners.options import JobOptions, Mode
     from runners.flink_runner import newest_checkpoint
+    from runners.options import JobOptions, Mode
     from schemas.spec import load_spec
     from trainer.publish import read_manifest
 
@@ -166,7 +166,7 @@ def _write_live_logs(logs: Path, requests: list[str], time_ms: int, liked: set[s
     """Impressions of ``requests`` at ``time_ms`` (+ i ms) and a like 1 s later for ``liked``,
     written beside ``logs`` and moved in whole (a running announcer sees each file once)."""
     from schemas.events import load_schema
-    from schemas.logs import write_log
+    from schemas.log_writer import write_log
 
     impressions = pa.Table.from_pylist(
         [{"request_id": r, "user_id": "u", "item_id": "m", "event_time_ms": time_ms + i, "position": 0, "age": 30,

@@ -9,12 +9,12 @@ import shutil
 import pyarrow as pa
 import pytest
 
-from tests.conftest import without_checksums
-
 from event_datasets.synthetic import SyntheticConfig, generate
 from runners.cli import main
 from schemas.events import load_schema
-from schemas.logs import arrow_schema, log_files, read_log_file, write_table
+from schemas.log_writer import write_table
+from schemas.logs import arrow_schema, log_files, read_log_file
+from tests.conftest import without_checksums
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_streaming_counts_every_dead_letter_it_writes(synthetic_logs, tmp_path, 
 
 def test_the_request_check_is_the_log_readers_check():
     """``conform_records`` (serving) accepts, fills and refuses exactly as ``conform`` (readers)."""
-    from schemas.logs import conform, conform_records
+    from schemas.records import conform, conform_records
 
     schema = load_schema("movielens_impression")
     good = {"request_id": "r", "user_id": "u", "item_id": "i", "event_time_ms": 5, "age": 30, "genres": ["Drama"]}
@@ -147,6 +147,7 @@ def test_a_flipped_bit_inside_a_log_file_fails_its_manifest_checksum(movielens_l
 
 def _spec_with_time_range(tmp_path, time_range) -> str:
     import yaml
+
     from schemas.spec import spec_path
 
     raw = yaml.safe_load(spec_path("synthetic").read_text())
@@ -185,7 +186,8 @@ def test_a_spec_narrows_the_event_time_range(mode, synthetic_logs, tmp_path, cap
     ([True, 5], "start True"),
 ])
 def test_a_bad_event_time_range_is_named(time_range, named, tmp_path):
-    from schemas.spec import SpecError, load_spec
+    from schemas.spec import load_spec
+    from schemas.spec_types import SpecError
 
     with pytest.raises(SpecError, match="events.time_range") as raised:
         load_spec(_spec_with_time_range(tmp_path, time_range))

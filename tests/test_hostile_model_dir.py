@@ -145,9 +145,9 @@ def test_a_manifest_that_is_a_json_list_is_named(model_dir):
 def test_the_serving_poller_survives_a_malformed_manifest(model_dir):
     """The real server process: a manifest entry without published_at shows in /metrics as
     last_error; once the manifest is whole again, the next version is applied."""
-    from serving.process import ServingProcess
-
     import time
+
+    from serving.process import ServingProcess
 
     good = json.loads((model_dir / MANIFEST).read_text())
     server = ServingProcess(model_dir)

@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from schemas.spec import SpecError, load_spec, parse_spec
+from schemas.spec import load_spec, parse_spec
+from schemas.spec_types import SpecError
 
 BASE = {"name": "t", "events": {"impression": "movielens_impression", "action": "action"},
         "defaults": {"dim": 8},

@@ -11,8 +11,9 @@ import pytest
 from runners.redis_server import RedisServer, redis_server_binary
 from tests.test_embedding_table import SLOT_A, fid
 from tests.test_redis_store import rows_for, store_uri
+from trainer.redis_config import RedisStoreConfig
+from trainer.redis_store import RedisStore, StoreLost, StoreUnavailable
 from trainer.table_config import TableConfig
-from trainer.redis_store import RedisStore, RedisStoreConfig, StoreLost, StoreUnavailable
 
 try:
     redis_server_binary()

@@ -5,13 +5,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from schemas.spec import load_spec, parse_spec
-from transforms.examples import ExampleBuilder
 from schemas.hashing import splitmix64
+from schemas.spec import load_spec, parse_spec
+from trainer.hashing import mix64
+from transforms.examples import ExampleBuilder
 from transforms.features import FeatureExtractor, hash48_string
 from transforms.join import JoinConfig, Joined, StreamJoiner, join_key_events, run_join
 from transforms.sampling import NegativeSampler, corrected_probability, stable_uniform
-from trainer.hashing import mix64
 
 W = 1_000
 CONFIG = JoinConfig(window_ms=W, label_actions=("click", "like"), target="click")

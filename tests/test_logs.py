@@ -6,12 +6,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import without_checksums
-
 from runners.cli import main
 from schemas.dead_letters import DeadLetterSink
 from schemas.events import load_schema
-from schemas.logs import LogReadError, SpanWriter, log_files, read_log, read_log_file, write_log
+from schemas.log_writer import SpanWriter, write_log
+from schemas.logs import LogReadError, log_files, read_log, read_log_file
+from tests.conftest import without_checksums
 
 ACTION = load_schema("action")
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from schemas.spec import parse_spec
-from transforms.examples import EXAMPLE_SCHEMA
 from trainer.online import OnlineTrainer
+from transforms.examples import EXAMPLE_SCHEMA
 
 
 def test_run_command_trains_deepfm_on_movielens_and_beats_logistic_regression(movielens_logs, tmp_path, capsys):

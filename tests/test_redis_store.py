@@ -16,9 +16,10 @@ from hypothesis import strategies as st
 from runners.redis_server import RedisServer, redis_server_binary
 from tests.test_embedding_table import POLICIES, SLOT_A, SLOT_B, Reference, apply, fid, operation, small_config
 from trainer.embedding_table import EmbeddingTable
+from trainer.redis_config import HashRing, RedisStoreConfig
+from trainer.redis_store import RedisStore, StoreUnavailable
 from trainer.rows import RowBatch
 from trainer.table_config import TableConfig
-from trainer.redis_store import HashRing, RedisStore, RedisStoreConfig, StoreUnavailable
 
 _prefixes = itertools.count()
 

@@ -6,8 +6,7 @@ import fastavro
 import pyarrow as pa
 import pytest
 
-from schemas.events import (SchemaError, arrow_schema, builtin_schema_names, check_impression_schema,
-                            load_schema)
+from schemas.events import SchemaError, arrow_schema, builtin_schema_names, check_impression_schema, load_schema
 
 IMPRESSION = {"request_id": "r1", "user_id": "u1", "item_id": "i1", "event_time_ms": 1_700_000_000_000,
               "position": 2, "age": 31, "gender": "F", "occupation": "writer", "zip_code": "10001",

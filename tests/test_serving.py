@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from serving.process import ROOT, ServingProcess
+
 FP32_TOLERANCE = 1e-5  # serving and trainer run the same float32 forward pass
 FP16_TOLERANCE = 5e-3  # rows rounded to float16 (relative 2^-11) move probabilities by a few 1e-4
 
@@ -21,11 +22,11 @@ Server = ServingProcess
 
 @pytest.fixture(scope="module")
 def movielens_parts(movielens_logs):
-    from transforms.log_examples import examples_from_logs
     from schemas.dead_letters import DeadLetterSink
     from schemas.events import load_schema
     from schemas.logs import read_log_tables
     from schemas.spec import load_spec
+    from transforms.log_examples import examples_from_logs
 
     logs, _ = movielens_logs
     spec = load_spec("movielens")

@@ -7,8 +7,8 @@ import yaml
 from runners.cli import main
 from schemas.durations import parse_duration_ms
 from schemas.fids import MAX_SLOT_ID, make_fid, slot_of
-from schemas.spec import (OptimizerKind, SlotKind, SpecError, builtin_spec_names, load_spec, parse_spec,
-                          spec_path)
+from schemas.spec import builtin_spec_names, load_spec, parse_spec, spec_path
+from schemas.spec_types import OptimizerKind, SlotKind, SpecError
 
 BASE = {
     "name": "test",

@@ -6,12 +6,12 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, roc_auc_score
 
-from schemas.spec import OptimizerKind, OptimizerSpec
+from schemas.spec_types import OptimizerKind, OptimizerSpec
 from trainer.cowclip import cowclip
 from trainer.embedding_table import EmbeddingTable
-from trainer.table_config import TableConfig
 from trainer.metrics import ProgressiveMetrics
 from trainer.sparse_optimizers import SparseOptimizer
+from trainer.table_config import TableConfig
 
 DIM, ROWS = 4, 30
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from schemas.fids import HASH_BITS, MAX_SLOT_ID
-from schemas.spec import InitializerKind
+from schemas.spec_types import InitializerKind
 from trainer.cuckoo_index import CuckooIndex
 from trainer.frequency_filter import CountMinSketch
 from trainer.rows import Delta, RowBatch, RowStore

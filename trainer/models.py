@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from schemas.spec import FeatureSpec, ModelKind
+from schemas.spec_types import FeatureSpec, ModelKind
 
 
 def mlp(sizes: list[int], dropout: float) -> nn.Sequential:

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from schemas.spec import FeatureSpec, OptimizerKind, OptimizerSpec
+from schemas.spec_types import FeatureSpec, OptimizerKind, OptimizerSpec
 from trainer.cowclip import cowclip
 from trainer.embedding_table import EmbeddingTable
 from trainer.in_batch import NEWTON_STEPS, SequentialRows, sequential_logits

@@ -42,9 +42,9 @@ import pyarrow as pa
 import torch
 
 from schemas.events import END_OF_TIME_MS
-from schemas.logs import atomic_write
-from schemas.spec import FeatureSpec
+from schemas.files import atomic_write
 from schemas.spec_json import SpecJsonError, spec_from_json, spec_to_json
+from schemas.spec_types import FeatureSpec
 from trainer.rows import RowBatch
 from trainer.table_snapshot import load_table, save_table
 

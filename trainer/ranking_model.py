@@ -21,7 +21,7 @@ import pyarrow as pa
 import torch
 
 from schemas.fids import HASH_BITS, MAX_SLOT_ID
-from schemas.spec import FeatureSpec, OptimizerKind, OptimizerSpec, SlotSpec
+from schemas.spec_types import FeatureSpec, OptimizerKind, OptimizerSpec, SlotSpec
 from trainer.embedding_table import EmbeddingTable
 from trainer.models import CTRModel
 from trainer.sparse_optimizers import SparseOptimizer
@@ -233,7 +233,8 @@ class RankingModel:
 
 
 def _cached_table(spec: FeatureSpec, uri: str, config: TableConfig, index: int) -> EmbeddingTable:
-    from trainer.redis_store import RedisStore, RedisStoreConfig
+    from trainer.redis_config import RedisStoreConfig
+    from trainer.redis_store import RedisStore
 
     store_config = RedisStoreConfig.from_uri(uri)
     store = RedisStore(store_config, config, name=f"{spec.name}:g{index}")

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable
 
-from schemas.logs import atomic_write
+from schemas.files import atomic_write
 
 AUC_EVERY_S = 0.5
 METRICS = (("auc", "progressive AUC"), ("logloss", "logloss"), ("calibration", "calibration (pred / obs CTR)"))

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
+
 
 def log(message: str) -> None:
     """A line on stderr. (Not ``print``: PyFlink's process-mode workers replace it with one that

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from schemas.spec import STATE_FLOATS_PER_DIM, OptimizerKind, OptimizerSpec
+from schemas.spec_types import STATE_FLOATS_PER_DIM, OptimizerKind, OptimizerSpec
 
 FTRL_BETA = 1.0
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from schemas.fids import MAX_SLOT_ID
-from schemas.spec import InitializerKind, SlotSpec
+from schemas.spec_types import InitializerKind, SlotSpec
 
 NEVER = -1  # expire_after_ms for "never expires", in the per-slot lookup tensors
 

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from schemas.logs import atomic_write
-from schemas.spec import InitializerKind
+from schemas.files import atomic_write
+from schemas.spec_types import InitializerKind
 from trainer.embedding_table import EmbeddingTable
 from trainer.rows import RowBatch, RowStore
 from trainer.table_config import SlotPolicy, TableConfig

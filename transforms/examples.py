@@ -11,11 +11,11 @@ import pyarrow as pa
 
 from schemas.dead_letters import DeadLetter
 from schemas.events import arrow_schema, load_schema
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 from transforms.batch_join import ClosedImpressions
-from transforms.keys import join_keys
 from transforms.features import FeatureExtractor
 from transforms.join import Joined
+from transforms.keys import join_keys
 from transforms.sampling import NegativeSampler
 
 EXAMPLE_SCHEMA = arrow_schema(load_schema("example"))

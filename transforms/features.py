@@ -24,10 +24,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.dead_letters import DeadLetter, record_json
-from schemas.hashing import splitmix64
 from schemas.events import arrow_schema, load_schema
 from schemas.fids import HASH_BITS, HASH_MASK
-from schemas.spec import FeatureSpec, MissingPolicy, Normalization, SlotKind, SlotSpec
+from schemas.hashing import splitmix64
+from schemas.spec_types import FeatureSpec, MissingPolicy, Normalization, SlotKind, SlotSpec
 
 _MASK48 = np.uint64(HASH_MASK)
 _CROSS_MULTIPLIER = np.uint64(0x9E3779B1)

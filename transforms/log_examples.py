@@ -13,7 +13,7 @@ from event_datasets.synthetic import SyntheticConfig, generate
 from schemas.dead_letters import DeadLetterSink
 from schemas.events import load_schema
 from schemas.logs import read_log_tables
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 from transforms.batch_join import join_tables
 from transforms.examples import ExampleBuilder
 from transforms.join import JoinConfig

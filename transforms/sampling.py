@@ -18,7 +18,6 @@ True
 """
 from __future__ import annotations
 
-
 import numpy as np
 import pyarrow as pa
 

@@ -29,7 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.dead_letters import DeadLetter
-from schemas.spec import FeatureSpec
+from schemas.spec_types import FeatureSpec
 from transforms.batch_join import BatchJoiner
 from transforms.examples import ExampleBuilder
 from transforms.join import JoinConfig
