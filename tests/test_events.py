@@ -1,4 +1,4 @@
-"""Event schemas: round trips, evolution (old writer -> new reader), Arrow equivalents."""
+"""Event schemas (schemas.events): round trips, evolution (old writer -> new reader), Arrow equivalents."""
 import io
 import json
 
