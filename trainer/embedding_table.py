@@ -9,7 +9,7 @@ free list.
 Per-slot policies (``trainer.table_config``): expiry on data time, admission after
 ``min_count`` occurrences (a count-min sketch counts the not-yet-admitted; it is not reset when a
 row expires or is removed, so a returning fid that had passed the threshold is admitted at once),
-and the initializer of new rows. Optionally the table is bounded (``max_rows``) and sits in front
+and the initializer of new rows (a function of fid and seed: ``trainer.initializers``). Optionally the table is bounded (``max_rows``) and sits in front
 of a backing ``RowStore``: misses are fetched from it and the least-recently-seen rows are written
 back and evicted. ``take_delta`` hands out the rows touched and fids removed since the last one.
 """
@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from schemas.fids import HASH_BITS, MAX_SLOT_ID
-from schemas.spec_types import InitializerKind
 from trainer.cuckoo_index import CuckooIndex
 from trainer.frequency_filter import CountMinSketch
+from trainer.initializers import initial_values
 from trainer.rows import Delta, RowBatch, RowStore
 from trainer.table_config import NEVER, SlotPolicy, TableConfig
 
@@ -50,11 +50,6 @@ class EmbeddingTable:
         self.data_time_ms = 0
         self.removed_fids: list[torch.Tensor] = []
         self.evicted_touched: list[RowBatch] = []
-        # New rows' initial values have their own random stream (the index has another): a fid's
-        # initial value depends only on the inserts before it, not on how the index was laid out
-        # (a bounded cache that evicts and fetches initialises exactly as a big table).
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(config.seed)
         self._policy_tables()
         self.sketch = (CountMinSketch(config.filter_width, config.filter_depth, config.seed, self.device)
                        if self._uses_filter else None)
@@ -110,21 +105,14 @@ class EmbeddingTable:
         return torch.cat([reused, new])
 
     def _initial_embeddings(self, fids: torch.Tensor) -> torch.Tensor:
+        """Each slot's initializer, as a function of (fid, table seed) alone (``trainer.initializers``)."""
         values = torch.zeros(len(fids), self.dim, device=self.device)
         slots = fids >> HASH_BITS
         for slot in torch.unique(slots).tolist():
             mask = slots == slot
             policy = self.policy(slot)
-            n = int(mask.sum())
-            if policy.initializer is InitializerKind.ZEROS:
-                continue
-            if policy.initializer is InitializerKind.UNIFORM:
-                v = torch.rand(n, self.dim, generator=self.generator, device=self.device) * 2 - 1
-            else:
-                v = torch.randn(n, self.dim, generator=self.generator, device=self.device)
-                if policy.initializer is InitializerKind.TRUNCATED_NORMAL:
-                    v = v.clamp_(-2.0, 2.0)
-            values[mask] = v * policy.init_scale
+            values[mask] = initial_values(fids[mask], self.dim, policy.initializer, policy.init_scale,
+                                          self.config.seed)
         return values
 
     def _write_rows(self, rows: torch.Tensor, batch: RowBatch) -> None:

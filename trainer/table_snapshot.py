@@ -82,9 +82,6 @@ def save_table(table: EmbeddingTable, path: str | Path) -> Path:
         metadata[b"filter_counters"] = zlib.compress(state["counters"].numpy().tobytes(), 1)
         metadata[b"filter_meta"] = json.dumps({"increments": state["increments"], "seeds": state["seeds"],
                                                "shape": list(state["counters"].shape)}).encode()
-    # the initialiser's random state: a restored table initialises new rows as the saved one would
-    metadata[b"init_rng"] = table.generator.get_state().cpu().numpy().tobytes()
-    metadata[b"init_rng_device"] = table.device.type.encode()  # CPU and CUDA generator states differ
     schema = _schema(table.dim, table.state_width, metadata)
     path = Path(path)
     with atomic_write(path) as out:
@@ -150,8 +147,6 @@ def load_table(path: str | Path, store: RowStore | None = None, **overrides) -> 
         table.put_rows(rows)
     table.touched.zero_()
     table.data_time_ms = int(metadata[b"data_time_ms"])
-    if metadata.get(b"init_rng_device") == table.device.type.encode():
-        table.generator.set_state(torch.frombuffer(bytearray(metadata[b"init_rng"]), dtype=torch.uint8))
     if table.sketch is not None and b"filter_counters" in metadata:
         meta = json.loads(metadata[b"filter_meta"])
         counters = np.frombuffer(zlib.decompress(metadata[b"filter_counters"]), dtype=np.int32)
