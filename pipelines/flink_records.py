@@ -38,3 +38,41 @@ def shard_record(line: str) -> tuple[int, str, str]:
     already, so only paths cross between the JVM and the Python workers."""
     _, shard, impressions_path, actions_path = line.split("\t")
     return int(shard), impressions_path, actions_path
+
+
+def _flink_murmur(code: int) -> int:
+    """Flink's ``MathUtils.murmurHash`` of a 32-bit hash code (int32 arithmetic), >= 0."""
+    mask = 0xFFFFFFFF
+
+    def rotate_left(x: int, bits: int) -> int:
+        return ((x << bits) | (x >> (32 - bits))) & mask
+
+    code = rotate_left((code & mask) * 0xCC9E2D51 & mask, 15)
+    code = rotate_left(code * 0x1B873593 & mask, 13)
+    code = ((code * 5 + 0xE6546B64) & mask) ^ 4
+    code ^= code >> 16  # bitMix
+    code = code * 0x85EBCA6B & mask
+    code ^= code >> 13
+    code = code * 0xC2B2AE35 & mask
+    code ^= code >> 16
+    signed = code - (1 << 32) if code >= 1 << 31 else code
+    return signed if signed >= 0 else (-signed if signed != -(1 << 31) else 0)
+
+
+def subtask_of_key(key: int, parallelism: int, max_parallelism: int) -> int:
+    """The subtask a PyFlink ``key_by(..., key_type=Types.INT())`` key goes to. PyFlink keys by
+    the Row ``(key,)``, whose hash code is ``31 * 0 + (31 * 1 + (31 + key)) = 62 + key``
+    (``RowUtils.deepHashCodeRow``, an insert row); then Flink's ``KeyGroupRangeAssignment``: key
+    group ``murmur(hash) mod max_parallelism``, subtask ``key_group * parallelism // max_parallelism``."""
+    return _flink_murmur(62 + key) % max_parallelism * parallelism // max_parallelism
+
+
+def subtask_keys(parallelism: int, max_parallelism: int) -> list[int]:
+    """One int key per subtask (the smallest that goes there): keying record copies by
+    ``subtask_keys(p, m)[i]`` sends copy i to subtask i."""
+    keys: dict[int, int] = {}
+    key = 0
+    while len(keys) < parallelism:
+        keys.setdefault(subtask_of_key(key, parallelism, max_parallelism), key)
+        key += 1
+    return [keys[index] for index in range(parallelism)]

@@ -14,6 +14,12 @@ last snapshot stay in keyed state (``trained``, appended to, cleared when a snap
 published), so after a restore the trainer resumes from its newest snapshot and re-trains
 exactly what follows it - the restored ``trained`` tables, then the waiting and replayed ones.
 Without a model directory there is nothing to resume from and nothing is kept.
+
+Several workers (``training.workers`` = K > 1): every Example table reaches all K subtasks (one
+copy per subtask, keyed by ``flink_records.subtask_keys``), and subtask ``r`` is worker ``r`` of
+a ``trainer.sharded`` trainer whose process group meets in a file under ``rendezvous_dir`` (one
+per restart attempt). All K take the same timers and train the same global batches in lockstep;
+subtask 0 emits the metric rows.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from pyflink.datastream.state import ListStateDescriptor
 
 from pipelines.busy_clock import BusyClock
 from pipelines.flink_records import FINAL_WATERMARK as END
+from pipelines.flink_records import subtask_keys
 from schemas.spec_types import FeatureSpec
 from trainer.running import ORDER, PublishOptions, after_position, log
 
@@ -45,9 +52,9 @@ class TrainStream(KeyedProcessFunction):
     the trainer's order even then.)"""
 
     def __init__(self, spec: FeatureSpec, emit_every_ms: int, device: str, progress: bool,
-                 publishing: PublishOptions | None, timing_dir: str | None = None):
+                 publishing: PublishOptions | None, timing_dir: str | None = None, rendezvous_dir: str | None = None):
         self.spec, self.device, self.progress, self.publishing = spec, device, progress, publishing
-        self.timing_dir = timing_dir
+        self.timing_dir, self.rendezvous_dir = timing_dir, rendezvous_dir
         self.lag_ms = spec.join.window_ms + max(spec.join.window_ms, emit_every_ms or 0)
 
     def open(self, runtime_context: RuntimeContext):
@@ -56,7 +63,17 @@ class TrainStream(KeyedProcessFunction):
         self.waiting = runtime_context.get_list_state(ListStateDescriptor("waiting", Types.PICKLED_BYTE_ARRAY()))
         self.trained = runtime_context.get_list_state(ListStateDescriptor("trained", Types.PICKLED_BYTE_ARRAY()))
         resume = self.publishing is not None and self.publishing.resume
-        self.running = RunningTrainer(self.spec, self.device, self.progress, self.publishing)
+        self.rank, self.workers = runtime_context.get_index_of_this_subtask(), self.spec.training.workers
+        if runtime_context.get_number_of_parallel_subtasks() != self.workers:
+            raise RuntimeError(f"the trainer runs {runtime_context.get_number_of_parallel_subtasks()} subtasks "
+                               f"for {self.workers} workers")
+        self.key = subtask_keys(self.workers, runtime_context.get_max_number_of_parallel_subtasks())[self.rank]
+        collectives = None
+        if self.workers > 1:
+            collectives = _join_workers(self.rendezvous_dir, runtime_context.get_attempt_number(), self.rank,
+                                        self.workers)
+        self.running = RunningTrainer(self.spec, self.device, self.progress and self.rank == 0, self.publishing,
+                                      collectives)
         self.replay_trained = resume  # first firing after a restore: re-train the kept tables
         self.keep = self.publishing is not None
         self.timers: set[int] = set()
@@ -68,6 +85,10 @@ class TrainStream(KeyedProcessFunction):
     def process_element(self, value, ctx: KeyedProcessFunction.Context):
         import pyarrow.parquet as pq
 
+        key, value = value
+        if key != self.key:
+            raise RuntimeError(f"trainer subtask {self.rank} got the copy keyed {key}, not {self.key}: the key-group "
+                               f"assignment differs from flink_records.subtask_of_key")
         self.waiting.add(value)
         # its examples are ready once the watermark is past the newest of them + lag (the join
         # may close them later than their own timer: it closes up to its watermark)
@@ -126,4 +147,25 @@ class TrainStream(KeyedProcessFunction):
             log(f"trained {summary['examples']} examples: {summary}")
             out.append(json.dumps({**summary, "final": True}))
             self.running.close()
-        return out
+        return out if self.rank == 0 else []  # (every worker holds the same metrics)
+
+
+def _join_workers(rendezvous_dir: str, attempt: int, rank: int, workers: int):
+    """This subtask's place in the trainer's process group (gloo), met in a file of
+    ``rendezvous_dir`` per restart attempt; a peer that does not come or is lost fails the step
+    after ``COLLECTIVE_TIMEOUT_S`` (and Flink restarts the job from its checkpoint)."""
+    import datetime
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from trainer.sharded import Collectives
+
+    path = Path(rendezvous_dir) / f"attempt-{attempt}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    dist.init_process_group("gloo", init_method=path.resolve().as_uri(), rank=rank, world_size=workers,
+                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    return Collectives()
+
+
+COLLECTIVE_TIMEOUT_S = 300

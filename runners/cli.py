@@ -139,6 +139,21 @@ def _examples_summary(out_dir: Path, spec) -> dict:
     return {"examples": examples, "positives": positives}
 
 
+def _check_trainers(spec, options: JobOptions) -> None:
+    """Several trainer workers run on Flink only, and publish nor use a store yet."""
+    workers = spec.training.workers
+    if workers == 1:
+        return
+    if options.runner != "flink":
+        raise ValueError(f"{workers} trainer workers (--trainers / training.workers) need --runner flink: "
+                         f"the Beam DirectRunner trains with one worker")
+    if options.model_dir is not None or spec.store is not None:
+        raise ValueError(f"{workers} trainer workers cannot publish (--model-dir) or use a row store (--store) yet: "
+                         f"train with one worker for those")
+    if options.train and spec.training.sequential_updates is True:
+        raise ValueError("training.sequential_updates: true is single-worker; use false or auto with --trainers")
+
+
 def _check_logs(spec, options: JobOptions) -> None:
     """Missing logs or logs of another spec are refused before a job starts."""
     from schemas.events import load_schema
@@ -213,6 +228,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         RedisStoreConfig.from_uri(options.store)  # a bad URI fails here, naming the parameter
         spec = dataclasses.replace(spec, store=options.store)
+    if options.trainers is not None:
+        spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, workers=options.trainers))
+    _check_trainers(spec, options)
     _check_logs(spec, options)
     if options.on_cluster:
         return _submit(options)
@@ -337,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="continue from the newest snapshot in --model-dir (after a crash or kill); with "
                           "--runner flink also from the newest retained checkpoint in OUT")
     _add_runner_arguments(run)
+    run.add_argument("--trainers", type=int, default=None, metavar="K",
+                     help="with --runner flink: K trainer workers train one model, embedding rows sharded by "
+                          "fid, dense weights all-reduced (overrides the spec's training.workers)")
     run.add_argument("--store", default=None, metavar="URI",
                      help="keep embedding rows in Redis behind a bounded cache: redis://host:port[,host:port...]"
                           "[/db][?prefix=P&cache_rows=N&ttl=on|off] or redis+cluster://host:port (overrides the spec's store)")

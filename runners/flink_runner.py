@@ -26,6 +26,7 @@ from runners.options import JobOptions
 from schemas.spec_types import FeatureSpec
 from trainer.running import PublishOptions
 
+TRAINER_MAX_PARALLELISM = 128  # of the trainer operator: fixes which key reaches which worker
 DEFAULT_PARALLELISM = 1  # of the join (the trainer is one); 2 is 8-37 % faster on 2 cores (BENCHMARKS.md)
 
 
@@ -144,6 +145,7 @@ class _FlinkRun:
     live_dir: Path  # OUT/.live: announcements of new log files, and the "ended" marker
     spill: Path  # OUT/.replay: the replay's micro-batch files
     timing: Path  # OUT/.timing: the Python operators' busy clocks
+    rendezvous: Path  # OUT/.rendezvous: where several trainer workers meet (a file per attempt)
     restore_from: Path | None  # the checkpoint this run restores, if any
     source_path: Path  # a batch list (replay) or the announcements directory (live)
     step_ms: int  # event time per micro-batch (replay) or per announcement round (live)
@@ -190,13 +192,14 @@ def _prepare(spec: FeatureSpec, options: JobOptions, shards: int) -> _FlinkRun:
     # (the source's directory must not be hidden itself: Flink's file filter skips ".name"/"_name")
     run = _FlinkRun(out_dir, checkpoints=out_dir / ".checkpoints", staging=out_dir / ".examples-staged",
                     live_dir=out_dir / ".live", spill=out_dir / ".replay", timing=out_dir / ".timing",
+                    rendezvous=out_dir / ".rendezvous",
                     restore_from=newest_checkpoint(out_dir / ".checkpoints") if options.resume else None,
                     source_path=out_dir / ".live" / "announced", step_ms=0)
     if run.restore_from is None:
         for stale in (run.checkpoints, run.live_dir, run.staging):  # (a resumed job's state names staged files)
             shutil.rmtree(stale, ignore_errors=True)
         fresh_output_dirs(out_dir, OUTPUTS if options.train else OUTPUTS[:2])
-    for stale in (run.spill, run.timing):
+    for stale in (run.spill, run.timing, run.rendezvous):
         shutil.rmtree(stale, ignore_errors=True)
     if options.live:
         run.announcer = LogAnnouncer(Path(options.logs), run.source_path)
@@ -224,7 +227,7 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
 
     from pipelines.flink_join import JoinShard, ReadAnnouncedLogs
-    from pipelines.flink_records import DEAD_LETTERS, batch_time, shard_record
+    from pipelines.flink_records import DEAD_LETTERS, batch_time, shard_record, subtask_keys
     from pipelines.flink_train import TrainStream
 
     class BatchTime(TimestampAssigner):
@@ -271,9 +274,17 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
     if train:
         publishing = None if options.model_dir is None else PublishOptions(
             str(options.model_dir), clock="processing" if live else "event", resume=options.resume)
-        metrics = (joined.key_by(lambda _: 0, key_type=Types.INT())
-                   .process(TrainStream(spec, step_ms, options.device, options.progress, publishing, timing),
-                            output_type=Types.STRING()).name("train").set_parallelism(1))  # one model
+        # One model, trained by `workers` subtasks: each gets a copy of every Example table, keyed
+        # to reach exactly that subtask (the keys depend on the operator's max parallelism).
+        workers = spec.training.workers
+        keys = subtask_keys(workers, TRAINER_MAX_PARALLELISM)
+        copies = joined.flat_map(lambda path: [(key, path) for key in keys],
+                                 output_type=Types.TUPLE([Types.INT(), Types.STRING()])).name("to trainers")
+        metrics = (copies.key_by(lambda copy: copy[0], key_type=Types.INT())
+                   .process(TrainStream(spec, step_ms, options.device, options.progress, publishing, timing,
+                                        rendezvous_dir=str(run.rendezvous.resolve())),
+                            output_type=Types.STRING())
+                   .name("train").set_parallelism(workers).set_max_parallelism(TRAINER_MAX_PARALLELISM))
         metrics.sink_to(_file_sink(run.out_dir / "metrics", ".jsonl")).name("metrics").set_parallelism(1)
     return env
 
@@ -294,7 +305,7 @@ def _summarise(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, elapsed: 
     from runners.replay import count_dead_letters, finish_metrics
 
     python_busy_s = read_busy_clocks(run.timing)
-    for done in (run.spill, run.checkpoints, run.timing, run.live_dir, run.out_dir / ".savepoints"):
+    for done in (run.spill, run.checkpoints, run.timing, run.live_dir, run.rendezvous, run.out_dir / ".savepoints"):
         shutil.rmtree(done, ignore_errors=True)  # (nothing left to restore)
     publish_examples(run.out_dir / "examples", run.staging)
     summary = finish_metrics(spec, run.out_dir) if options.train else {}

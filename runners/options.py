@@ -40,12 +40,15 @@ class JobOptions:
     progress: bool = True  # a progress bar on stderr
     model_dir: Path | None = None  # publish snapshots and deltas here
     store: str | None = None  # redis:// URI of the row store (overrides the spec's)
+    trainers: int | None = None  # Flink: trainer workers of one model (overrides training.workers)
 
     def __post_init__(self):
         if (self.mode is Mode.LIVE) != (self.watch_interval_s is not None):
             raise ValueError("live mode and a watch interval go together (--watch SECONDS)")
         if self.stop_after_s is not None and self.mode is not Mode.LIVE:
             raise ValueError("--stop-after needs --watch (it ends a live job)")
+        if self.trainers is not None and not 1 <= self.trainers <= 256:
+            raise ValueError(f"--trainers must be in [1, 256], got {self.trainers}")
 
     @property
     def live(self) -> bool:
@@ -109,6 +112,6 @@ class JobOptions:
 _DESTS = {"spec": "spec", "logs": "logs", "out": "out", "runner": "runner", "flink_master": "flink_master",
           "checkpoint_every": "checkpoint_every_s", "parallelism": "parallelism",
           "events_per_step": "events_per_step", "resume": "resume", "stop_after": "stop_after_s",
-          "device": "device", "model_dir": "model_dir", "store": "store"}
-_TRAIN_ONLY = {"device", "model_dir", "store"}
+          "device": "device", "model_dir": "model_dir", "store": "store", "trainers": "trainers"}
+_TRAIN_ONLY = {"device", "model_dir", "store", "trainers"}
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(JobOptions)}

@@ -37,6 +37,7 @@ from schemas.spec_types import (
     MAX_DURATION_MS,
     MAX_HIDDEN_UNITS,
     MAX_SPEC_BYTES,
+    MAX_WORKERS,
     MAX_YAML_NODES,
     SEQUENTIAL_MAX_BATCH,
     CowClipSpec,
@@ -554,7 +555,7 @@ class _SpecParser:
     def _training(self, raw: Any) -> TrainingSpec:
         data = self._mapping(raw, "training")
         self._unknown_keys(data, {"batch_size", "dense_optimizer", "cowclip", "warmup_steps", "metrics_window",
-                                  "sequential_updates"}, "training")
+                                  "sequential_updates", "workers"}, "training")
         sequential = data.get("sequential_updates", "auto")
         if sequential not in ("auto", True, False):
             self.error(f"training.sequential_updates: expected auto, true or false, got {sequential!r}")
@@ -571,8 +572,14 @@ class _SpecParser:
         if sequential is True and batch_size > SEQUENTIAL_MAX_BATCH:
             self.error(f"training.sequential_updates: true needs batch_size <= {SEQUENTIAL_MAX_BATCH} (their cost "
                        f"grows with the square of the batch), got batch_size {batch_size}")
+        workers = self._number(data.get("workers"), "training.workers", 1, minimum=1, integer=True,
+                               maximum=MAX_WORKERS)
+        if sequential is True and workers > 1:
+            self.error(f"training.sequential_updates: true is single-worker (in-batch updates couple a batch's "
+                       f"examples through shared rows), got workers {workers}: use false or auto")
         return TrainingSpec(
             batch_size=batch_size,
+            workers=workers,
             sequential_updates=None if sequential == "auto" else sequential,
             dense_optimizer=self._optimizer(data.get("dense_optimizer"), "training.dense_optimizer",
                                             TrainingSpec.dense_optimizer),

@@ -184,6 +184,7 @@ class CowClipSpec:
 MAX_DIM = 4096
 MAX_HIDDEN_UNITS = 65_536
 MAX_BATCH_SIZE = 1 << 24
+MAX_WORKERS = 256  # trainer workers of one model
 MAX_DURATION_MS = 100 * 365 * 86_400_000  # a century
 MAX_SPEC_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000  # after anchors and aliases are expanded
@@ -205,9 +206,13 @@ class TrainingSpec:
     warmup_steps: int = 0  # dense learning rate ramps linearly over this many batches
     metrics_window_ms: int = 3_600_000  # progressive metrics are reported per window of event time
     sequential_updates: bool | None = None  # None (auto): for batches up to SEQUENTIAL_AUTO_MAX_BATCH without CowClip
+    workers: int = 1  # trainer workers of one model (Flink): rows sharded by fid, batch_size per worker
 
     @property
     def uses_sequential_updates(self) -> bool:
+        """Sequential in-batch updates are single-worker (``trainer.sharded``)."""
+        if self.workers > 1:
+            return False
         if self.sequential_updates is not None:
             return self.sequential_updates
         return self.batch_size <= SEQUENTIAL_AUTO_MAX_BATCH and not self.cowclip.enabled

@@ -265,3 +265,79 @@ def test_local_jobs_start_their_jvm_from_a_class_data_sharing_archive(monkeypatc
     monkeypatch.setenv("JVM_ARGS", "-Xmx1g")  # a user's own JVM_ARGS win
     _jvm_environment()
     assert os.environ["JVM_ARGS"] == "-Xmx1g"
+
+
+def test_two_trainer_workers_on_flink_train_the_single_worker_model(tmp_path):
+    """``run --runner flink --trainers 2`` with per-worker batch b ends with the progressive
+    metrics of one worker with batch 2b (same Examples, each trained once, same order); the
+    weights themselves are compared in tests/test_sharded.py."""
+    import yaml
+
+    from event_datasets.synthetic import SyntheticConfig
+    from event_datasets.synthetic import generate as generate_logs
+    from schemas.spec import spec_path
+
+    logs = tmp_path / "logs"
+    generate_logs(logs, SyntheticConfig(events=12_000, span_hours=6, seed=2))
+    specs = {}
+    for name, batch in (("one", 128), ("two", 64)):
+        raw = yaml.safe_load(spec_path("synthetic").read_text())
+        raw.setdefault("training", {}).update(batch_size=batch, sequential_updates=False)
+        specs[name] = tmp_path / f"{name}.yaml"
+        specs[name].write_text(yaml.safe_dump(raw))
+    base = [sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--logs", str(logs), "--no-progress"]
+    one = _run_to_end(base + ["--spec", str(specs["one"]), "--out", str(tmp_path / "one")])
+    two = _run_to_end(base + ["--spec", str(specs["two"]), "--out", str(tmp_path / "two"), "--trainers", "2"])
+    assert two["trainer_workers"] == 2 and one["trainer_workers"] == 1
+    assert two["examples"] == one["examples"] > 5_000 and two["out_of_order_examples"] == 0
+    assert round(two["auc"], 4) == round(one["auc"], 4)
+    assert two["logloss"] == pytest.approx(one["logloss"], rel=1e-5)
+    windows = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+               for name in ("one", "two")}
+    assert len(windows["two"]) == len(windows["one"]) == two["metric_windows"] > 3  # rows of one model, once
+    for a, b in zip(windows["one"], windows["two"]):
+        assert (a["window_start_ms"], a["examples"]) == (b["window_start_ms"], b["examples"])
+        assert round(a["auc"], 4) == round(b["auc"], 4)
+
+
+def test_several_trainer_workers_are_refused_where_they_cannot_run(tmp_path, capsys):
+    from runners.cli import main
+
+    for extra, named in ((["--runner", "beam"], "need --runner flink"),
+                         (["--runner", "flink", "--model-dir", str(tmp_path / "m")], "cannot publish")):
+        code = main(["run", "--spec", "synthetic", "--logs", str(tmp_path), "--out", str(tmp_path / "o"),
+                     "--trainers", "2", *extra])
+        assert code != 0 and named in capsys.readouterr().err
+
+
+_KEY_GROUPS_JOB = """
+import json, sys
+from pyflink.common import Types
+from pyflink.datastream import KeyedProcessFunction
+from runners.flink_runner import flink_environment
+
+class Where(KeyedProcessFunction):
+    def open(self, context):
+        self.index = context.get_index_of_this_subtask()
+    def process_element(self, value, ctx):
+        yield json.dumps([value[0], self.index])
+
+parallelism, keys = int(sys.argv[1]), int(sys.argv[2])
+env = flink_environment(1)
+stream = env.from_collection([(k, "x") for k in range(keys)], type_info=Types.TUPLE([Types.INT(), Types.STRING()]))
+out = (stream.key_by(lambda v: v[0], key_type=Types.INT()).process(Where(), output_type=Types.STRING())
+       .set_parallelism(parallelism).set_max_parallelism(128))
+with out.execute_and_collect() as results:
+    print(json.dumps(dict(json.loads(r) for r in results)))
+"""
+
+
+def test_the_trainer_copies_keys_reach_the_subtasks_flink_assigns_them():
+    """``flink_records.subtask_of_key`` models PyFlink's key-group assignment; a real job says where
+    each key went (the trainer workers' copies depend on it)."""
+    from pipelines.flink_records import subtask_keys, subtask_of_key
+
+    placed = {int(key): subtask for key, subtask in _run_to_end([sys.executable, "-c", _KEY_GROUPS_JOB, "3", "40"],
+                                                                 180).items()}
+    assert placed == {key: subtask_of_key(key, 3, 128) for key in range(40)}
+    assert [placed[key] for key in subtask_keys(3, 128)] == [0, 1, 2]

@@ -196,3 +196,11 @@ def test_publish_intervals_and_their_older_name_sync():
     # a model directory written before the rename stores the spec with "sync"
     stored = spec_to_json(published).replace('"publish"', '"sync"')
     assert spec_from_json(stored) == published
+
+
+def test_trainer_workers_are_bounded_and_single_worker_settings_refused():
+    two = parse_spec(_with(lambda raw: raw.update(training={"workers": 2, "batch_size": 32})))
+    assert two.training.workers == 2 and not two.training.uses_sequential_updates  # plain updates when sharded
+    assert any("training.workers" in error for error in _errors(_with(lambda raw: raw.update(training={"workers": 0}))))
+    assert any("single-worker" in error for error in _errors(_with(lambda raw: raw.update(
+        training={"workers": 2, "sequential_updates": True}))))

@@ -57,6 +57,16 @@ class _Touched:
     counts: torch.Tensor  # [unique fids] occurrences in the batch
 
 
+def occurrence_gradients(target: torch.Tensor, example: torch.Tensor, inverse: torch.Tensor, fids: int,
+                         pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum, sum of squares) over each fid's occurrences of the occurrence's gradient [fids, dim + 1]:
+    the gradient of its pooled slot (``target``) beside that of its example's wide sum."""
+    grads = torch.cat([pooled_grad.index_select(0, target), wide_grad.index_select(0, example).unsqueeze(1)], dim=1)
+    summed = torch.zeros(fids, grads.shape[1], device=grads.device).index_add_(0, inverse, grads)
+    squares = torch.zeros_like(summed).index_add_(0, inverse, grads * grads)
+    return summed, squares
+
+
 def _dense_optimizer(spec: OptimizerSpec, parameters) -> torch.optim.Optimizer:
     """torch's fused implementations: one kernel per step for all parameters (the per-tensor
     loop was a fifth of a small batch's step)."""
@@ -190,19 +200,24 @@ class OnlineTrainer:
             self._sparse_step(batch_updated, pooled_grad, wide_grad)
         for touched, (steps, squares) in zip(sequential, totals):
             self._apply_sequential(touched, steps, squares)
+        self._end_step(prepared, start, stop)
+        return loss.detach()
+
+    def _end_step(self, prepared: PreparedExamples, start: int, stop: int) -> None:
+        """After the sparse updates of examples ``start:stop``: the dense step (with its linear
+        warm-up), the data time, and the expiry sweep when it is due."""
         warmup = self.spec.training.warmup_steps
         if self.batches < warmup:  # linear warm-up of the dense learning rate
             for group, lr in zip(self.dense_optimizer.param_groups, self.dense_lr):
                 group["lr"] = lr * (self.batches + 1) / warmup
         self.dense_optimizer.step()
         self.batches += 1
-        if n:
+        if stop > start:
             self.data_time_ms = max(self.data_time_ms, int(prepared.times[start:stop].max()))
         if self.data_time_ms - self.last_expiry_ms >= self.expire_every_ms:
             for group in self.groups:
                 group.table.expire(self.data_time_ms)
             self.last_expiry_ms = self.data_time_ms
-        return loss.detach()
 
     def _sequential_rows(self, touched: _Touched, jac_pooled: torch.Tensor,
                          jac_wide: torch.Tensor) -> SequentialRows:
@@ -235,29 +250,28 @@ class OnlineTrainer:
 
     def _sparse_step(self, used: list[_Touched], pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> None:
         """Per touched row: the sum of its occurrences' gradients (an occurrence's gradient is that
-        of the pooled slot, or the wide sum, of its example), CowClip on the deep part if enabled,
-        then the group's sparse optimizer."""
-        cow = self.spec.training.cowclip
-        dim = self.dim
+        of the pooled slot, or the wide sum, of its example), and of their squares; then
+        ``update_rows``."""
         for touched in used:
-            occurrence_grads = torch.cat([pooled_grad.index_select(0, touched.target),
-                                          wide_grad.index_select(0, touched.example).unsqueeze(1)], dim=1)
-            grad = torch.zeros(len(touched.rows), dim + 1, device=self.device).index_add_(
-                0, touched.inverse, occurrence_grads)
-            if cow.enabled:  # the deep part only: wide weights are not clipped
-                weights = touched.group.table.gather(touched.rows)
-                grad = torch.cat([cowclip(grad[:, :dim], weights[:, :dim], touched.counts, cow.ratio, cow.min_clip),
-                                  grad[:, dim:]], dim=1)
-            squares = None
-            if touched.group.optimizer.spec.kind in (OptimizerKind.ADAGRAD, OptimizerKind.FTRL):
-                squares = torch.zeros(len(touched.rows), dim + 1, device=self.device).index_add_(
-                    0, touched.inverse, occurrence_grads * occurrence_grads)
-            rows = touched.rows
-            if touched.group.table.sketch is not None:
-                admitted = rows >= 0  # filtered fids have no row and get no update
-                rows, grad = rows[admitted], grad[admitted]
-                squares = squares[admitted] if squares is not None else None
-            touched.group.optimizer.step(touched.group.table, rows, grad, squares)
+            grad, squares = occurrence_gradients(touched.target, touched.example, touched.inverse, len(touched.rows),
+                                                 pooled_grad, wide_grad)
+            self.update_rows(touched.group, touched.rows, grad, squares, touched.counts)
+
+    def update_rows(self, group: TableGroup, rows: torch.Tensor, grad: torch.Tensor, squares: torch.Tensor,
+                    counts: torch.Tensor) -> None:
+        """One sparse step on ``rows`` (unique; -1: held back by the frequency filter, no update)
+        given their summed gradients [rows, dim + 1], summed squared gradients and occurrence
+        ``counts``: CowClip on the deep part if enabled, then the group's sparse optimizer."""
+        cow, dim = self.spec.training.cowclip, self.dim
+        if cow.enabled:  # the deep part only: wide weights are not clipped
+            weights = group.table.gather(rows)
+            grad = torch.cat([cowclip(grad[:, :dim], weights[:, :dim], counts, cow.ratio, cow.min_clip),
+                              grad[:, dim:]], dim=1)
+        uses_squares = group.optimizer.spec.kind in (OptimizerKind.ADAGRAD, OptimizerKind.FTRL)
+        if group.table.sketch is not None:
+            admitted = rows >= 0  # filtered fids have no row and get no update
+            rows, grad, squares = rows[admitted], grad[admitted], squares[admitted]
+        group.optimizer.step(group.table, rows, grad, squares if uses_squares else None)
 
     def _fold_metrics(self) -> None:
         """Add the scores of trained batches to the progressive metrics (done lazily: a batch's

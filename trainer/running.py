@@ -51,12 +51,21 @@ def after_position(examples: pa.Table, position) -> pa.Table:
 class RunningTrainer:
     """One run's trainer with its publisher, progress bar and timing (lives in the worker)."""
 
-    def __init__(self, spec: FeatureSpec, device: str, progress: bool, publishing: PublishOptions | None = None):
+    def __init__(self, spec: FeatureSpec, device: str, progress: bool, publishing: PublishOptions | None = None,
+                 collectives=None):
+        """``collectives`` (``trainer.sharded.Collectives``): this is one of ``training.workers``
+        workers of a sharded trainer; every worker trains the same global batches of
+        ``workers * batch_size`` examples."""
         from trainer.online import OnlineTrainer
         from trainer.publish import Position, Publisher, restore_trainer
         from trainer.report import Progress
 
-        self.trainer = OnlineTrainer(spec, device=device)
+        if collectives is not None:
+            from trainer.sharded import ShardedTrainer
+
+            self.trainer = ShardedTrainer(spec, collectives, device=device)
+        else:
+            self.trainer = OnlineTrainer(spec, device=device)
         self.position = Position()
         self.resumed_from = None
         self.resumed_at = None  # the restored snapshot's position: what it had trained
@@ -87,7 +96,7 @@ class RunningTrainer:
         self._mark_stores()
         self.trained_this_run = 0
         self.excluded = 0  # examples re-trained after a resume and left out of the metrics
-        self.batch_size = spec.training.batch_size
+        self.batch_size = spec.training.batch_size * (collectives.world if collectives is not None else 1)
         self.snapshot_taken = False  # whether the last train() published a snapshot
         self.snapshot_position = None  # the position of this run's newest snapshot
         self.progress = Progress() if progress else None
@@ -151,6 +160,8 @@ class RunningTrainer:
         summary["examples_trained"] = self.position.examples  # by this run and the snapshot it resumed from
         summary["examples_trained_this_run"] = self.trained_this_run
         summary["examples_per_s"] = round(self.trained_this_run / self.seconds) if self.trained_this_run else None
+        summary["trainer_workers"] = getattr(getattr(self.trainer, "comm", None), "world", 1)
+        summary["sequential_updates"] = self.trainer.sequential_updates
         summary["late_metric_examples"] = self.trainer.window_metrics.late_examples
         summary["out_of_order_examples"] = self.out_of_order
         tables = [group.table for group in self.trainer.groups]
