@@ -32,6 +32,8 @@ from trainer.publish import (
     read_manifest,
     read_sparse_delta,
     read_spec,
+    snapshot_tables,
+    sparse_parts,
     verify,
 )
 from trainer.ranking_model import RankingModel, table_configs
@@ -146,8 +148,9 @@ class ServingModel:
         model = RankingModel(self.spec, self.device, optimizer_state=False,
                              embedding_dtype="float16" if self.fp16 else "float32")
         for index, group in enumerate(model.groups):
-            rows, _, _ = read_rows(self.dir / entry["path"] / f"table-{index}.arrow", with_state=False)
-            group.table.put_rows(rows)
+            for part in snapshot_tables(entry, index):  # (one per shard of a sharded trainer)
+                rows, _, _ = read_rows(self.dir / part, with_state=False)
+                group.table.put_rows(rows)
         state = load_tensors(self.dir / entry["path"] / "state.pt", f"version {entry['version']} (snapshot)",
                              self.device)
         model.net.load_state_dict(state["model"])
@@ -167,7 +170,7 @@ class ServingModel:
                 self.model.net.load_state_dict(weights)
                 self._applied(entry)
             return
-        groups = read_sparse_delta(path)
+        groups = [group for part in sparse_parts(entry) for group in read_sparse_delta(self.dir / part)]
         with self.lock:
             for index, removed, rows in groups:
                 table: EmbeddingTable = self.model.groups[index].table

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -97,10 +98,10 @@ def _committed(directory: Path, suffix: str) -> list[Path]:
     return sorted(directory.glob(f"part-*{suffix}"))
 
 
-@pytest.mark.parametrize("parallelism", [1, 2])
-def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_path, parallelism):
-    """The training job (at parallelism 2: two split and join instances feeding the one trainer)
-    is SIGKILLed (its process group: driver, JVM, Python workers) after a
+@pytest.mark.parametrize("parallelism, trainers", [(1, 1), (2, 1), (1, 2)])
+def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_path, parallelism, trainers):
+    """The training job (at parallelism 2: two split and join instances feeding the one trainer;
+    with 2 trainers: one model trained by two workers, each publishing its shard) is SIGKILLed (its process group: driver, JVM, Python workers) after a
     checkpoint and a model snapshot; ``--resume`` restarts it from the newest retained checkpoint
     and snapshot. Every Example is written exactly once (the committed parts of the killed run
     plus the restarted run's) and trained exactly once."""
@@ -117,7 +118,7 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
     generate(logs, SyntheticConfig(events=80_000, span_hours=96, seed=1))  # snapshots daily: 3 mid-stream
     command = [sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--spec", "synthetic", "--logs",
                str(logs), "--out", str(out), "--model-dir", str(model), "--no-progress", "--checkpoint-every", "1",
-               "--events-per-step", "2048", "--parallelism", str(parallelism)]
+               "--events-per-step", "2048", "--parallelism", str(parallelism), "--trainers", str(trainers)]
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -140,6 +141,7 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
 
     summary = _run_to_end(command + ["--resume"])
     assert summary["restored_from_checkpoint"] and summary["resumed_from_version"] is not None
+    assert summary["trainer_workers"] == trainers
 
     run_job(load_spec("synthetic"), JobOptions(out=tmp_path / "beam", logs=logs, mode=Mode.REPLAY))
     flink_examples, beam_examples = _examples(out), _examples(tmp_path / "beam")
@@ -269,13 +271,14 @@ def test_local_jobs_start_their_jvm_from_a_class_data_sharing_archive(monkeypatc
 
 def test_two_trainer_workers_on_flink_train_the_single_worker_model(tmp_path):
     """``run --runner flink --trainers 2`` with per-worker batch b ends with the progressive
-    metrics of one worker with batch 2b (same Examples, each trained once, same order); the
-    weights themselves are compared in tests/test_sharded.py."""
+    metrics of one worker with batch 2b (same Examples, each trained once, same order), and its
+    published model (each version in two shards' parts) serves the same predictions."""
     import yaml
 
     from event_datasets.synthetic import SyntheticConfig
     from event_datasets.synthetic import generate as generate_logs
     from schemas.spec import spec_path
+    from serving.model import ServingModel
 
     logs = tmp_path / "logs"
     generate_logs(logs, SyntheticConfig(events=12_000, span_hours=6, seed=2))
@@ -286,8 +289,10 @@ def test_two_trainer_workers_on_flink_train_the_single_worker_model(tmp_path):
         specs[name] = tmp_path / f"{name}.yaml"
         specs[name].write_text(yaml.safe_dump(raw))
     base = [sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--logs", str(logs), "--no-progress"]
-    one = _run_to_end(base + ["--spec", str(specs["one"]), "--out", str(tmp_path / "one")])
-    two = _run_to_end(base + ["--spec", str(specs["two"]), "--out", str(tmp_path / "two"), "--trainers", "2"])
+    one = _run_to_end(base + ["--spec", str(specs["one"]), "--out", str(tmp_path / "one"),
+                              "--model-dir", str(tmp_path / "model-one")])
+    two = _run_to_end(base + ["--spec", str(specs["two"]), "--out", str(tmp_path / "two"), "--trainers", "2",
+                              "--model-dir", str(tmp_path / "model-two")])
     assert two["trainer_workers"] == 2 and one["trainer_workers"] == 1
     assert two["examples"] == one["examples"] > 5_000 and two["out_of_order_examples"] == 0
     assert round(two["auc"], 4) == round(one["auc"], 4)
@@ -298,13 +303,21 @@ def test_two_trainer_workers_on_flink_train_the_single_worker_model(tmp_path):
     for a, b in zip(windows["one"], windows["two"]):
         assert (a["window_start_ms"], a["examples"]) == (b["window_start_ms"], b["examples"])
         assert round(a["auc"], 4) == round(b["auc"], 4)
+    served = [ServingModel(tmp_path / name) for name in ("model-one", "model-two")]
+    for model in served:
+        model.refresh()
+    assert served[1].version == served[0].version > 2
+    examples = _examples(tmp_path / "one").slice(0, 400)
+    np.testing.assert_allclose(served[1].model.predict_features(examples.column("fids"), examples.column("dense")),
+                               served[0].model.predict_features(examples.column("fids"), examples.column("dense")),
+                               rtol=1e-4, atol=1e-5)
 
 
 def test_several_trainer_workers_are_refused_where_they_cannot_run(tmp_path, capsys):
     from runners.cli import main
 
     for extra, named in ((["--runner", "beam"], "need --runner flink"),
-                         (["--runner", "flink", "--model-dir", str(tmp_path / "m")], "cannot publish")):
+                         (["--runner", "flink", "--store", "redis://127.0.0.1:1"], "row store")):
         code = main(["run", "--spec", "synthetic", "--logs", str(tmp_path), "--out", str(tmp_path / "o"),
                      "--trainers", "2", *extra])
         assert code != 0 and named in capsys.readouterr().err

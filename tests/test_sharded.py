@@ -3,17 +3,15 @@ one worker trained on the global batch - dense weights, every embedding row and 
 from __future__ import annotations
 
 import dataclasses
-import socket
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from schemas.spec import load_spec
-from trainer.sharded import owner_of
+from trainer.sharded import owner_of, run_local_workers
 
 PER_WORKER_BATCH = 64
 
@@ -27,31 +25,32 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()) + 1e-12)
 
 
-def _spec():
+def _spec(batch_size: int = 2 * PER_WORKER_BATCH):
     spec = load_spec("synthetic")
-    training = dataclasses.replace(spec.training, batch_size=2 * PER_WORKER_BATCH, sequential_updates=False)
+    training = dataclasses.replace(spec.training, batch_size=batch_size, sequential_updates=False)
     return dataclasses.replace(spec, training=training)
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _train(examples_path: str, model_dir: str, collectives=None):
+    """Train the examples (RunningTrainer: the trainer's order, batches, publishing to ``model_dir``):
+    with ``collectives``, a worker's batch of ``PER_WORKER_BATCH``; alone, the global batch."""
+    from trainer.running import PublishOptions, RunningTrainer
+
+    spec = _spec(PER_WORKER_BATCH if collectives is not None else 2 * PER_WORKER_BATCH)
+    running = RunningTrainer(spec, "cpu", False, PublishOptions(model_dir), collectives)
+    running.train([pq.read_table(examples_path)], flush=True)
+    running.finish()
+    return running
 
 
 def _worker(rank: int, world: int, port: int, examples_path: str, out: str) -> None:
     import torch.distributed as dist
 
-    from trainer.sharded import Collectives, ShardedTrainer
+    from trainer.sharded import Collectives
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        trainer = ShardedTrainer(_spec(), Collectives())
-        examples = pq.read_table(examples_path)
-        prepared = trainer.prepare(examples)
-        batch = world * PER_WORKER_BATCH
-        for start in range(0, prepared.n, batch):
-            trainer.train_prepared(prepared, start, min(start + batch, prepared.n))
+        trainer = _train(examples_path, f"{out}/model-2", Collectives()).trainer
         rows = [group.table.all_rows() for group in trainer.groups]
         torch.save({"model": trainer.model.state_dict(), "metrics": trainer.metrics.summary(),
                     "rows": [(r.fids, r.embeddings, r.state) for r in rows]}, f"{out}/worker-{rank}.pt")
@@ -72,27 +71,14 @@ def examples_file(tmp_path_factory):
 
 
 def test_two_workers_end_with_the_single_worker_model(examples_file, tmp_path):
-    from trainer.online import OnlineTrainer
+    from serving.model import ServingModel
+    from trainer.publish import read_manifest
 
     world = 2
-    context = mp.get_context("spawn")
-    port = _free_port()
-    workers = [context.Process(target=_worker, args=(rank, world, port, str(examples_file), str(tmp_path)))
-               for rank in range(world)]
-    for worker in workers:
-        worker.start()
-    try:
-        for worker in workers:
-            worker.join(timeout=300)
-    finally:
-        for worker in workers:
-            if worker.is_alive():
-                worker.kill()  # (by its process id)
-                worker.join()
-    assert [worker.exitcode for worker in workers] == [0, 0]
+    run_local_workers(_worker, world, str(examples_file), str(tmp_path), timeout_s=300)
 
-    single = OnlineTrainer(_spec())
-    expected_metrics = single.train(pq.read_table(examples_file), batch_size=world * PER_WORKER_BATCH)
+    single = _train(str(examples_file), str(tmp_path / "model-1")).trainer
+    expected_metrics = single.metrics.summary()
     results = [torch.load(tmp_path / f"worker-{rank}.pt", weights_only=True) for rank in range(world)]
     for result in results:
         assert result["metrics"]["examples"] == expected_metrics["examples"]
@@ -110,3 +96,15 @@ def test_two_workers_end_with_the_single_worker_model(examples_file, tmp_path):
         _assert_close(torch.cat([p[1] for p in parts])[order], whole.embeddings)
         _assert_close(torch.cat([p[2] for p in parts])[order], whole.state)
     assert len(np.unique(torch.cat([r["rows"][0][0] for r in results]).numpy())) > 100
+
+    # Published: every version of the K=2 model has both shards' parts; served, it answers as K=1
+    one, two = read_manifest(tmp_path / "model-1"), read_manifest(tmp_path / "model-2")
+    assert [e["kind"] for e in two] == [e["kind"] for e in one] and len(two) > 3
+    assert all(e["shards"] == 2 for e in two) and all(e["shards"] == 1 for e in one)
+    examples = pq.read_table(examples_file).slice(0, 500)
+    served = [ServingModel(tmp_path / name) for name in ("model-1", "model-2")]
+    for model in served:
+        assert model.refresh() and model.version == len(one)
+    expected = served[0].model.predict_features(examples.column("fids"), examples.column("dense"))
+    got = served[1].model.predict_features(examples.column("fids"), examples.column("dense"))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -10,11 +10,18 @@ Layout of ``MODEL_DIR`` (a local directory)::
     v000003-dense.pt              dense weights
 
 Every entry is ``{"version", "kind": "snapshot"|"sparse"|"dense", "path", "base_version",
-"data_time_ms", "published_at", "sha256": {file: hex}}``; ``base_version`` is the version it
+"data_time_ms", "published_at", "sha256": {file: hex}, "shards"}``; ``base_version`` is the version it
 applies on top of (the previous one). Files are complete before the manifest names them (written
 under a temporary name, then renamed), so a reader never sees a half-written version; the
 checksums catch files damaged later. Versions are applied in order: snapshot, then each delta
 whose ``base_version`` is the version in hand.
+
+A model trained by K workers (``trainer.sharded``, ``"shards": K``; 1 when absent) publishes
+each version in K parts: worker r writes the rows it owns (``v000002-sparse-<r>.arrow``,
+``v000001-snapshot/table-<g>-<r>.arrow``), worker 0 the dense weights and training state; the
+workers meet at a barrier once their parts are written, and only then does worker 0 name the
+version in the manifest - so every version a reader sees is complete. A snapshot holds every
+shard at the same position (they train in lockstep), and a resume needs the same K.
 
 Nothing read from a model directory can run code: the spec is JSON, tables are Arrow, and
 ``.pt`` files are loaded with ``torch.load(weights_only=True)`` (tensors and plain containers
@@ -116,6 +123,9 @@ def check_entry(model_dir: Path, entry, index: int) -> dict:
     _field(entry, "data_time_ms", (int,), where)
     _field(entry, "published_at", (int, float), where)
     _inside(model_dir, _field(entry, "path", (str,), where), where)
+    shards = entry.setdefault("shards", 1)
+    if not isinstance(shards, int) or isinstance(shards, bool) or shards < 1:
+        raise ModelDirError(f"{where}: 'shards' must be a positive integer, got {shards!r:.80}")
     checksums = _field(entry, "sha256", (dict,), where)
     for name, digest in checksums.items():
         _inside(model_dir, name, where)
@@ -152,6 +162,29 @@ def verify(model_dir: Path, entry: dict) -> None:
             raise ModelDirError(f"version {entry['version']} ({entry['kind']}): {name} is missing")
         if _sha256(path) != expected:
             raise ModelDirError(f"version {entry['version']} ({entry['kind']}): {name} is corrupt (checksum mismatch)")
+
+
+def _listed(entry: dict, names: list[str]) -> list[str]:
+    """``names``, each a file the entry lists with its checksum (so ``verify`` covers it)."""
+    for name in names:
+        if name not in entry["sha256"]:
+            raise ModelDirError(f"version {entry['version']} ({entry['kind']}): {name} is not listed in its checksums")
+    return names
+
+
+def sparse_parts(entry: dict) -> list[str]:
+    """The files of a sparse delta: one per shard (their union is the delta)."""
+    if entry["shards"] == 1:
+        return _listed(entry, [entry["path"]])
+    stem = entry["path"].removesuffix("-0.arrow")
+    return _listed(entry, [f"{stem}-{shard}.arrow" for shard in range(entry["shards"])])
+
+
+def snapshot_tables(entry: dict, group: int) -> list[str]:
+    """The files of one table of a snapshot: one per shard, each holding the rows its worker owns."""
+    if entry["shards"] == 1:
+        return _listed(entry, [f"{entry['path']}/table-{group}.arrow"])
+    return _listed(entry, [f"{entry['path']}/table-{group}-{shard}.arrow" for shard in range(entry["shards"])])
 
 
 def _sparse_schema(width: int) -> pa.Schema:
@@ -207,9 +240,11 @@ class Publisher:
             raise ValueError(f"clock must be 'event' or 'processing', got {clock!r}")
         self.trainer, self.dir, self.clock = trainer, Path(model_dir), clock
         self._now = now_ms or (lambda: int(time.time() * 1000))
+        self.comm = getattr(trainer, "comm", None)  # a sharded trainer's workers (trainer.sharded)
+        self.shard, self.shards = (0, 1) if self.comm is None else (self.comm.rank, self.comm.world)
         self.dir.mkdir(parents=True, exist_ok=True)
         spec_path = self.dir / SPEC_FILE
-        if not spec_path.is_file():
+        if self.shard == 0 and not spec_path.is_file():
             with atomic_write(spec_path, "w") as out:
                 out.write(spec_to_json(trainer.spec))
         self.entries = read_manifest(self.dir)
@@ -239,21 +274,34 @@ class Publisher:
 
     # -- versions -----------------------------------------------------------------------------
 
+    def _barrier(self) -> None:
+        if self.comm is not None:
+            self.comm.barrier()
+
     def _commit(self, kind: str, path: str, files: list[str]) -> dict:
+        """Name a version in the manifest once every shard has written its part of ``files``
+        (the names of all parts: every worker passes the same list)."""
+        self._barrier()
         entry = {"version": self.version + 1, "kind": kind, "path": path, "base_version": self.version,
                  "data_time_ms": int(self.trainer.data_time_ms), "published_at": time.time(),
-                 "sha256": {name: _sha256(self.dir / name) for name in files}}
+                 "shards": self.shards,
+                 "sha256": {name: _sha256(self.dir / name) for name in files} if self.shard == 0 else {}}
         self.entries.append(entry)
-        with atomic_write(self.dir / MANIFEST, "w") as out:
-            json.dump({"versions": self.entries}, out, indent=1)
+        if self.shard == 0:
+            with atomic_write(self.dir / MANIFEST, "w") as out:
+                json.dump({"versions": self.entries}, out, indent=1)
         self.version += 1
         for due in (self.last if kind == "snapshot" else [kind]):  # a snapshot holds the rows and weights too
             self.last[due] = self.now()
         self.published_bytes[kind] = sum((self.dir / name).stat().st_size for name in files)
         return entry
 
+    def _part(self, name: str, shard: int) -> str:
+        """A file of this version, for one shard (the name itself with one shard)."""
+        return name if self.shards == 1 else name.replace(".arrow", f"-{shard}.arrow")
+
     def publish_sparse(self) -> dict:
-        name = f"v{self.version + 1:06d}-sparse.arrow"
+        name = self._part(f"v{self.version + 1:06d}-sparse.arrow", self.shard)
         parts = []
         for index, group in enumerate(self.trainer.groups):
             delta = group.table.take_delta()
@@ -275,31 +323,39 @@ class Publisher:
         table = pa.concat_tables(parts)
         with atomic_write(self.dir / name) as out, pa.ipc.new_file(out, table.schema) as writer:
             writer.write_table(table)
-        return self._commit("sparse", name, [name])
+        first = f"v{self.version + 1:06d}-sparse.arrow"
+        return self._commit("sparse", self._part(first, 0), [self._part(first, s) for s in range(self.shards)])
 
     def publish_dense(self) -> dict:
         name = f"v{self.version + 1:06d}-dense.pt"
-        buffer = io.BytesIO()
-        torch.save({k: v.cpu() for k, v in self.trainer.model.state_dict().items()}, buffer)
-        with atomic_write(self.dir / name) as out:
-            out.write(buffer.getvalue())
+        if self.shard == 0:  # (the dense weights are the same on every worker)
+            buffer = io.BytesIO()
+            torch.save({k: v.cpu() for k, v in self.trainer.model.state_dict().items()}, buffer)
+            with atomic_write(self.dir / name) as out:
+                out.write(buffer.getvalue())
         return self._commit("dense", name, [name])
 
     def publish_snapshot(self, position: Position) -> dict:
         name = f"v{self.version + 1:06d}-snapshot"
         staging = self.dir / f".{name}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
+        if self.shard == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+        self._barrier()  # (the staging directory exists for every shard)
         files = []
         for index, group in enumerate(self.trainer.groups):
-            save_table(group.table, staging / f"table-{index}.arrow")
-            files.append(f"{name}/table-{index}.arrow")
-        state = self.trainer.training_state()
-        state["position"] = position.__dict__.copy()
-        state["rng"] = torch.get_rng_state()
-        torch.save(state, staging / "state.pt")
+            table = f"table-{index}.arrow"
+            save_table(group.table, staging / self._part(table, self.shard))
+            files += [f"{name}/{self._part(table, shard)}" for shard in range(self.shards)]
+        state = self.trainer.training_state()  # (collective-free: every worker computes it)
+        if self.shard == 0:
+            state["position"] = position.__dict__.copy()
+            state["rng"] = torch.get_rng_state()
+            torch.save(state, staging / "state.pt")
         files.append(f"{name}/state.pt")
-        os.replace(staging, self.dir / name)  # the whole directory appears at once
+        self._barrier()  # every shard's tables are written
+        if self.shard == 0:
+            os.replace(staging, self.dir / name)  # the whole directory appears at once
         for group in self.trainer.groups:  # a reader at this version has every row: the next delta starts here
             group.table.reset_delta()
         return self._commit("snapshot", name, files)
@@ -318,10 +374,15 @@ def restore_trainer(trainer, model_dir: str | Path) -> tuple[Position, dict]:
     if entry is None:
         raise ModelDirError(f"{model_dir}: no snapshot to resume from")
     verify(model_dir, entry)
+    comm = getattr(trainer, "comm", None)
+    shard, shards = (0, 1) if comm is None else (comm.rank, comm.world)
+    if entry["shards"] != shards:
+        raise ModelDirError(f"version {entry['version']} (snapshot) was trained by {entry['shards']} worker(s): "
+                            f"resume it with as many, not {shards}")
     for index, group in enumerate(trainer.groups):
         store = group.table.store  # with an external store the snapshot holds the cache; the store the rest
         cached = {} if store is None else {"max_rows": group.table.config.max_rows}
-        loaded = load_table(model_dir / entry["path"] / f"table-{index}.arrow", store=store,
+        loaded = load_table(model_dir / snapshot_tables(entry, index)[shard], store=store,
                             device=str(trainer.device), **cached)
         group.table = loaded
     state = load_tensors(model_dir / entry["path"] / "state.pt", f"version {entry['version']} (snapshot)",

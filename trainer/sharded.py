@@ -67,6 +67,9 @@ class Collectives:
         dist.all_to_all_single(received, send.contiguous(), recv_counts, send_counts, group=self.group)
         return received, recv_counts
 
+    def barrier(self) -> None:
+        dist.barrier(group=self.group)
+
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
@@ -192,3 +195,30 @@ class ShardedTrainer(OnlineTrainer):
 
     def predict_logits(self, examples: pa.Table) -> np.ndarray:
         raise NotImplementedError("a sharded trainer holds part of each table: serve its published model")
+
+
+def run_local_workers(target, workers: int, *args, timeout_s: float = 1_800) -> None:
+    """Run ``target(rank, workers, port, *args)`` in ``workers`` spawned processes on this machine
+    (``port``: a free loopback port for ``init_process_group``'s ``tcp://127.0.0.1:port``);
+    processes still running after ``timeout_s`` are killed by process id. Raises if one failed."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    context = mp.get_context("spawn")
+    processes = [context.Process(target=target, args=(rank, workers, port, *args)) for rank in range(workers)]
+    for process in processes:
+        process.start()
+    try:
+        for process in processes:
+            process.join(timeout=timeout_s)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+    if any(process.exitcode != 0 for process in processes):
+        raise RuntimeError(f"a worker failed: exit codes {[process.exitcode for process in processes]}")
