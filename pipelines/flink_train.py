@@ -23,7 +23,9 @@ subtask 0 emits the metric rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -62,8 +64,13 @@ class TrainStream(KeyedProcessFunction):
 
         self.waiting = runtime_context.get_list_state(ListStateDescriptor("waiting", Types.PICKLED_BYTE_ARRAY()))
         self.trained = runtime_context.get_list_state(ListStateDescriptor("trained", Types.PICKLED_BYTE_ARRAY()))
-        resume = self.publishing is not None and self.publishing.resume
+        publishing = _after_restart(self.publishing, runtime_context.get_attempt_number())
+        resume = publishing is not None and publishing.resume
         self.rank, self.workers = runtime_context.get_index_of_this_subtask(), self.spec.training.workers
+        if self.rendezvous_dir is not None:  # (who is which worker: for operators and the kill test)
+            os.makedirs(self.rendezvous_dir, exist_ok=True)
+            with open(os.path.join(self.rendezvous_dir, f"trainer-{self.rank}.pid"), "w") as out:
+                out.write(str(os.getpid()))
         if runtime_context.get_number_of_parallel_subtasks() != self.workers:
             raise RuntimeError(f"the trainer runs {runtime_context.get_number_of_parallel_subtasks()} subtasks "
                                f"for {self.workers} workers")
@@ -72,9 +79,10 @@ class TrainStream(KeyedProcessFunction):
         if self.workers > 1:
             collectives = _join_workers(self.rendezvous_dir, runtime_context.get_attempt_number(), self.rank,
                                         self.workers)
-        self.running = RunningTrainer(self.spec, self.device, self.progress and self.rank == 0, self.publishing,
+        self.running = RunningTrainer(self.spec, self.device, self.progress and self.rank == 0, publishing,
                                       collectives)
-        self.replay_trained = resume  # first firing after a restore: re-train the kept tables
+        # first firing after a restore: re-train the kept tables (all of them when no snapshot had been published)
+        self.replay_trained = resume or (publishing is not None and runtime_context.get_attempt_number() > 0)
         self.keep = self.publishing is not None
         self.timers: set[int] = set()
         self.clock = BusyClock("train", self.timing_dir)
@@ -169,3 +177,16 @@ def _join_workers(rendezvous_dir: str, attempt: int, rank: int, workers: int):
 
 
 COLLECTIVE_TIMEOUT_S = 300
+
+
+def _after_restart(publishing: PublishOptions | None, attempt: int) -> PublishOptions | None:
+    """Flink restarted the job (``attempt`` > 0, e.g. after a worker process died): the model
+    lives in the worker's memory, so it resumes from the newest snapshot in the model directory,
+    as ``--resume`` does (the checkpoint restores the tables trained after it)."""
+    if publishing is None or publishing.resume or attempt == 0:
+        return publishing
+    from trainer.publish import newest_snapshot, read_manifest
+
+    if newest_snapshot(read_manifest(publishing.model_dir)) is None:
+        return publishing  # (nothing published yet: the kept tables are all there is; train them afresh)
+    return dataclasses.replace(publishing, resume=True)

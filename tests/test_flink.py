@@ -354,3 +354,49 @@ def test_the_trainer_copies_keys_reach_the_subtasks_flink_assigns_them():
                                                                  180).items()}
     assert placed == {key: subtask_of_key(key, 3, 128) for key in range(40)}
     assert [placed[key] for key in subtask_keys(3, 128)] == [0, 1, 2]
+
+
+def test_a_killed_trainer_worker_is_restarted_by_flink_from_the_snapshot_and_checkpoint(tmp_path):
+    """SIGKILL one trainer worker's Python process (its pid from OUT/.rendezvous) of a K=2 job:
+    Flink restarts the job from its checkpoint, every worker resumes from its shard of the newest
+    snapshot, and the job ends by itself with every Example trained once, in order."""
+    import time
+
+    from event_datasets.synthetic import SyntheticConfig, generate
+    from trainer.publish import read_manifest
+
+    logs, out, model = tmp_path / "logs", tmp_path / "flink", tmp_path / "model"
+    generate(logs, SyntheticConfig(events=80_000, span_hours=96, seed=1))
+    command = [sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--spec", "synthetic", "--logs",
+               str(logs), "--out", str(out), "--model-dir", str(model), "--no-progress", "--checkpoint-every", "1",
+               "--events-per-step", "2048", "--trainers", "2"]
+    job = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, killed = time.monotonic() + 240, None
+        while time.monotonic() < deadline and job.poll() is None and killed is None:
+            snapshots = [e for e in read_manifest(model) if e["kind"] == "snapshot"] if model.exists() else []
+            pid_file = out / ".rendezvous" / "trainer-1.pid"
+            if len(snapshots) >= 2 and _checkpointed(out) and pid_file.is_file():
+                killed = int(pid_file.read_text())
+                os.kill(killed, signal.SIGKILL)  # one worker's Python process, by its id
+            time.sleep(0.2)
+        assert killed is not None, "the job ended before a worker could be killed"
+        stdout, stderr = job.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        job.wait()
+    assert job.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["resumed_from_version"] is not None  # the restarted workers came from a snapshot
+    assert summary["examples"] == _examples(out).num_rows > 50_000  # each Example trained once
+    assert summary["out_of_order_examples"] == 0
+
+
+def _checkpointed(out: Path) -> bool:
+    from runners.flink_runner import newest_checkpoint
+
+    return newest_checkpoint(out / ".checkpoints") is not None
