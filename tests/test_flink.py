@@ -21,6 +21,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _kill_group(job: subprocess.Popen) -> None:
+    """SIGKILL a job's process group (driver, JVM, Python workers: a JVM the driver left behind) and reap it."""
+    try:
+        os.killpg(job.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    job.wait()
+
+
 def _run_to_end(command: list[str], timeout_s: float = 300) -> dict:
     """Run a ``streamrec`` command in its own process group to its end (the group - driver, JVM,
     Python workers - is SIGKILLed afterwards or on timeout); returns its JSON summary."""
@@ -29,11 +38,7 @@ def _run_to_end(command: list[str], timeout_s: float = 300) -> dict:
     try:
         stdout, stderr = job.communicate(timeout=timeout_s)
     finally:
-        try:
-            os.killpg(job.pid, signal.SIGKILL)  # a JVM left behind by the driver
-        except ProcessLookupError:
-            pass
-        job.wait()
+        _kill_group(job)
     assert job.returncode == 0, stderr[-3000:]
     return json.loads(stdout.strip().splitlines()[-1])
 
@@ -209,10 +214,7 @@ def test_live_job_reads_log_files_as_they_appear_and_drains_when_stopped(tmp_pat
         job.send_signal(signal.SIGTERM)  # the driver: a graceful, draining stop
         stdout, stderr = job.communicate(timeout=240)
     finally:
-        try:
-            os.killpg(job.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        _kill_group(job)
     assert job.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["mode"] == "flink live" and summary["examples"] == 5  # joined and trained
@@ -384,11 +386,7 @@ def test_a_killed_trainer_worker_is_restarted_by_flink_from_the_snapshot_and_che
         assert killed is not None, "the job ended before a worker could be killed"
         stdout, stderr = job.communicate(timeout=300)
     finally:
-        try:
-            os.killpg(job.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        job.wait()
+        _kill_group(job)
     assert job.returncode == 0, stderr[-3000:]
     summary = json.loads(stdout.strip().splitlines()[-1])
     assert summary["resumed_from_version"] is not None  # the restarted workers came from a snapshot
