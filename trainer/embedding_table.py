@@ -21,7 +21,7 @@ from schemas.fids import HASH_BITS, MAX_SLOT_ID
 from trainer.cuckoo_index import CuckooIndex
 from trainer.frequency_filter import CountMinSketch
 from trainer.initializers import initial_values
-from trainer.rows import Delta, RowBatch, RowStore
+from trainer.rows import Delta, RowBatch, RowStore, max_per_group
 from trainer.table_config import NEVER, SlotPolicy, TableConfig
 
 
@@ -176,8 +176,7 @@ class EmbeddingTable:
         counts = counts.to(self.device)
         times = torch.as_tensor(event_time_ms, dtype=torch.int64, device=self.device)
         if inverse is not None and times.dim() == 1:
-            times = torch.zeros(len(fids), dtype=torch.int64, device=self.device).scatter_reduce_(
-                0, inverse, times, reduce="amax", include_self=False)
+            times = max_per_group(times, inverse, len(fids))
         times = times.expand(len(fids)) if times.dim() == 0 else times
         rows = self.index.find(fids)[0] if rows is None or inverse is not None else rows.clone()
         missing = rows < 0
@@ -339,8 +338,7 @@ class EmbeddingTable:
             # A row evicted and fetched back later appears twice: keep the newest (last) copy.
             last = torch.zeros(len(updated), dtype=torch.bool, device=self.device)
             uniq, inverse = torch.unique(updated.fids, return_inverse=True)
-            newest = torch.zeros(len(uniq), dtype=torch.int64, device=self.device).scatter_reduce_(
-                0, inverse, torch.arange(len(updated), device=self.device), reduce="amax", include_self=False)
+            newest = max_per_group(torch.arange(len(updated), device=self.device), inverse, len(uniq))
             last[newest] = True
             updated = updated.select(last)
         removed = torch.cat(self.removed_fids) if self.removed_fids else torch.empty(0, dtype=torch.int64,

@@ -34,6 +34,7 @@ from trainer.embedding_table import EmbeddingTable
 from trainer.in_batch import NEWTON_STEPS, SequentialRows, sequential_logits
 from trainer.metrics import ProgressiveMetrics, WindowedMetrics
 from trainer.ranking_model import GroupFids, PreparedExamples, RankingModel, ResolvedWindow, TableGroup
+from trainer.rows import max_per_group
 
 #: Expiry sweeps (each scans a table) run every hour of data time, or every 1/100 of the shortest
 #: ``expire_after`` if longer: a row lives at most 1 % (or an hour) past its expiry.
@@ -58,13 +59,16 @@ class _Touched:
 
 
 def occurrence_gradients(target: torch.Tensor, example: torch.Tensor, inverse: torch.Tensor, fids: int,
-                         pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum, sum of squares) over each fid's occurrences of the occurrence's gradient [fids, dim + 1]:
-    the gradient of its pooled slot (``target``) beside that of its example's wide sum."""
+                         pooled_grad: torch.Tensor, wide_grad: torch.Tensor,
+                         with_squares: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum, sum of squares if ``with_squares``) over each fid's occurrences of the occurrence's
+    gradient [fids, dim + 1]: the gradient of its pooled slot (``target``) beside that of its
+    example's wide sum."""
     grads = torch.cat([pooled_grad.index_select(0, target), wide_grad.index_select(0, example).unsqueeze(1)], dim=1)
     summed = torch.zeros(fids, grads.shape[1], device=grads.device).index_add_(0, inverse, grads)
-    squares = torch.zeros_like(summed).index_add_(0, inverse, grads * grads)
-    return summed, squares
+    if not with_squares:
+        return summed, None
+    return summed, torch.zeros_like(summed).index_add_(0, inverse, grads * grads)
 
 
 def _dense_optimizer(spec: OptimizerSpec, parameters) -> torch.optim.Optimizer:
@@ -142,8 +146,7 @@ class OnlineTrainer:
                                                         table.rows_freed)
         ids, inverse, counts = torch.unique(window.inverse[lo - window.start:hi - window.start],
                                             return_inverse=True, return_counts=True)
-        times = torch.zeros(len(ids), dtype=torch.int64, device=self.device).scatter_reduce_(
-            0, inverse, fids_of.times[lo:hi], reduce="amax", include_self=False)
+        times = max_per_group(fids_of.times[lo:hi], inverse, len(ids))
         rows = window.rows.index_select(0, ids)
         if bool((rows < 0).any()):  # new (or filtered) fids: the table inserts what it admits
             rows = table.lookup_or_insert(window.fids.index_select(0, ids), times, counts, rows=rows)
@@ -254,24 +257,25 @@ class OnlineTrainer:
         ``update_rows``."""
         for touched in used:
             grad, squares = occurrence_gradients(touched.target, touched.example, touched.inverse, len(touched.rows),
-                                                 pooled_grad, wide_grad)
+                                                 pooled_grad, wide_grad, touched.group.uses_squares)
             self.update_rows(touched.group, touched.rows, grad, squares, touched.counts)
 
-    def update_rows(self, group: TableGroup, rows: torch.Tensor, grad: torch.Tensor, squares: torch.Tensor,
+    def update_rows(self, group: TableGroup, rows: torch.Tensor, grad: torch.Tensor, squares: torch.Tensor | None,
                     counts: torch.Tensor) -> None:
         """One sparse step on ``rows`` (unique; -1: held back by the frequency filter, no update)
-        given their summed gradients [rows, dim + 1], summed squared gradients and occurrence
-        ``counts``: CowClip on the deep part if enabled, then the group's sparse optimizer."""
+        given their summed gradients [rows, dim + 1], summed squared gradients (where the group
+        ``uses_squares``) and occurrence ``counts``: CowClip on the deep part if enabled, then the
+        group's sparse optimizer."""
         cow, dim = self.spec.training.cowclip, self.dim
         if cow.enabled:  # the deep part only: wide weights are not clipped
             weights = group.table.gather(rows)
             grad = torch.cat([cowclip(grad[:, :dim], weights[:, :dim], counts, cow.ratio, cow.min_clip),
                               grad[:, dim:]], dim=1)
-        uses_squares = group.optimizer.spec.kind in (OptimizerKind.ADAGRAD, OptimizerKind.FTRL)
         if group.table.sketch is not None:
             admitted = rows >= 0  # filtered fids have no row and get no update
-            rows, grad, squares = rows[admitted], grad[admitted], squares[admitted]
-        group.optimizer.step(group.table, rows, grad, squares if uses_squares else None)
+            rows, grad = rows[admitted], grad[admitted]
+            squares = squares[admitted] if squares is not None else None
+        group.optimizer.step(group.table, rows, grad, squares)
 
     def _fold_metrics(self) -> None:
         """Add the scores of trained batches to the progressive metrics (done lazily: a batch's

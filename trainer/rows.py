@@ -8,6 +8,13 @@ from typing import Protocol
 import torch
 
 
+def max_per_group(values: torch.Tensor, inverse: torch.Tensor, groups: int) -> torch.Tensor:
+    """[groups] int64: the largest of ``values`` per group (``inverse[i]``: the group of value i),
+    e.g. each distinct fid's newest event time among its occurrences."""
+    return torch.zeros(groups, dtype=torch.int64, device=values.device).scatter_reduce_(
+        0, inverse, values, reduce="amax", include_self=False)
+
+
 @dataclass
 class RowBatch:
     """Rows in transit between a table and a store (or a snapshot)."""

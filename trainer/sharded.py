@@ -38,7 +38,8 @@ import torch.distributed as dist
 from schemas.spec_types import FeatureSpec
 from trainer.hashing import mix64
 from trainer.online import OnlineTrainer, occurrence_gradients
-from trainer.ranking_model import PreparedExamples, TableGroup
+from trainer.ranking_model import GroupFids, PreparedExamples, TableGroup
+from trainer.rows import max_per_group
 
 OWNER_SEED = 0x0A11CE  # fid -> worker hash seed (independent of the cuckoo index's hashes)
 
@@ -92,9 +93,8 @@ class _Exchange:
     inverse: torch.Tensor  # [occurrences of the slice] index into the slice's distinct fids
     target: torch.Tensor  # [occurrences] pooled row of each occurrence (in the slice)
     example: torch.Tensor  # [occurrences] example of each occurrence (in the slice)
-    order: torch.Tensor  # the slice's distinct fids in the order they were sent (by owner)
+    order: torch.Tensor  # [the slice's distinct fids] their order as sent (by owner)
     send_counts: list[int]  # distinct fids sent to each owner
-    distinct: int  # the slice's distinct fids
     # the owner's side: what it received, summed per fid
     owned_inverse: torch.Tensor  # [received] index into the owned distinct fids
     owned_rows: torch.Tensor  # [owned distinct] rows (-1: held back by the frequency filter)
@@ -144,18 +144,17 @@ class ShardedTrainer(OnlineTrainer):
 
     def _pool_sharded(self, prepared: PreparedExamples, start: int, stop: int, lo: int, hi: int):
         """Pooled embeddings and wide sums of this worker's slice ``lo:hi``, the rows fetched from
-        their owners (steps 1-2 of the module docstring), and each table's exchange."""
-        n, dim, world = hi - lo, self.dim, self.comm.world
-        pooled = torch.zeros(n * self.num_slots, dim, device=self.device)
-        wide = torch.zeros(n, device=self.device)
+        their owners (steps 1-2 of the module docstring), and each table's exchange. Every table
+        the whole batch ``start:stop`` touches is exchanged, by every worker (``also``)."""
+        world = self.comm.world
+        touched = frozenset(index for index, fids_of in enumerate(prepared.groups)
+                            if fids_of.bounds[start] != fids_of.bounds[stop])
         exchanges = []
-        for group, fids_of in zip(self.groups, prepared.groups):
-            if fids_of.bounds[start] == fids_of.bounds[stop]:
-                continue  # the whole batch has no fid of this table: no worker steps it
-            a, b = int(fids_of.bounds[lo]), int(fids_of.bounds[hi])
+
+        def read_rows(index: int, fids_of: GroupFids, a: int, b: int):
+            group = self.groups[index]
             distinct, inverse, counts = torch.unique(fids_of.fids[a:b], return_inverse=True, return_counts=True)
-            times = torch.zeros(len(distinct), dtype=torch.int64, device=self.device).scatter_reduce_(
-                0, inverse, fids_of.times[a:b], reduce="amax", include_self=False)
+            times = max_per_group(fids_of.times[a:b], inverse, len(distinct))
             owners = owner_of(distinct, world)
             order = torch.argsort(owners, stable=True)
             send_counts = torch.bincount(owners, minlength=world).tolist()
@@ -164,36 +163,39 @@ class ShardedTrainer(OnlineTrainer):
             owned, owned_inverse = torch.unique(received[:, 0], return_inverse=True)
             owned_counts = torch.zeros(len(owned), dtype=torch.int64, device=self.device).index_add_(
                 0, owned_inverse, received[:, 1])
-            owned_times = torch.zeros(len(owned), dtype=torch.int64, device=self.device).scatter_reduce_(
-                0, owned_inverse, received[:, 2], reduce="amax", include_self=False)
+            owned_times = max_per_group(received[:, 2], owned_inverse, len(owned))
             rows = (group.table.lookup_or_insert(owned, owned_times, owned_counts) if len(owned)
                     else owned.new_empty(0))
             answer = group.table.gather(rows).index_select(0, owned_inverse)  # [received, dim + 1]
             weights_sent, _ = self.comm.all_to_all(answer, recv_counts)
             weights = torch.empty_like(weights_sent)
             weights[order] = weights_sent  # back into the order of the slice's distinct fids
-            occurrences = weights.index_select(0, inverse)
-            target = fids_of.target[a:b] - lo * self.num_slots
-            example = fids_of.example[a:b] - lo
-            pooled.index_add_(0, target, occurrences[:, :dim])
-            wide.index_add_(0, example, occurrences[:, dim])
-            exchanges.append(_Exchange(group, inverse, target, example, order, send_counts, len(distinct),
-                                       owned_inverse, rows, owned_counts))
+            exchanges.append(_Exchange(group, inverse, fids_of.target[a:b] - lo * self.num_slots,
+                                       fids_of.example[a:b] - lo, order, send_counts, owned_inverse, rows,
+                                       owned_counts))
+            return weights, inverse
+
+        pooled, wide = self.ranking.pool(prepared, lo, hi, read_rows, also=touched)
         return pooled, wide, exchanges
 
     def _push_gradients(self, exchange: _Exchange, pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> None:
-        """Step 4: the slice's per-fid gradient sums to their owners, summed there and applied."""
-        grad, squares = occurrence_gradients(exchange.target, exchange.example, exchange.inverse, exchange.distinct,
-                                             pooled_grad, wide_grad)
+        """Step 4: the slice's per-fid gradient sums (and sums of squares, where the optimizer
+        takes them) to their owners, summed there and applied."""
+        with_squares = exchange.group.uses_squares
+        grad, squares = occurrence_gradients(exchange.target, exchange.example, exchange.inverse, len(exchange.order),
+                                             pooled_grad, wide_grad, with_squares)
         width = grad.shape[1]
-        payload = torch.cat([grad, squares], dim=1).index_select(0, exchange.order)
+        payload = (torch.cat([grad, squares], dim=1) if with_squares else grad).index_select(0, exchange.order)
         received, _ = self.comm.all_to_all(payload, exchange.send_counts)
-        summed = torch.zeros(len(exchange.owned_rows), 2 * width, device=self.device).index_add_(
+        summed = torch.zeros(len(exchange.owned_rows), payload.shape[1], device=self.device).index_add_(
             0, exchange.owned_inverse, received)
-        self.update_rows(exchange.group, exchange.owned_rows, summed[:, :width], summed[:, width:],
-                         exchange.owned_counts)
+        self.update_rows(exchange.group, exchange.owned_rows, summed[:, :width],
+                         summed[:, width:] if with_squares else None, exchange.owned_counts)
 
     def predict_logits(self, examples: pa.Table) -> np.ndarray:
+        raise NotImplementedError("a sharded trainer holds part of each table: serve its published model")
+
+    def predict_features(self, fids: pa.ListArray, dense: pa.ListArray) -> np.ndarray:
         raise NotImplementedError("a sharded trainer holds part of each table: serve its published model")
 
 
