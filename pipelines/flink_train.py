@@ -39,6 +39,8 @@ from pipelines.flink_records import subtask_keys
 from schemas.spec_types import FeatureSpec
 from trainer.running import ORDER, PublishOptions, after_position, log
 
+COLLECTIVE_TIMEOUT_S = 300  # a collective waits at most this long for a lost or missing peer
+
 
 class TrainStream(KeyedProcessFunction):
     """Example tables (the join's staged Parquet paths, keyed to one trainer) -> JSON metric rows;
@@ -175,8 +177,6 @@ def _join_workers(rendezvous_dir: str, attempt: int, rank: int, workers: int):
                             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     return Collectives()
 
-
-COLLECTIVE_TIMEOUT_S = 300
 
 
 def _after_restart(publishing: PublishOptions | None, attempt: int) -> PublishOptions | None:

@@ -86,6 +86,9 @@ def _dense_optimizer(spec: OptimizerSpec, parameters) -> torch.optim.Optimizer:
 
 
 class OnlineTrainer:
+    #: The workers a sharded trainer trains with (``trainer.sharded.Collectives``); None: one worker.
+    comm = None
+
     def __init__(self, spec: FeatureSpec, device: str = "cpu", seed: int = 0, store: str | None = None):
         """``store`` (default: the spec's ``store``): a ``redis://`` URI - each table is then a
         bounded cache (``cache_rows``) in front of rows kept in Redis (``trainer.redis_store``)."""

@@ -240,7 +240,7 @@ class Publisher:
             raise ValueError(f"clock must be 'event' or 'processing', got {clock!r}")
         self.trainer, self.dir, self.clock = trainer, Path(model_dir), clock
         self._now = now_ms or (lambda: int(time.time() * 1000))
-        self.comm = getattr(trainer, "comm", None)  # a sharded trainer's workers (trainer.sharded)
+        self.comm = trainer.comm  # a sharded trainer's workers (trainer.sharded), or None
         self.shard, self.shards = (0, 1) if self.comm is None else (self.comm.rank, self.comm.world)
         self.dir.mkdir(parents=True, exist_ok=True)
         spec_path = self.dir / SPEC_FILE
@@ -374,7 +374,7 @@ def restore_trainer(trainer, model_dir: str | Path) -> tuple[Position, dict]:
     if entry is None:
         raise ModelDirError(f"{model_dir}: no snapshot to resume from")
     verify(model_dir, entry)
-    comm = getattr(trainer, "comm", None)
+    comm = trainer.comm
     shard, shards = (0, 1) if comm is None else (comm.rank, comm.world)
     if entry["shards"] != shards:
         raise ModelDirError(f"version {entry['version']} (snapshot) was trained by {entry['shards']} worker(s): "

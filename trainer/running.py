@@ -96,7 +96,8 @@ class RunningTrainer:
         self._mark_stores()
         self.trained_this_run = 0
         self.excluded = 0  # examples re-trained after a resume and left out of the metrics
-        self.batch_size = spec.training.batch_size * (collectives.world if collectives is not None else 1)
+        self.workers = collectives.world if collectives is not None else 1
+        self.batch_size = spec.training.batch_size * self.workers  # one global batch
         self.snapshot_taken = False  # whether the last train() published a snapshot
         self.snapshot_position = None  # the position of this run's newest snapshot
         self.progress = Progress() if progress else None
@@ -160,7 +161,7 @@ class RunningTrainer:
         summary["examples_trained"] = self.position.examples  # by this run and the snapshot it resumed from
         summary["examples_trained_this_run"] = self.trained_this_run
         summary["examples_per_s"] = round(self.trained_this_run / self.seconds) if self.trained_this_run else None
-        summary["trainer_workers"] = getattr(getattr(self.trainer, "comm", None), "world", 1)
+        summary["trainer_workers"] = self.workers
         summary["sequential_updates"] = self.trainer.sequential_updates
         summary["late_metric_examples"] = self.trainer.window_metrics.late_examples
         summary["out_of_order_examples"] = self.out_of_order
