@@ -172,19 +172,24 @@ def _listed(entry: dict, names: list[str]) -> list[str]:
     return names
 
 
+def shard_file(name: str, shard: int, shards: int) -> str:
+    """Shard ``shard``'s part of the file ``name`` (``x.arrow`` -> ``x-<shard>.arrow``; the name
+    itself with one shard)."""
+    return name if shards == 1 else name.replace(".arrow", f"-{shard}.arrow")
+
+
 def sparse_parts(entry: dict) -> list[str]:
-    """The files of a sparse delta: one per shard (their union is the delta)."""
-    if entry["shards"] == 1:
-        return _listed(entry, [entry["path"]])
-    stem = entry["path"].removesuffix("-0.arrow")
-    return _listed(entry, [f"{stem}-{shard}.arrow" for shard in range(entry["shards"])])
+    """The files of a sparse delta: one per shard (their union is the delta); the entry's path is
+    shard 0's."""
+    shards = entry["shards"]
+    name = entry["path"] if shards == 1 else entry["path"].removesuffix("-0.arrow") + ".arrow"
+    return _listed(entry, [shard_file(name, shard, shards) for shard in range(shards)])
 
 
 def snapshot_tables(entry: dict, group: int) -> list[str]:
     """The files of one table of a snapshot: one per shard, each holding the rows its worker owns."""
-    if entry["shards"] == 1:
-        return _listed(entry, [f"{entry['path']}/table-{group}.arrow"])
-    return _listed(entry, [f"{entry['path']}/table-{group}-{shard}.arrow" for shard in range(entry["shards"])])
+    return _listed(entry, [f"{entry['path']}/{shard_file(f'table-{group}.arrow', shard, entry['shards'])}"
+                           for shard in range(entry["shards"])])
 
 
 def _sparse_schema(width: int) -> pa.Schema:
@@ -297,8 +302,7 @@ class Publisher:
         return entry
 
     def _part(self, name: str, shard: int) -> str:
-        """A file of this version, for one shard (the name itself with one shard)."""
-        return name if self.shards == 1 else name.replace(".arrow", f"-{shard}.arrow")
+        return shard_file(name, shard, self.shards)
 
     def publish_sparse(self) -> dict:
         name = self._part(f"v{self.version + 1:06d}-sparse.arrow", self.shard)
