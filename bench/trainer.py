@@ -1,12 +1,12 @@
 """Online trainer throughput: ours (collisionless table + sparse optimizers + CowClip) vs a static table.
 
-Workload: the synthetic spec (DeepFM, 26 slots, dim 16, MLP 400-400-400) at batch 4096 with CowClip on
-synthetic examples. Baseline, same run and batches: the same ``CTRModel`` over a static
+Workload: the synthetic spec (DeepFM, 26 slots, dim 16, MLP 400-400-400) at batch 4096 (``--batch``)
+with CowClip on synthetic examples. Baseline, same run and batches: the same ``CTRModel`` over a static
 ``nn.Embedding(rows, 16, sparse=True)`` (and a dim-1 one for the wide part) indexed by
 ``fid % rows`` (collisions allowed), Adagrad on the sparse gradients, Adam on the dense weights
 - the fast, collision-prone way. ``vs_static`` = ours / baseline examples per second.
 
-    python -m bench.trainer [--quick]
+    python -m bench.trainer [--quick] [--batch N]
 """
 from __future__ import annotations
 
@@ -77,11 +77,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="40k examples (under a minute)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda: where both trainers' tables and models live")
+    parser.add_argument("--batch", type=int, default=LARGE_BATCH,
+                        help=f"examples per step (default {LARGE_BATCH}: the large-batch regime; an online "
+                             "trainer's small batches insert a larger share of new fids per example)")
     args = parser.parse_args(argv)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     torch.manual_seed(0)
     spec = load_spec("synthetic")
-    batch = LARGE_BATCH  # the large-batch (CowClip) regime this benchmark measures
+    batch = args.batch  # by default the large-batch (CowClip) regime
     spec = dataclasses.replace(spec, model=dataclasses.replace(spec.model, hidden_units=PAPER_HIDDEN_UNITS),
                                training=dataclasses.replace(spec.training, batch_size=batch,
                                                             cowclip=dataclasses.replace(spec.training.cowclip, enabled=True)))

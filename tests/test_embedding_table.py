@@ -68,7 +68,7 @@ def test_growth_keeps_every_fid_and_never_shares_a_row():
 
 def test_high_load_displacement_loses_nothing():
     """At 97 % load most inserts must displace others, many per bucket in one batch."""
-    table = EmbeddingTable(TableConfig(dim=1, max_load=0.97, initial_buckets=64, seed=3))
+    table = EmbeddingTable(TableConfig(dim=1, max_load=0.97, growth=1.3, initial_buckets=64, seed=3))
     fids = torch.randperm(1 << 24)[:60_000]
     for part in fids.split(3_000):
         table.lookup_or_insert(part, 0)

@@ -45,3 +45,15 @@ def test_tables_sharded_by_fid_initialise_as_one_table():
     for owner, shard in enumerate(shards):
         mine = fids[fids % 2 == owner]
         assert torch.equal(shard.gather(shard.lookup(mine)), whole.gather(whole.lookup(mine)))
+
+
+def test_a_batch_of_mixed_initializers_gives_each_fid_the_row_its_own_initializer_gives():
+    from trainer.initializers import initial_rows
+
+    initializers = [(InitializerKind.NORMAL, 0.01), (InitializerKind.ZEROS, 0.5), (InitializerKind.UNIFORM, 0.2),
+                    (InitializerKind.TRUNCATED_NORMAL, 1.0)]
+    choice = torch.arange(len(FIDS)) % len(initializers)
+    mixed = initial_rows(FIDS, 6, initializers, choice, seed=3)
+    for code, (kind, scale) in enumerate(initializers):
+        at = choice == code
+        assert torch.equal(mixed[at], initial_values(FIDS[at], 6, kind, scale, seed=3))

@@ -5,9 +5,11 @@
 ``h = mix64(fid)``. ``b -> f - b`` is an involution, so a fid's other bucket follows from the
 bucket it sits in and its hash alone (the partial-key trick).
 
-Inserts are placed in batches: each pending fid takes a free slot of its bucket (ranked within
-the batch so no two take the same slot), then of its other bucket; the rest displace an occupant,
-which moves on to *its* other bucket, for up to ``stash_after_rounds`` rounds. The few fids
+Inserts are placed in batches: each pending fid takes a free slot of the emptier of its two
+buckets (ranked within the batch so no two take the same slot), then of the other; the rest
+move an occupant of one of their buckets to a free slot of
+its other bucket (a displacement path of two, found for all at once); the few left displace a
+random occupant, which moves on to *its* other bucket, for up to ``stash_after_rounds`` rounds. The few fids
 still pending then go to a small *stash* (``STASH_BUCKETS`` x 4 slots after the last bucket,
 probed by full comparison when a fid is in neither of its buckets), which cuts the long tail of
 displacement rounds - each a few dozen small kernels, costly on a GPU. While more are pending
@@ -30,7 +32,7 @@ STASH_BUCKETS = 128  # stash buckets (x 4 slots) after the hashed buckets
 class CuckooIndex:
     """Unique int64 keys -> int32 rows; two distinct keys never share a slot."""
 
-    def __init__(self, num_buckets: int, *, seed: int = 0, max_load: float = 0.92, growth: float = 1.3,
+    def __init__(self, num_buckets: int, *, seed: int = 0, max_load: float = 0.92, growth: float = 2.0,
                  max_kick_rounds: int = 64, stash_after_rounds: int = 10, device: str | torch.device = "cpu"):
         self.seed, self.max_load, self.growth = seed, max_load, growth
         self.max_kick_rounds, self.stash_after_rounds = max_kick_rounds, stash_after_rounds
@@ -143,10 +145,25 @@ class CuckooIndex:
         placed[chosen] = True
         return placed
 
+    def _free_slots(self, buckets: torch.Tensor) -> torch.Tensor:
+        return (self.keys.index_select(0, buckets) == EMPTY).sum(dim=1)
+
     def _place(self, keys: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Insert absent, unique keys; returns the (keys, rows) that found no place (to grow for)."""
+        """Insert absent, unique keys; returns the (keys, rows) that found no place (to grow for).
+        A batch larger than an eighth of the buckets (a rebuild) is placed in chunks of that
+        size, so that each chunk's two choices see the buckets the chunks before it filled."""
+        chunk = max(1024, self.num_buckets // 8)
+        if len(keys) <= chunk:
+            return self._place_chunk(keys, rows)
+        left = [self._place_chunk(keys[at:at + chunk], rows[at:at + chunk]) for at in range(0, len(keys), chunk)]
+        return torch.cat([k for k, _ in left]), torch.cat([r for _, r in left])
+
+    def _place_chunk(self, keys: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b1, f = self._hash(keys)
-        target = b1
+        b2 = self._other_bucket(f, b1)
+        # The emptier of its two buckets first (two choices): buckets fill evenly, so at a given
+        # load few are full and few keys need displacing.
+        target = torch.where(self._free_slots(b2) > self._free_slots(b1), b2, b1)
         for round_ in range(self.max_kick_rounds):
             if round_ >= self.stash_after_rounds and len(keys):
                 keys, rows, stash_free = self._to_stash(keys, rows)  # all or nothing
@@ -158,12 +175,17 @@ class CuckooIndex:
             keys, rows, target, f = keys[~placed], rows[~placed], target[~placed], f[~placed]
             if len(keys) == 0:
                 break
-            other = self._other_bucket(f, target)
-            placed = self._fill_free(keys, rows, other)
+            if round_ == 0:  # (later, a pending key's other bucket is the full one it just left)
+                other = self._other_bucket(f, target)
+                placed = self._fill_free(keys, rows, other)
+                keys, rows, target, f = keys[~placed], rows[~placed], target[~placed], f[~placed]
+                if len(keys) == 0:
+                    break
+            placed = self._move_aside(keys, rows, target, f)
             keys, rows, target, f = keys[~placed], rows[~placed], target[~placed], f[~placed]
             if len(keys) == 0:
                 break
-            # Both buckets full: displace one occupant of the target bucket per pending key.
+            # Still pending: displace one occupant of the target bucket per pending key.
             order = torch.argsort(target, stable=True)
             keys, rows, target, f = keys[order], rows[order], target[order], f[order]
             rank = self._rank_within_groups(target)
@@ -190,6 +212,41 @@ class CuckooIndex:
             target = torch.cat([self._other_bucket(victim_f, victim_buckets),
                                 self._other_bucket(f[len(victim_keys):], target[waiting])])
         return keys, rows
+
+    def _move_aside(self, keys: torch.Tensor, rows: torch.Tensor, target: torch.Tensor,
+                    f: torch.Tensor) -> torch.Tensor:
+        """Pending keys whose buckets are both full: move one of the 8 occupants of the two to a
+        free slot of *its* other bucket (the one with most free slots) and take its place - a
+        displacement path of length two found at once, where a random walk takes rounds.
+        Returns the placed mask."""
+        n = len(keys)
+        buckets = torch.stack([target, self._other_bucket(f, target)], dim=1).repeat_interleave(SLOTS_PER_BUCKET, 1)
+        slots = torch.arange(SLOTS_PER_BUCKET, device=self.device).repeat(2).expand(n, -1)
+        occupants = self.keys[buckets, slots]  # [n, 8]
+        _, occupant_f = self._hash(occupants.reshape(-1))
+        destination = self._other_bucket(occupant_f.view(n, -1), buckets)
+        free = self._free_slots(destination.reshape(-1)).view(n, -1) * (occupants != EMPTY)
+        choice = free.argmax(dim=1, keepdim=True)
+        movable = torch.nonzero(free.gather(1, choice).squeeze(1) > 0).squeeze(1)
+        placed = torch.zeros(n, dtype=torch.bool, device=self.device)
+        if len(movable) == 0:
+            return placed
+        pick = choice.squeeze(1).index_select(0, movable)
+        source_bucket, source_slot = buckets[movable, pick], slots[movable, pick]
+        # one pending key per occupant (two keys sharing a full bucket may pick the same one)
+        source = source_bucket * SLOTS_PER_BUCKET + source_slot
+        order = torch.argsort(source, stable=True)
+        first = torch.ones(len(order), dtype=torch.bool, device=self.device)
+        first[1:] = source[order][1:] != source[order][:-1]
+        keep = order[first]
+        movable, source_bucket, source_slot = movable[keep], source_bucket[keep], source_slot[keep]
+        pick = pick[keep]
+        moved = self._fill_free(occupants[movable, pick], self.rows[source_bucket, source_slot].long(),
+                                destination[movable, pick])
+        movable = movable[moved]
+        self._set(source_bucket[moved], source_slot[moved], keys[movable], rows[movable])
+        placed[movable] = True
+        return placed
 
     def _to_stash(self, keys: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Put pending keys into free stash slots if they all fit; returns what is left and the

@@ -20,7 +20,7 @@ import torch
 from schemas.fids import HASH_BITS, MAX_SLOT_ID
 from trainer.cuckoo_index import CuckooIndex
 from trainer.frequency_filter import CountMinSketch
-from trainer.initializers import initial_values
+from trainer.initializers import initial_rows
 from trainer.rows import Delta, RowBatch, RowStore, max_per_group
 from trainer.table_config import NEVER, SlotPolicy, TableConfig
 
@@ -106,14 +106,10 @@ class EmbeddingTable:
 
     def _initial_embeddings(self, fids: torch.Tensor) -> torch.Tensor:
         """Each slot's initializer, as a function of (fid, table seed) alone (``trainer.initializers``)."""
-        values = torch.zeros(len(fids), self.dim, device=self.device)
-        slots = fids >> HASH_BITS
-        for slot in torch.unique(slots).tolist():
-            mask = slots == slot
-            policy = self.policy(slot)
-            values[mask] = initial_values(fids[mask], self.dim, policy.initializer, policy.init_scale,
-                                          self.config.seed)
-        return values
+        slots, choice = torch.unique(fids >> HASH_BITS, return_inverse=True)
+        policies = [self.policy(slot) for slot in slots.tolist()]
+        return initial_rows(fids, self.dim, [(policy.initializer, policy.init_scale) for policy in policies],
+                            choice, self.config.seed)
 
     def _write_rows(self, rows: torch.Tensor, batch: RowBatch) -> None:
         self.embeddings[rows] = batch.embeddings.to(self.embeddings.dtype)  # fp16 serving tables

@@ -45,7 +45,8 @@ class TableConfig:
     initial_buckets: int = 1024
     initial_rows: int = 4096
     max_load: float = 0.92  # grow the index past this share of occupied slots
-    growth: float = 1.3  # index growth factor (bucket counts need not be powers of two)
+    growth: float = 2.0  # index growth factor (bucket counts need not be powers of two); the index is
+    # 12 bytes a slot, so doubling costs little and keeps rebuilds (a stall of the table) rare
     row_growth: float = 1.125  # row-pool growth factor: small, as rows dominate the memory
     max_kick_rounds: int = 64
     stash_after_rounds: int = 10  # displacement rounds before the rest goes to the stash
