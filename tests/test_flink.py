@@ -76,11 +76,14 @@ def test_flink_and_beam_produce_identical_examples_and_bad_records_become_dead_l
 
 def test_job_runs_on_a_standalone_cluster_started_from_the_wheel(obd_logs, tmp_path):
     """A JobManager and a TaskManager from the wheel's bin/ on loopback (own process groups,
-    stopped by group id); ``--flink-master`` submits through ``flink run``."""
+    stopped by group id); ``--flink-master`` submits through ``flink run``: the join, then a
+    training job with two trainer workers."""
+    from event_datasets.synthetic import SyntheticConfig, generate
     from runners.beam_runner import run_job
     from runners.flink_cluster import StandaloneCluster
     from runners.options import JobOptions, Mode
     from schemas.spec import load_spec
+    from trainer.publish import read_manifest
 
     logs, _ = obd_logs
     cluster = StandaloneCluster(tmp_path / "cluster").start()
@@ -92,6 +95,20 @@ def test_job_runs_on_a_standalone_cluster_started_from_the_wheel(obd_logs, tmp_p
         assert job.returncode == 0, job.stderr[-3000:]
         jobs = cluster.jobs()
         assert [j["state"] for j in jobs] == ["FINISHED"] and jobs[0]["name"] == "streamrec join obd"
+        # two trainer workers of one model in the cluster's two slots (rendezvous and model
+        # directory on a filesystem both see)
+        generate(tmp_path / "synthetic", SyntheticConfig(events=20_000, span_hours=24, seed=1))
+        train = subprocess.run([sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--flink-master",
+                                cluster.master, "--trainers", "2", "--spec", "synthetic", "--logs",
+                                str(tmp_path / "synthetic"), "--out", str(tmp_path / "trained"), "--model-dir",
+                                str(tmp_path / "model"), "--no-progress"],
+                               cwd=ROOT, start_new_session=True, capture_output=True, text=True, timeout=400)
+        assert train.returncode == 0, train.stderr[-3000:]
+        summary = json.loads(train.stdout.strip().splitlines()[-1])
+        assert summary["trainer_workers"] == 2 and summary["examples_trained"] == summary["examples"] > 10_000
+        assert [j["state"] for j in cluster.jobs()] == ["FINISHED", "FINISHED"]
+        entries = read_manifest(tmp_path / "model")
+        assert len(entries) > 3 and all(entry["shards"] == 2 for entry in entries)
     finally:
         cluster.stop()
     assert len(processes) == 2 and all(process.poll() is not None for process in processes)

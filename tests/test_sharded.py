@@ -14,6 +14,7 @@ from schemas.spec import load_spec
 from trainer.sharded import owner_of, run_local_workers
 
 PER_WORKER_BATCH = 64
+CACHE_ROWS = 4_000  # rows a table caches in front of a store (a global batch touches up to 128 x 26)
 
 
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
@@ -25,33 +26,33 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()) + 1e-12)
 
 
-def _spec(batch_size: int = 2 * PER_WORKER_BATCH):
+def _spec(batch_size: int = 2 * PER_WORKER_BATCH, store: str | None = None):
     spec = load_spec("synthetic")
     training = dataclasses.replace(spec.training, batch_size=batch_size, sequential_updates=False)
-    return dataclasses.replace(spec, training=training)
+    return dataclasses.replace(spec, training=training, store=store)
 
 
-def _train(examples_path: str, model_dir: str, collectives=None):
+def _train(examples_path: str, model_dir: str, collectives=None, store: str | None = None):
     """Train the examples (RunningTrainer: the trainer's order, batches, publishing to ``model_dir``):
     with ``collectives``, a worker's batch of ``PER_WORKER_BATCH``; alone, the global batch."""
     from trainer.running import PublishOptions, RunningTrainer
 
-    spec = _spec(PER_WORKER_BATCH if collectives is not None else 2 * PER_WORKER_BATCH)
+    spec = _spec(PER_WORKER_BATCH if collectives is not None else 2 * PER_WORKER_BATCH, store)
     running = RunningTrainer(spec, "cpu", False, PublishOptions(model_dir), collectives)
     running.train([pq.read_table(examples_path)], flush=True)
     running.finish()
     return running
 
 
-def _worker(rank: int, world: int, port: int, examples_path: str, out: str) -> None:
+def _worker(rank: int, world: int, port: int, examples_path: str, out: str, store: str | None = None) -> None:
     import torch.distributed as dist
 
     from trainer.sharded import Collectives
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        trainer = _train(examples_path, f"{out}/model-2", Collectives()).trainer
-        rows = [group.table.all_rows() for group in trainer.groups]
+        trainer = _train(examples_path, f"{out}/model-2", Collectives(), store).trainer
+        rows = [group.table.all_rows() for group in trainer.groups]  # (with a store: the cache's)
         torch.save({"model": trainer.model.state_dict(), "metrics": trainer.metrics.summary(),
                     "rows": [(r.fids, r.embeddings, r.state) for r in rows]}, f"{out}/worker-{rank}.pt")
     finally:

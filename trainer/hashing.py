@@ -32,3 +32,11 @@ def mix64(x: torch.Tensor, seed: int = 0) -> torch.Tensor:
 def fast_range(h32: torch.Tensor, n: int) -> torch.Tensor:
     """Map 32-bit values uniformly onto [0, n) without a division: ``(h * n) >> 32``."""
     return (h32 * n) >> 32
+
+
+OWNER_SEED = 0x0A11CE  # fid -> trainer worker (``trainer.sharded``), independent of the index's hashes
+
+
+def owner_of(fids: torch.Tensor, workers: int) -> torch.Tensor:
+    """The trainer worker of ``workers`` that holds each fid's row: ``(mix64(fid, OWNER_SEED) >>> 1) mod workers``."""
+    return ((mix64(fids, OWNER_SEED) >> 1) & ((1 << 62) - 1)) % workers

@@ -187,19 +187,18 @@ class RankingModel:
             dense=torch.from_numpy(np.array(dense_values, dtype=np.float32)).to(device),
             unknown_slot_fids=int((~known).sum()))
 
-    def pool(self, prepared: PreparedExamples, start: int, stop: int, read_rows: RowReader | None = None,
-             also: frozenset[int] = frozenset()) -> tuple[torch.Tensor, torch.Tensor]:
+    def pool(self, prepared: PreparedExamples, start: int, stop: int,
+             read_rows: RowReader | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooled embeddings [n * slots, dim] and wide sums [n] of examples ``start:stop``.
         ``read_rows`` gives each group's weights (training inserts and counts there); by default
         they are only read (``lookup``: absent fids read as zeros). A group without a fid in the
-        examples is skipped unless its index is in ``also`` (a sharded worker takes part in the
-        exchange of every table its whole batch touches)."""
+        examples is skipped."""
         n, dim = stop - start, self.dim
         pooled = torch.zeros(n * self.num_slots, dim, device=self.device)
         wide = torch.zeros(n, device=self.device)
         for index, fids_of in enumerate(prepared.groups):
             lo, hi = int(fids_of.bounds[start]), int(fids_of.bounds[stop])
-            if lo == hi and index not in also:
+            if lo == hi:
                 continue
             weights, inverse = (read_rows or self._read_only)(index, fids_of, lo, hi)
             occurrences = weights.index_select(0, inverse)

@@ -4,18 +4,20 @@ Every worker holds the same global batch (examples ``start:stop`` of the same pr
 trains its contiguous slice of it: worker ``r`` of ``K`` takes ``per = ceil(n / K)`` examples from
 ``start + r * per``. Each fid belongs to exactly one worker, ``owner(fid) = mix64(fid, OWNER_SEED)
 mod K``, whose table is a collisionless table of its own (expiry, frequency filter) with the
-seed the single-worker table would have. Per table, each step:
+seed the single-worker table would have. Each step, for all the tables the global batch touches
+together (one exchange per direction, ordered by owner and then table):
 
 1. every worker sends the distinct fids of its slice (with their occurrence counts and newest
-   event times) to their owners (all-to-all);
+   event times) to their owners (the counts per owner and table, then the fids: all-to-all);
 2. each owner sums what it received per fid, looks up or inserts the rows (its frequency filter
    sees the whole batch's counts) and sends each worker the rows it asked for (all-to-all);
 3. the worker pools, runs the dense network on its slice and backpropagates its summed loss;
-4. each fid's summed gradient and summed squared gradient go back to its owner (all-to-all),
-   which sums them over the workers and steps the rows (CowClip with the whole batch's counts);
-5. the dense gradients are summed over the workers (all-reduce) and every worker takes the same
-   dense step; the slice scores are gathered, so every worker's progressive metrics are those of
-   the whole batch.
+4. each fid's summed gradient (and summed squared gradient, where an optimizer takes them) goes
+   back to its owner (all-to-all, the counts known from step 1), which sums them over the
+   workers and steps the rows (CowClip with the whole batch's counts);
+5. the dense gradients are summed over the workers (all-reduce) and every worker takes the
+   same dense step; the slices' scores are summed in the same all-reduce (each worker's at its
+   place), so every worker's progressive metrics are those of the whole batch.
 
 The loss is a sum over examples, so the sums of steps 4-5 equal the gradients of the whole batch:
 the model after a step equals a single worker's after the same batch (to float rounding), and a
@@ -28,6 +30,7 @@ rows; they are single-worker, and a sharded trainer takes plain batch updates.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,69 +39,98 @@ import torch
 import torch.distributed as dist
 
 from schemas.spec_types import FeatureSpec
-from trainer.hashing import mix64
+from trainer.hashing import owner_of
 from trainer.online import OnlineTrainer, occurrence_gradients
-from trainer.ranking_model import GroupFids, PreparedExamples, TableGroup
+from trainer.ranking_model import PreparedExamples, TableGroup
 from trainer.rows import max_per_group
-
-OWNER_SEED = 0x0A11CE  # fid -> worker hash seed (independent of the cuckoo index's hashes)
-
-
-def owner_of(fids: torch.Tensor, workers: int) -> torch.Tensor:
-    """The worker that holds each fid's row: ``(mix64(fid, OWNER_SEED) >>> 1) mod workers``."""
-    return ((mix64(fids, OWNER_SEED) >> 1) & ((1 << 62) - 1)) % workers
 
 
 class Collectives:
     """The exchanges of a sharded step over a ``torch.distributed`` process group (gloo on CPU,
-    NCCL on CUDA); every call is a collective: all workers make the same calls in the same order."""
+    NCCL on CUDA); every call is a collective: all workers make the same calls in the same order.
+
+    Counts what this worker sends to its peers, in bytes per kind (``KINDS``; what stays on the
+    worker is not counted), and the wall seconds spent inside collectives per kind (waiting for
+    the slowest peer included)."""
+
+    KINDS = ("ids", "embeddings", "gradients", "dense", "scores")
 
     def __init__(self, group=None):
         self.group = group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+        self.reset_counters()
 
-    def all_to_all(self, send: torch.Tensor, send_counts: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def reset_counters(self) -> None:
+        self.bytes_sent = dict.fromkeys(self.KINDS, 0)
+        self.seconds = dict.fromkeys(self.KINDS, 0.0)
+
+    def _timed(self, kind: str, collective, *args, **kwargs) -> None:
+        started = time.perf_counter()
+        collective(*args, group=self.group, **kwargs)
+        self.seconds[kind] += time.perf_counter() - started
+
+    def exchange_counts(self, counts: torch.Tensor, kind: str) -> torch.Tensor:
+        """``counts`` [world, ...] int64, row w for worker w -> the rows every worker sent to this
+        one [world, ...] (row w from worker w)."""
+        received = torch.empty_like(counts)
+        self._timed(kind, dist.all_to_all_single, received, counts.contiguous())
+        self.bytes_sent[kind] += (self.world - 1) * counts[0].numel() * counts.element_size()
+        return received
+
+    def all_to_all(self, send: torch.Tensor, send_counts: list[int], kind: str,
+                   recv_counts: list[int] | None = None) -> tuple[torch.Tensor, list[int]]:
         """Rows ``send`` split by ``send_counts`` (one part per worker, in worker order) -> the
-        parts every worker sent to this one, concatenated in worker order, and their counts."""
-        counts = torch.tensor(send_counts, dtype=torch.int64)
-        received_counts = torch.empty_like(counts)
-        dist.all_to_all_single(received_counts, counts, group=self.group)
-        recv_counts = received_counts.tolist()
+        parts every worker sent to this one, concatenated in worker order, and their counts
+        (exchanged first unless the caller knows them: ``recv_counts``)."""
+        if recv_counts is None:
+            recv_counts = self.exchange_counts(torch.tensor(send_counts, dtype=torch.int64), kind).tolist()
         received = send.new_empty((sum(recv_counts), *send.shape[1:]))
-        dist.all_to_all_single(received, send.contiguous(), recv_counts, send_counts, group=self.group)
+        self._timed(kind, dist.all_to_all_single, received, send.contiguous(), recv_counts, send_counts)
+        row_bytes = send[0].numel() * send.element_size() if len(send) else 0
+        self.bytes_sent[kind] += (sum(send_counts) - send_counts[self.rank]) * row_bytes
         return received, recv_counts
 
     def barrier(self) -> None:
         dist.barrier(group=self.group)
 
-    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+    def sum_(self, tensor: torch.Tensor, elements: dict[str, int]) -> torch.Tensor:
+        """All-reduce (sum, in place) ``tensor``, whose ``elements[kind]`` elements are of each
+        kind; counted as a ring all-reduce sends: 2 (K - 1) / K of it. (Synchronous: gloo's
+        asynchronous work can abort the process at exit - torch PR 179291 - and a restarted
+        Flink job costs more than the overlap saved, about a millisecond a step here.)"""
+        started = time.perf_counter()
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
+        seconds = time.perf_counter() - started
+        for kind, count in elements.items():
+            self.bytes_sent[kind] += 2 * (self.world - 1) * count * tensor.element_size() // self.world
+            self.seconds[kind] += seconds * count / tensor.numel()
         return tensor
 
-    def gather_slices(self, part: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """Each worker's ``part`` (``sizes[r]`` rows from worker r), concatenated in worker order."""
-        largest = max(sizes)
-        padded = part.new_zeros((largest, *part.shape[1:]))
-        padded[:len(part)] = part
-        parts = [torch.empty_like(padded) for _ in range(self.world)]
-        dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+@dataclass
+class _OwnedGroup:
+    """The owner's side of one table in a step: what it received, summed per fid."""
+
+    group: TableGroup
+    received: torch.Tensor  # [requests for this table] positions in the received buffer
+    inverse: torch.Tensor  # [requests for this table] index into the owned distinct fids
+    rows: torch.Tensor  # [owned distinct] rows (-1: held back by the frequency filter)
+    counts: torch.Tensor  # [owned distinct] occurrences in the whole batch
 
 
 @dataclass
 class _Exchange:
-    """One table's step between the row exchange and the gradient exchange."""
+    """A step between the row exchange and the gradient exchange, for all the tables the global
+    batch touches (``touched``, in index order). The requests of all tables travel together,
+    ordered by (owner, table): one all-to-all per direction and step."""
 
-    group: TableGroup
-    inverse: torch.Tensor  # [occurrences of the slice] index into the slice's distinct fids
-    target: torch.Tensor  # [occurrences] pooled row of each occurrence (in the slice)
-    example: torch.Tensor  # [occurrences] example of each occurrence (in the slice)
-    order: torch.Tensor  # [the slice's distinct fids] their order as sent (by owner)
-    send_counts: list[int]  # distinct fids sent to each owner
-    # the owner's side: what it received, summed per fid
-    owned_inverse: torch.Tensor  # [received] index into the owned distinct fids
-    owned_rows: torch.Tensor  # [owned distinct] rows (-1: held back by the frequency filter)
-    owned_counts: torch.Tensor  # [owned distinct] occurrences in the whole batch
+    touched: list[int]
+    occurrences: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per table: inverse, target, example
+    distinct: list[int]  # per table: the slice's distinct fids
+    order: torch.Tensor  # [all distinct fids of the slice] their position in the request (by owner, table)
+    send_counts: list[int]  # requests to each owner
+    recv_counts: list[int]  # requests from each worker
+    owned: list[_OwnedGroup]
 
 
 class ShardedTrainer(OnlineTrainer):
@@ -114,12 +146,11 @@ class ShardedTrainer(OnlineTrainer):
     def train_prepared(self, prepared: PreparedExamples, start: int, stop: int, unscored: int = 0) -> torch.Tensor:
         """Train the global batch ``start:stop`` of ``prepared`` (every worker calls this with the
         same batch); returns the batch's summed loss over all workers."""
-        n, world = stop - start, self.comm.world
-        per = -(-n // world)
-        sizes = [max(0, min(stop, start + (r + 1) * per) - min(stop, start + r * per)) for r in range(world)]
+        n = stop - start
+        per = -(-n // self.comm.world)
         lo = min(stop, start + self.comm.rank * per)
-        hi = lo + sizes[self.comm.rank]
-        pooled, wide, exchanges = self._pool_sharded(prepared, start, stop, lo, hi)
+        hi = min(stop, lo + per)
+        pooled, wide, exchange = self._pool_sharded(prepared, start, stop, lo, hi)
         pooled.requires_grad_()
         wide.requires_grad_()
         logits = self.ranking.forward(pooled, wide, prepared.dense[lo:hi])
@@ -129,68 +160,101 @@ class ShardedTrainer(OnlineTrainer):
         dense = [torch.zeros_like(p) if g is None else g for p, g in zip(self.dense_parameters, grads)]
         pooled_grad, wide_grad = (torch.zeros_like(t) if g is None else g
                                   for t, g in zip((pooled, wide), grads[len(self.dense_parameters):]))
-        for exchange in exchanges:
-            self._push_gradients(exchange, pooled_grad, wide_grad)
-        flat = self.comm.sum_(torch.cat([g.reshape(-1) for g in dense] + [loss.detach().reshape(1)]))
+        if exchange is not None:
+            self._step_rows(exchange, self._push_gradients(exchange, pooled_grad, wide_grad))
+        # one all-reduce sums the dense gradients, the loss and the slices' scores (each worker's
+        # at its place, zeros elsewhere)
+        scores = torch.zeros(n, device=self.device)
+        scores[lo - start:hi - start] = logits.detach()
+        flat = torch.cat([g.reshape(-1) for g in dense] + [loss.detach().reshape(1), scores])
+        self.comm.sum_(flat, {"dense": len(flat) - n, "scores": n})
         offset = 0
         for parameter in self.dense_parameters:
             parameter.grad = flat[offset:offset + parameter.numel()].view_as(parameter).clone()
             offset += parameter.numel()
-        scores = self.comm.gather_slices(logits.detach(), sizes)
+        loss_sum, scores = flat[offset], flat[offset + 1:]
         if unscored < n:
             self._pending_scores.append((scores[unscored:], start + unscored, stop, prepared))
         self._end_step(prepared, start, stop)
-        return flat[-1]
+        return loss_sum
 
     def _pool_sharded(self, prepared: PreparedExamples, start: int, stop: int, lo: int, hi: int):
         """Pooled embeddings and wide sums of this worker's slice ``lo:hi``, the rows fetched from
-        their owners (steps 1-2 of the module docstring), and each table's exchange. Every table
-        the whole batch ``start:stop`` touches is exchanged, by every worker (``also``)."""
+        their owners (steps 1-2 of the module docstring) for every table the whole batch
+        ``start:stop`` touches, and the step's exchange (None: the batch touches no table)."""
         world = self.comm.world
-        touched = frozenset(index for index, fids_of in enumerate(prepared.groups)
-                            if fids_of.bounds[start] != fids_of.bounds[stop])
-        exchanges = []
-
-        def read_rows(index: int, fids_of: GroupFids, a: int, b: int):
-            group = self.groups[index]
+        touched = [index for index, fids_of in enumerate(prepared.groups)
+                   if fids_of.bounds[start] != fids_of.bounds[stop]]
+        pooled = torch.zeros((hi - lo) * self.num_slots, self.ranking.dim, device=self.device)
+        wide = torch.zeros(hi - lo, device=self.device)
+        if not touched:
+            return pooled, wide, None
+        occurrences, requests = [], []
+        for index in touched:
+            fids_of = prepared.groups[index]
+            a, b = int(fids_of.bounds[lo]), int(fids_of.bounds[hi])
             distinct, inverse, counts = torch.unique(fids_of.fids[a:b], return_inverse=True, return_counts=True)
             times = max_per_group(fids_of.times[a:b], inverse, len(distinct))
-            owners = owner_of(distinct, world)
-            order = torch.argsort(owners, stable=True)
-            send_counts = torch.bincount(owners, minlength=world).tolist()
-            request = torch.stack([distinct, counts, times], dim=1).index_select(0, order)
-            received, recv_counts = self.comm.all_to_all(request, send_counts)
-            owned, owned_inverse = torch.unique(received[:, 0], return_inverse=True)
-            owned_counts = torch.zeros(len(owned), dtype=torch.int64, device=self.device).index_add_(
-                0, owned_inverse, received[:, 1])
-            owned_times = max_per_group(received[:, 2], owned_inverse, len(owned))
-            rows = (group.table.lookup_or_insert(owned, owned_times, owned_counts) if len(owned)
-                    else owned.new_empty(0))
-            answer = group.table.gather(rows).index_select(0, owned_inverse)  # [received, dim + 1]
-            weights_sent, _ = self.comm.all_to_all(answer, recv_counts)
-            weights = torch.empty_like(weights_sent)
-            weights[order] = weights_sent  # back into the order of the slice's distinct fids
-            exchanges.append(_Exchange(group, inverse, fids_of.target[a:b] - lo * self.num_slots,
-                                       fids_of.example[a:b] - lo, order, send_counts, owned_inverse, rows,
-                                       owned_counts))
-            return weights, inverse
+            occurrences.append((inverse, fids_of.target[a:b] - lo * self.num_slots, fids_of.example[a:b] - lo))
+            requests.append(torch.stack([distinct, counts, times], dim=1))
+        tables = len(touched)
+        distinct = [len(request) for request in requests]
+        request = torch.cat(requests)
+        table_of = torch.repeat_interleave(torch.arange(tables, device=self.device),
+                                           torch.tensor(distinct, device=self.device))
+        destination = owner_of(request[:, 0], world) * tables + table_of
+        order = torch.argsort(destination, stable=True)
+        send_matrix = torch.bincount(destination, minlength=world * tables).view(world, tables)
+        recv_matrix = self.comm.exchange_counts(send_matrix, "ids")
+        send_counts, recv_counts = send_matrix.sum(1).tolist(), recv_matrix.sum(1).tolist()
+        received, _ = self.comm.all_to_all(request.index_select(0, order), send_counts, "ids", recv_counts)
+        received_table = torch.repeat_interleave(torch.arange(tables, device=self.device).repeat(world),
+                                                 recv_matrix.reshape(-1))
+        answer = torch.empty(len(received), self.ranking.dim + 1, device=self.device)
+        owned = []
+        for position, index in enumerate(touched):
+            group = self.groups[index]
+            at = torch.nonzero(received_table == position).squeeze(1)
+            mine = received.index_select(0, at)
+            fids, inverse = torch.unique(mine[:, 0], return_inverse=True)
+            counts = torch.zeros(len(fids), dtype=torch.int64, device=self.device).index_add_(0, inverse, mine[:, 1])
+            times = max_per_group(mine[:, 2], inverse, len(fids))
+            rows = group.table.lookup_or_insert(fids, times, counts) if len(fids) else fids.new_empty(0)
+            answer[at] = group.table.gather(rows).index_select(0, inverse)
+            owned.append(_OwnedGroup(group, at, inverse, rows, counts))
+        weights_sent, _ = self.comm.all_to_all(answer, recv_counts, "embeddings", send_counts)
+        weights = torch.empty_like(weights_sent)
+        weights[order] = weights_sent  # back into the order of the slice's distinct fids, by table
+        dim = self.ranking.dim
+        for (inverse, target, example), table_weights in zip(occurrences, torch.split(weights, distinct)):
+            if len(inverse):
+                rows_of = table_weights.index_select(0, inverse)
+                pooled.index_add_(0, target, rows_of[:, :dim])
+                wide.index_add_(0, example, rows_of[:, dim])
+        return pooled, wide, _Exchange(touched, occurrences, distinct, order, send_counts, recv_counts, owned)
 
-        pooled, wide = self.ranking.pool(prepared, lo, hi, read_rows, also=touched)
-        return pooled, wide, exchanges
+    def _push_gradients(self, exchange: _Exchange, pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> torch.Tensor:
+        """Step 4: the slice's per-fid gradient sums (and sums of squares, where an optimizer
+        takes them) of all tables to their owners in one all-to-all; returns what this worker
+        received as an owner (``_step_rows`` applies it)."""
+        with_squares = any(owned.group.uses_squares for owned in exchange.owned)
+        parts = []
+        for (inverse, target, example), fids in zip(exchange.occurrences, exchange.distinct):
+            grad, squares = occurrence_gradients(target, example, inverse, fids, pooled_grad, wide_grad, with_squares)
+            parts.append(torch.cat([grad, squares], dim=1) if with_squares else grad)
+        payload = torch.cat(parts).index_select(0, exchange.order)
+        received, _ = self.comm.all_to_all(payload, exchange.send_counts, "gradients", exchange.recv_counts)
+        return received
 
-    def _push_gradients(self, exchange: _Exchange, pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> None:
-        """Step 4: the slice's per-fid gradient sums (and sums of squares, where the optimizer
-        takes them) to their owners, summed there and applied."""
-        with_squares = exchange.group.uses_squares
-        grad, squares = occurrence_gradients(exchange.target, exchange.example, exchange.inverse, len(exchange.order),
-                                             pooled_grad, wide_grad, with_squares)
-        width = grad.shape[1]
-        payload = (torch.cat([grad, squares], dim=1) if with_squares else grad).index_select(0, exchange.order)
-        received, _ = self.comm.all_to_all(payload, exchange.send_counts)
-        summed = torch.zeros(len(exchange.owned_rows), payload.shape[1], device=self.device).index_add_(
-            0, exchange.owned_inverse, received)
-        self.update_rows(exchange.group, exchange.owned_rows, summed[:, :width],
-                         summed[:, width:] if with_squares else None, exchange.owned_counts)
+    def _step_rows(self, exchange: _Exchange, received: torch.Tensor) -> None:
+        """The owner's side of step 4: the received gradients summed per fid over the workers,
+        then each table's rows stepped."""
+        width = self.ranking.dim + 1
+        for owned in exchange.owned:
+            summed = torch.zeros(len(owned.rows), received.shape[1], device=self.device).index_add_(
+                0, owned.inverse, received.index_select(0, owned.received))
+            self.update_rows(owned.group, owned.rows, summed[:, :width],
+                             summed[:, width:] if owned.group.uses_squares else None, owned.counts)
 
     def predict_logits(self, examples: pa.Table) -> np.ndarray:
         raise NotImplementedError("a sharded trainer holds part of each table: serve its published model")
