@@ -140,16 +140,13 @@ def _examples_summary(out_dir: Path, spec) -> dict:
 
 
 def _check_trainers(spec, options: JobOptions) -> None:
-    """Several trainer workers run on Flink only, and use no row store yet."""
+    """Several trainer workers run on Flink only."""
     workers = spec.training.workers
     if workers == 1:
         return
     if options.runner != "flink":
         raise ValueError(f"{workers} trainer workers (--trainers / training.workers) need --runner flink: "
                          f"the Beam DirectRunner trains with one worker")
-    if spec.store is not None:
-        raise ValueError(f"{workers} trainer workers cannot use a row store (--store) yet: train with one worker "
-                         f"for that")
     if options.train and spec.training.sequential_updates is True:
         raise ValueError("training.sequential_updates: true is single-worker; use false or auto with --trainers")
 

@@ -130,6 +130,33 @@ def test_expiry_runs_on_data_time_and_ttls_follow_it(shards):
     assert store.get_rows(rows.fids)[0].tolist() == [True, False, False]
 
 
+def test_workers_sharing_a_store_each_expire_only_the_rows_they_own(shards):
+    """Two workers of a sharded trainer in front of one store (the same keys): each writes its
+    own fids; one worker's expiry deletes its expired rows and leaves the other's to it."""
+    from trainer.hashing import owner_of
+
+    config = TableConfig(dim=3, state_width=2, slots=POLICIES)
+    uri = store_uri(shards)
+    workers = [RedisStore(RedisStoreConfig.from_uri(uri), config) for _ in range(2)]
+    for rank, store in enumerate(workers):
+        store.share(rank, 2)
+    fids = torch.tensor([fid(SLOT_B, value) for value in range(200)] + [fid(SLOT_A, value) for value in range(20)])
+    owners = owner_of(fids, 2)
+    for rank, store in enumerate(workers):
+        mine = rows_for(fids[owners == rank].tolist(), seen=1_000)
+        store.put_rows(mine)
+        store.flush()
+    assert workers[0].tokens == workers[1].tokens and len(workers[0]) == len(fids)
+    expiring = fids[:200]
+    expired = workers[0].expire_fids(2_000)
+    assert sorted(expired.tolist()) == sorted(expiring[owner_of(expiring, 2) == 0].tolist())
+    found, _ = workers[1].get_rows(expiring)
+    assert torch.equal(found, owner_of(expiring, 2) == 1)  # the other worker's rows are still there
+    expired = workers[1].expire_fids(2_000)
+    assert sorted(expired.tolist()) == sorted(expiring[owner_of(expiring, 2) == 1].tolist())
+    assert sorted(workers[0].stored_fids().tolist()) == sorted(fids[200:].tolist())
+
+
 def test_unreachable_redis_raises_a_clear_error_after_the_bound_and_recovers_when_back(tmp_path):
     server = RedisServer(tmp_path / "r", persistent=True).start()  # (without its data: tests/test_hostile_store.py)
     store = RedisStore(RedisStoreConfig.from_uri(f"redis://{server.address}?retry_for=1&timeout=0.5"),

@@ -109,3 +109,55 @@ def test_two_workers_end_with_the_single_worker_model(examples_file, tmp_path):
     expected = served[0].model.predict_features(examples.column("fids"), examples.column("dense"))
     got = served[1].model.predict_features(examples.column("fids"), examples.column("dense"))
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def _stored_rows(uri: str, spec) -> list:
+    """Every table's rows in the store at ``uri``, by fid: (fids, embeddings, state)."""
+    from trainer.redis_config import RedisStoreConfig
+    from trainer.redis_store import RedisStore
+
+    tables = []
+    for index, group in enumerate(_single_groups(spec)):
+        store = RedisStore(RedisStoreConfig.from_uri(uri), group, name=f"{spec.name}:g{index}", writer=False)
+        fids = torch.from_numpy(np.sort(store.stored_fids()))
+        found, rows = store.get_rows(fids)
+        assert bool(found.all())
+        tables.append((fids, rows.embeddings, rows.state))
+    return tables
+
+
+def _single_groups(spec) -> list:
+    from trainer.online import OnlineTrainer
+
+    return [group.table.config for group in OnlineTrainer(spec).groups]
+
+
+def test_two_workers_in_front_of_one_redis_store_end_with_the_single_worker_model(examples_file, tmp_path):
+    """``--store`` with K=2: each worker's tables are a small cache (CACHE_ROWS) in front of the same
+    Redis store, with evictions and fetches; the store ends with the rows K=1 leaves in its own."""
+    from runners.redis_server import RedisServer, redis_server_binary
+
+    try:
+        redis_server_binary()
+    except FileNotFoundError as missing:
+        pytest.skip(str(missing))
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        uris = [f"redis://{server.address}?prefix=k{k}&cache_rows={CACHE_ROWS}" for k in (1, 2)]
+        run_local_workers(_worker, 2, str(examples_file), str(tmp_path), uris[1], timeout_s=300)
+        single = _train(str(examples_file), str(tmp_path / "model-1"), store=uris[0]).trainer
+        assert all(group.table.stats["evicted"] > 100 for group in single.groups)
+        results = [torch.load(tmp_path / f"worker-{rank}.pt", weights_only=True) for rank in range(2)]
+        for result in results:
+            assert round(result["metrics"]["auc"], 4) == round(single.metrics.summary()["auc"], 4)
+            for name, value in single.model.state_dict().items():
+                _assert_close(result["model"][name], value)
+            assert all(len(fids) <= CACHE_ROWS for fids, _, _ in result["rows"])  # no worker holds a table
+        spec = _spec()
+        for (fids_2, embeddings_2, state_2), (fids_1, embeddings_1, state_1) in zip(
+                _stored_rows(uris[1], spec), _stored_rows(uris[0], spec)):
+            assert torch.equal(fids_2, fids_1) and len(fids_1) > 3 * CACHE_ROWS
+            _assert_close(embeddings_2, embeddings_1)
+            _assert_close(state_2, state_1)
+    finally:
+        server.stop()

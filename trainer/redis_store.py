@@ -41,6 +41,10 @@ snapshot's rows were written to. The trainer's position goes with every write to
 (``<prefix>:<name>#trained``, a one-member sorted set raised with ``ZADD GT``): the most examples
 the stored rows can have learned from, which a resume needs to keep its metrics honest.
 
+Several trainer workers (``trainer.sharded``) share one store: each fid's row is written by the
+worker that owns it, so their keys never collide, and each worker's expiry deletes its own fids
+(``share``). The marker, the trained position and serving's read-through are common to all.
+
 The URI and the servers' hash ring: ``trainer.redis_config``.
 """
 from __future__ import annotations
@@ -52,6 +56,7 @@ import numpy as np
 import torch
 
 from schemas.fids import HASH_BITS
+from trainer.hashing import owner_of
 from trainer.redis_config import HashRing, RedisStoreConfig
 from trainer.rows import RowBatch
 from trainer.table_config import NEVER, TableConfig
@@ -113,6 +118,7 @@ class RedisStore:
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="redis-write-behind") if config.write_behind else None
         self._pending: Future | None = None
         self.stats = {"gets": 0, "puts": 0, "deletes": 0, "retries": 0}
+        self.owner: tuple[int, int] | None = None  # (worker, workers) when shared (``share``)
         self.ring = HashRing(self.names)
         self._load_scripts()
         self.markers = self._marker_keys() if writer else [[] for _ in self.clients]
@@ -379,8 +385,15 @@ class RedisStore:
             self._retrying(shard, f"deleting {len(keys)} rows", call)
         self.stats["deletes"] += len(fids_np)
 
+    def share(self, worker: int, workers: int) -> None:
+        """This store is one of ``workers`` trainer workers' (``trainer.sharded``), which keep their
+        rows under the same keys: a fid's row is written by its owner only (``owner_of``), and
+        ``expire_fids`` deletes only this worker's (all workers expire on the same data time)."""
+        self.owner = (worker, workers)
+
     def expire_fids(self, data_time_ms: int) -> torch.Tensor:
-        """Delete the rows whose data-time life ended by ``data_time_ms``; returns their fids."""
+        """Delete the rows whose data-time life ended by ``data_time_ms`` (of this worker's fids
+        when shared); returns their fids."""
         self.flush()
         expired = []
         for slot, limit in sorted(self._expiring_slots().items()):
@@ -390,6 +403,9 @@ class RedisStore:
                                       lambda: client.zrangebyscore(index, "-inf", data_time_ms - limit - 1))
                 if keys:
                     found = self._fids(keys)
+                    if self.owner is not None:
+                        worker, workers = self.owner
+                        found = found[owner_of(torch.from_numpy(found), workers).numpy() == worker]
                     self.delete(torch.from_numpy(found))
                     expired.append(found)
         fids = np.concatenate(expired) if expired else np.empty(0, dtype=np.int64)

@@ -47,7 +47,8 @@ class RowStore(Protocol):
     """A backing store of rows by fid (host memory, Redis, ...)."""
 
     #: Whether the store outlives the trainer's process (Redis): then it has identity ``tokens``,
-    #: ``check_identity`` and the trainer's position (``trained_mark``; ``trainer.redis_store``).
+    #: ``check_identity``, the trainer's position (``trained_mark``; ``trainer.redis_store``) and
+    #: ``share`` (the workers of a sharded trainer keep their rows in it together).
     persistent: bool
 
     def get_rows(self, fids: torch.Tensor) -> tuple[torch.Tensor, RowBatch]:

@@ -90,9 +90,12 @@ class RunningTrainer:
             if learned > self.position.examples:
                 log(f"the store's rows had learned up to example {learned}: examples {self.position.examples + 1}"
                     f"..{learned} are re-trained and left out of the metrics")
-        else:
-            for store in self.stores:  # a fresh run: no stored row has learned from this run yet
-                store.reset_trained_mark()
+        else:  # a fresh run: no stored row has learned from this run yet (one worker says so for all)
+            if collectives is None or collectives.rank == 0:
+                for store in self.stores:
+                    store.reset_trained_mark()
+            if collectives is not None and self.stores:
+                collectives.barrier()
         self._mark_stores()
         self.trained_this_run = 0
         self.excluded = 0  # examples re-trained after a resume and left out of the metrics

@@ -142,6 +142,9 @@ class ShardedTrainer(OnlineTrainer):
         super().__init__(spec, device=device, seed=seed, store=store)
         self.comm = collectives
         self.sequential_updates = False  # (single-worker: see the module docstring)
+        for group in self.groups:  # each shard is a cache in front of the same external store
+            if group.table.store is not None and group.table.store.persistent:
+                group.table.store.share(collectives.rank, collectives.world)
 
     def train_prepared(self, prepared: PreparedExamples, start: int, stop: int, unscored: int = 0) -> torch.Tensor:
         """Train the global batch ``start:stop`` of ``prepared`` (every worker calls this with the
