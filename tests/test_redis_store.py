@@ -130,6 +130,25 @@ def test_expiry_runs_on_data_time_and_ttls_follow_it(shards):
     assert store.get_rows(rows.fids)[0].tolist() == [True, False, False]
 
 
+def test_a_row_seen_again_after_it_was_written_does_not_expire_with_its_stale_stored_copy(shards):
+    """Found by the property test above: a row written to Redis when last seen at 0, seen again
+    at 28 (its cached copy is fresher), must survive an expiry at 101 with a 100 ms life - in
+    the cache, in the delta and in Redis."""
+    table_config = small_config(max_rows=8, evict_fraction=0.25)
+    store = RedisStore(RedisStoreConfig.from_uri(store_uri(shards, ttl="off")), table_config)
+    cache = EmbeddingTable(table_config, store=store)
+    reference = Reference()
+    expiring = fid(SLOT_B, 0)
+    for op in [("insert", [fid(SLOT_A, v) for v in (0, 4, 5, 6, 7)] + [expiring], 0),
+               ("insert", [fid(SLOT_A, v) for v in (1, 2, 3)], 28), ("insert", [expiring], 0), ("expire", [], 73)]:
+        apply(cache, reference, op)
+    assert expiring in reference.rows and int(cache.lookup(torch.tensor([expiring]))) >= 0
+    delta = cache.take_delta()
+    assert expiring not in delta.removed.tolist()
+    found, rows = store.get_rows(torch.tensor([expiring]))
+    assert bool(found.all()) and rows.embeddings[0].tolist() == reference.rows[expiring]["embedding"]
+
+
 def test_workers_sharing_a_store_each_expire_only_the_rows_they_own(shards):
     """Two workers of a sharded trainer in front of one store (the same keys): each writes its
     own fids; one worker's expiry deletes its expired rows and leaves the other's to it."""

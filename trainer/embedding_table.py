@@ -301,8 +301,16 @@ class EmbeddingTable:
         now = self.data_time_ms if data_time_ms is None else data_time_ms
         expired = self.expire_fids(now)
         if self.store is not None:
+            stored = self.store.expire_fids(now).to(self.device)
+            # The store judged its copy, written back or evicted earlier; a row still cached
+            # here was seen since (the cache's own copy did not expire): it lives, and its
+            # fresher copy goes back to the store.
+            cached = self.lookup(stored)
+            live = cached >= 0
+            if bool(live.any()):
+                self._store_rows(self._read_rows(cached[live], stored[live]))
             # a written-back row expires in both tiers: count it once
-            expired = torch.unique(torch.cat([expired, self.store.expire_fids(now).to(self.device)]))
+            expired = torch.unique(torch.cat([expired, stored[~live]]))
         self._record_removed(expired)
         self.stats["expired"] += len(expired)
         return len(expired)
