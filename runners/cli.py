@@ -76,6 +76,25 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_produce(args: argparse.Namespace) -> int:
+    from runners.produce import produce_logs
+    from schemas.spec import load_spec
+
+    names = [name.strip() for name in args.topics.split(",")]
+    if len(names) != 2 or not all(names) or names[0] == names[1]:
+        raise ValueError(f"--topics: expected two different topic names IMPRESSIONS,ACTIONS, got {args.topics!r}")
+    if args.rate is not None and args.rate <= 0:
+        raise ValueError(f"--rate must be > 0 events/s, got {args.rate}")
+    if args.partitions < 1:
+        raise ValueError(f"--partitions must be >= 1, got {args.partitions}")
+    summary = produce_logs(load_spec(args.spec), args.logs, args.bootstrap,
+                           {"impressions": names[0], "actions": names[1]}, args.rate, args.partitions)
+    print(f"produced {summary['events']:,} events in {summary['seconds']} s ({summary['events_per_s']:,}/s) to "
+          f"{', '.join(summary['topics'])}; dead letters {summary['dead_letters']}", file=sys.stderr)
+    print(json.dumps(summary, sort_keys=True))
+    return 0
+
+
 def cmd_logs_check(args: argparse.Namespace) -> int:
     from schemas.dead_letters import DeadLetterSink
     from schemas.events import load_schema
@@ -373,6 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="impressions per request; more are answered 413")
     serve.set_defaults(handler=cmd_serve)
     run.set_defaults(handler=cmd_run)
+
+    produce = commands.add_parser("produce", help="replay event logs into Kafka topics in event-time order")
+    produce.add_argument("--spec", required=True, help="the spec whose event schemas encode the records")
+    produce.add_argument("--logs", required=True, type=Path, help="log directory (impressions/, actions/)")
+    produce.add_argument("--bootstrap", required=True, metavar="HOST:PORT", help="a Kafka broker")
+    produce.add_argument("--topics", default="impressions,actions", metavar="IMPRESSIONS,ACTIONS",
+                         help="the two topics (default impressions,actions); created when absent")
+    produce.add_argument("--partitions", type=int, default=2, help="partitions of a topic this creates (default 2)")
+    produce.add_argument("--rate", type=float, default=None, metavar="N",
+                         help="events per second (default: as fast as the broker takes them)")
+    produce.set_defaults(handler=cmd_produce)
 
     table_stats = commands.add_parser("table-stats", help="rows, slots and memory figures of a table snapshot")
     table_stats.add_argument("snapshot", type=Path, help="an embedding-table snapshot (Arrow IPC)")
