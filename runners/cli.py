@@ -97,12 +97,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
 def cmd_logs_check(args: argparse.Namespace) -> int:
     from schemas.dead_letters import DeadLetterSink
-    from schemas.events import load_schema
+    from schemas.events import log_schemas
     from schemas.logs import log_files, read_log_file, read_manifest
     from schemas.spec import load_spec
 
     spec = load_spec(args.spec)
-    schemas = {"impressions": load_schema(spec.events.impression), "actions": load_schema(spec.events.action)}
+    schemas = log_schemas(spec.events)
     dead = DeadLetterSink()
     figures: dict = {"logs": str(args.logs), "spec": spec.name}
     for kind, schema in schemas.items():
@@ -172,11 +172,11 @@ def _check_trainers(spec, options: JobOptions) -> None:
 
 def _check_logs(spec, options: JobOptions) -> None:
     """Missing logs or logs of another spec are refused before a job starts."""
-    from schemas.events import load_schema
+    from schemas.events import log_schemas
     from schemas.logs import check_log_dir
 
     read = {source for slot in spec.slots for source in slot.source} | {dense.source for dense in spec.dense}
-    schemas = {"impressions": load_schema(spec.events.impression), "actions": load_schema(spec.events.action)}
+    schemas = log_schemas(spec.events)
     fields = {f["name"] for f in schemas["impressions"]["fields"]}
     check_log_dir(options.logs, schemas, live=options.live, used={"impressions": read & fields})
 

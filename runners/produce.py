@@ -25,10 +25,10 @@ KINDS = ("impressions", "actions")
 
 def _records(spec: FeatureSpec, log_dir: Path, dead_letters):
     """(event time, kind, record) of both kinds, merged in event-time order."""
-    from schemas.events import load_schema
+    from schemas.events import log_schemas
     from schemas.logs import log_files, read_log_file
 
-    schemas = {"impressions": load_schema(spec.events.impression), "actions": load_schema(spec.events.action)}
+    schemas = log_schemas(spec.events)  # (parsed by fastavro already)
 
     def of_kind(kind: str):
         for path in log_files(log_dir, kind):
@@ -51,7 +51,6 @@ def produce_logs(spec: FeatureSpec, log_dir: str | Path, bootstrap: str, topics:
     topics = topics or {kind: kind for kind in KINDS}
     dead_letters = DeadLetterSink()
     schemas, records = _records(spec, Path(log_dir), dead_letters)
-    parsed = {kind: fastavro.parse_schema(schema) for kind, schema in schemas.items()}
     admin = AdminClient({"bootstrap.servers": bootstrap})
     try:
         existing = admin.list_topics(timeout=10).topics
@@ -80,7 +79,7 @@ def produce_logs(spec: FeatureSpec, log_dir: str | Path, bootstrap: str, topics:
     for event_time_ms, kind, record in records:
         buffer.seek(0)
         buffer.truncate()
-        fastavro.schemaless_writer(buffer, parsed[kind], record)
+        fastavro.schemaless_writer(buffer, schemas[kind], record)
         topic = topics[kind]
         while True:
             try:

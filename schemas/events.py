@@ -71,6 +71,12 @@ def load_schema(name_or_path: str | Path) -> dict:
     return _load(str(schema_path(name_or_path)))
 
 
+def log_schemas(events) -> dict[str, dict]:
+    """The parsed schemas of a spec's logs by kind: ``{"impressions": ..., "actions": ...}``
+    (``events``: the spec's ``EventsSpec``)."""
+    return {"impressions": load_schema(events.impression), "actions": load_schema(events.action)}
+
+
 def field_types(schema: dict) -> dict[str, Any]:
     """Top-level field name -> Avro type (as written in the schema)."""
     return {field["name"]: field["type"] for field in schema["fields"]}
