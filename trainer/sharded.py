@@ -121,10 +121,9 @@ class _OwnedGroup:
 @dataclass
 class _Exchange:
     """A step between the row exchange and the gradient exchange, for all the tables the global
-    batch touches (``touched``, in index order). The requests of all tables travel together,
-    ordered by (owner, table): one all-to-all per direction and step."""
+    batch touches (in index order). The requests of all tables travel together, ordered by
+    (owner, table): one all-to-all per direction and step."""
 
-    touched: list[int]
     occurrences: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # per table: inverse, target, example
     distinct: list[int]  # per table: the slice's distinct fids
     order: torch.Tensor  # [all distinct fids of the slice] their position in the request (by owner, table)
@@ -234,7 +233,7 @@ class ShardedTrainer(OnlineTrainer):
                 rows_of = table_weights.index_select(0, inverse)
                 pooled.index_add_(0, target, rows_of[:, :dim])
                 wide.index_add_(0, example, rows_of[:, dim])
-        return pooled, wide, _Exchange(touched, occurrences, distinct, order, send_counts, recv_counts, owned)
+        return pooled, wide, _Exchange(occurrences, distinct, order, send_counts, recv_counts, owned)
 
     def _push_gradients(self, exchange: _Exchange, pooled_grad: torch.Tensor, wide_grad: torch.Tensor) -> torch.Tensor:
         """Step 4: the slice's per-fid gradient sums (and sums of squares, where an optimizer
