@@ -57,3 +57,5 @@ def test_a_batch_of_mixed_initializers_gives_each_fid_the_row_its_own_initialize
     for code, (kind, scale) in enumerate(initializers):
         at = choice == code
         assert torch.equal(mixed[at], initial_values(FIDS[at], 6, kind, scale, seed=3))
+    zeros = mixed[choice == 1]
+    assert not torch.signbit(zeros).any(), "a ZEROS row holds -0.0 (scale 0 times a negative draw)"

@@ -60,6 +60,8 @@ def _initial_block(fids: torch.Tensor, dim: int, initializers: list[tuple[Initia
     if len(fids) == 0:
         return torch.zeros(0, dim, device=fids.device)
     kinds = [kind for kind, _ in initializers]
+    if all(kind is InitializerKind.ZEROS for kind in kinds):
+        return torch.zeros(len(fids), dim, device=fids.device)
     scale = torch.tensor([0.0 if kind is InitializerKind.ZEROS else scale for kind, scale in initializers],
                          dtype=torch.float64, device=fids.device).index_select(0, choice)
     h = fid_hashes(fids, dim, seed)
@@ -76,4 +78,5 @@ def _initial_block(fids: torch.Tensor, dim: int, initializers: list[tuple[Initia
             clip = torch.isin(choice.index_select(0, at), torch.tensor(truncated, device=fids.device))
             drawn = torch.where(clip.unsqueeze(1), drawn.clamp(-2.0, 2.0), drawn)
         values[at] = drawn
-    return (values * scale.unsqueeze(1)).to(torch.float32)
+    # + 0.0: a ZEROS row is (-u) * 0 = -0.0 for half its entries; IEEE -0.0 + 0.0 is +0.0
+    return (values * scale.unsqueeze(1) + 0.0).to(torch.float32)
