@@ -13,9 +13,16 @@
   200-impression log (``flink_job_startup_s``, ``beam_stream_startup_s``), and the rates after
   start-up compare the sustained throughput (``flink_vs_beam_stream_after_startup``).
 
+* with ``--runner flink --source kafka``: the same logs produced into Kafka topics of a Tansu
+  broker started here (``streamrec produce``), then ``join --runner flink --source kafka://...``
+  (bounded at the producer's end offsets) beside ``join --runner flink --logs`` (the file replay)
+  in the same run, each its own process; ``kafka_events_per_s_after_startup`` and
+  ``file_events_per_s_after_startup`` take each job's start and stop (a 200-impression run the
+  same way) off, and ``kafka_vs_file`` is their ratio.
+
 Events = impressions + actions. Reading the logs is outside the pure/naive timings.
 
-    python -m bench.pipeline [--quick] [--impressions N] [--runner flink]
+    python -m bench.pipeline [--quick] [--impressions N] [--runner flink [--source kafka]]
 """
 from __future__ import annotations
 
@@ -122,6 +129,53 @@ def flink_run(logs: Path, out: Path, parallelism: int | None = None) -> tuple[fl
     return seconds, summary["python_busy_s"]
 
 
+def kafka_figures(spec, logs: Path, tmp: Path, events: int, pure_s: float) -> dict:
+    """The Flink job reading Kafka beside the file replay, on the same logs in the same run."""
+    from runners.kafka_broker import KafkaBroker
+    from runners.produce import produce_logs
+
+    tiny = tmp / "tiny"
+    generate(tiny, SyntheticConfig(events=200, seed=4, span_hours=0.1))
+    broker = KafkaBroker(tmp / "broker").start()
+    try:
+        runs = {}
+        for name, log_dir in (("tiny", tiny), ("main", logs)):
+            topics = {"impressions": f"{name}-impressions", "actions": f"{name}-actions"}
+            produced = produce_logs(spec, log_dir, broker.bootstrap, topics)
+            offsets = tmp / f"{name}-offsets.json"
+            offsets.write_text(json.dumps(produced))
+            source = (f"kafka://{broker.bootstrap}?impressions={topics['impressions']}&actions={topics['actions']}"
+                      f"&until={offsets}")
+            runs[name] = {"produce_events_per_s": produced["events_per_s"],
+                          "kafka": cli_run(["join", "--runner", "flink", "--spec", "synthetic", "--source", source,
+                                            "--out", str(tmp / f"kafka-{name}")]),
+                          "file": cli_run(["join", "--runner", "flink", "--spec", "synthetic", "--logs",
+                                           str(log_dir), "--out", str(tmp / f"file-{name}")])}
+    finally:
+        broker.stop()
+    main_run, tiny_run = runs["main"], runs["tiny"]
+    kafka_s, file_s = main_run["kafka"][0], main_run["file"][0]
+    kafka_after = max(kafka_s - tiny_run["kafka"][0], 1e-9)
+    file_after = max(file_s - tiny_run["file"][0], 1e-9)
+    same = main_run["kafka"][1]["examples"] == main_run["file"][1]["examples"]
+    figures = {"benchmark": "pipeline", "runner": "flink", "source": "kafka", "events": events,
+               "pure_events_per_s": round(events / pure_s),
+               "produce_events_per_s": main_run["produce_events_per_s"],
+               "kafka_events_per_s": round(events / kafka_s), "file_events_per_s": round(events / file_s),
+               "kafka_job_startup_s": round(tiny_run["kafka"][0], 2), "file_job_startup_s": round(tiny_run["file"][0], 2),
+               "kafka_events_per_s_after_startup": round(events / kafka_after),
+               "file_events_per_s_after_startup": round(events / file_after),
+               "kafka_vs_file": round(file_s / kafka_s, 2), "kafka_vs_file_after_startup": round(file_after / kafka_after, 2),
+               "kafka_python_busy_s": main_run["kafka"][1]["python_busy_s"],
+               "file_python_busy_s": main_run["file"][1]["python_busy_s"], "same_example_count": same}
+    print(f"Flink from Kafka {figures['kafka_events_per_s']:,} events/s ({figures['kafka_events_per_s_after_startup']:,}/s "
+          f"after its {figures['kafka_job_startup_s']} s start+stop), file replay {figures['file_events_per_s']:,}/s "
+          f"({figures['file_events_per_s_after_startup']:,}/s after start-up): {figures['kafka_vs_file_after_startup']}x; "
+          f"produced at {figures['produce_events_per_s']:,}/s")
+    print(json.dumps(figures))
+    return figures
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="60k impressions (under a minute)")
@@ -130,6 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
                              "--quick); N spans N/300k x 2 h, so the event rate, and the open join window, stay")
     parser.add_argument("--runner", choices=("beam", "flink"), default="beam",
                         help="flink: also the PyFlink job (local mini-cluster) on the same logs, with Beam streaming")
+    parser.add_argument("--source", choices=("files", "kafka"), default="files",
+                        help="with --runner flink: kafka compares the job reading Kafka topics with the file replay")
     args = parser.parse_args(argv)
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     n = args.impressions or (60_000 if args.quick else 300_000)
@@ -141,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
         events = manifest["impressions"] + manifest["actions"]["click"]
         impressions, actions = read_events(spec, logs)
         pure_s, pure_examples = pure(spec, impressions, actions)
+        if args.runner == "flink" and args.source == "kafka":
+            return kafka_figures(spec, logs, Path(tmp), events, pure_s)
         if args.runner == "flink":
             from runners.flink_runner import DEFAULT_PARALLELISM
 

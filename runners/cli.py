@@ -7,11 +7,13 @@
     streamrec logs check DIR --spec SPEC
     streamrec join --spec SPEC --logs DIR --out DIR [--streaming | --watch SECONDS [--stop-after SECONDS]]
     streamrec join --runner flink [--flink-master HOST:PORT] [--resume] [--watch S [--stop-after S]] --spec SPEC --logs DIR --out DIR
+    streamrec join|run --runner flink --source kafka://HOST:PORT[?impressions=T&actions=T&until=U] --spec SPEC --out DIR
     streamrec backfill --spec SPEC --logs DIR --out DIR
     streamrec run [--spec SPEC --logs DIR] --out DIR [--device cpu|cuda] [--streaming | --watch S]
                   [--model-dir DIR [--resume]] [--store redis://HOST:PORT[,...]] [--runner flink ...]
     streamrec serve --model-dir DIR [--host 127.0.0.1 --port N --poll S --fp16 --store URI
                     --max-body-bytes B --max-impressions N]
+    streamrec produce --spec SPEC --logs DIR --bootstrap HOST:PORT [--topics I,A] [--partitions N] [--rate N]
     streamrec table-stats SNAPSHOT
 
 Commands print a human summary and, as their last line, a JSON object with the figures.
@@ -171,8 +173,16 @@ def _check_trainers(spec, options: JobOptions) -> None:
 
 
 def _check_logs(spec, options: JobOptions) -> None:
-    """Missing logs or logs of another spec are refused before a job starts."""
+    """Missing logs or logs of another spec are refused before a job starts (a Kafka source: its
+    URI, and its connector jars)."""
     from schemas.events import log_schemas
+
+    if options.source is not None:
+        from runners.kafka_source import connector_jar_uris
+
+        options.kafka  # noqa: B018 (a bad URI or end-offsets file raises, naming it)
+        connector_jar_uris(options.kafka_jars)
+        return
     from schemas.logs import check_log_dir
 
     read = {source for slot in spec.slots for source in slot.source} | {dense.source for dense in spec.dense}
@@ -205,6 +215,8 @@ def cmd_join(args: argparse.Namespace) -> int:
     from schemas.spec import load_spec
 
     options = JobOptions.from_args(args, train=False)
+    if options.logs is None and options.source is None:
+        raise ValueError("--logs DIR (or --source kafka://...) is required")
     spec = load_spec(options.spec)
     _check_logs(spec, options)
     if options.on_cluster:
@@ -213,7 +225,7 @@ def cmd_join(args: argparse.Namespace) -> int:
     summary.update(_examples_summary(options.out, spec))
     from schemas.logs import read_manifest
 
-    manifest = read_manifest(options.logs)
+    manifest = read_manifest(options.logs) if options.logs is not None else {}
     events = manifest.get("impressions", 0) + sum(manifest.get("actions", {}).values())
     if events:
         summary["events"] = events
@@ -230,7 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from schemas.spec import load_spec
 
     options = JobOptions.from_args(args, train=True)
-    if options.logs is None:
+    if options.logs is None and options.source is None:
         if options.spec not in (None, "movielens"):
             raise ValueError("--logs is required with a spec other than the built-in movielens")
         from event_datasets import movielens
@@ -306,6 +318,13 @@ def _add_runner_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--events-per-step", type=int, default=16_384, metavar="N",
                         help="with --runner flink: events per replayed micro-batch (the unit the JVM hands "
                              "to the Python workers)")
+    parser.add_argument("--source", default=None, metavar="kafka://HOST:PORT[?...]",
+                        help="with --runner flink: read impressions and actions from Kafka topics instead of logs: "
+                             "kafka://HOST:PORT[?impressions=T&actions=T&group=G&until=latest|OFFSETS.json"
+                             "&window_ms=N&out_of_order_ms=N&idle_ms=N] (no until: live, until stopped)")
+    parser.add_argument("--kafka-jars", default=None, metavar="JAR,JAR",
+                        help="with --source: flink-connector-kafka and kafka-clients jars (default: "
+                             "$STREAMREC_KAFKA_JARS, else the ones make fetched)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,7 +367,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("backfill", "replay event logs in batch mode through the same transforms")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--spec", required=True, help="a spec YAML path or a built-in spec name")
-        sub.add_argument("--logs", required=True, type=Path, help="log directory (impressions/, actions/)")
+        sub.add_argument("--logs", required=name == "backfill", type=Path,
+                         help="log directory (impressions/, actions/)" + ("; or --source" if name == "join" else ""))
         sub.add_argument("--out", required=True, type=Path, help="output directory (examples/, dead_letters/)")
         if name == "join":
             _add_mode_arguments(sub)

@@ -15,6 +15,7 @@ newest retained checkpoint (and its model from the newest snapshot in the model 
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -31,9 +32,11 @@ DEFAULT_PARALLELISM = 1  # of the join (the trainer is one); 2 is 8-37 % faster 
 
 
 def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: str | None = None,
-                      checkpoint_every_ms: int = 10_000, restore_from: str | None = None, bundle_size: int = 1_000):
+                      checkpoint_every_ms: int = 10_000, restore_from: str | None = None, bundle_size: int = 1_000,
+                      jars: list[str] | None = None):
     """The StreamExecutionEnvironment: a local mini-cluster, or - inside ``flink run`` - the
-    cluster that command submits to. ``restore_from``: a retained checkpoint to start from."""
+    cluster that command submits to. ``restore_from``: a retained checkpoint to start from;
+    ``jars``: URIs of connector jars the job needs (``pipeline.jars``)."""
     from pyflink.common import Configuration
     from pyflink.datastream import StreamExecutionEnvironment
 
@@ -58,6 +61,8 @@ def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: st
         config.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     if restore_from is not None:
         config.set_string("execution.state-recovery.path", restore_from)
+    if jars:
+        config.set_string("pipeline.jars", ";".join(jars))
     env = StreamExecutionEnvironment.get_execution_environment(config)
     env.set_parallelism(parallelism)
     return env
@@ -144,12 +149,14 @@ class _FlinkRun:
     staging: Path  # OUT/.examples-staged: Example files the join wrote, published at the end
     live_dir: Path  # OUT/.live: announcements of new log files, and the "ended" marker
     spill: Path  # OUT/.replay: the replay's micro-batch files
+    kafka_spill: Path  # OUT/.kafka-batches: the Kafka batches' shard files (checkpoints name them)
     timing: Path  # OUT/.timing: the Python operators' busy clocks
     rendezvous: Path  # OUT/.rendezvous: where several trainer workers meet (a file per attempt)
     restore_from: Path | None  # the checkpoint this run restores, if any
-    source_path: Path  # a batch list (replay) or the announcements directory (live)
-    step_ms: int  # event time per micro-batch (replay) or per announcement round (live)
+    source_path: Path  # a batch list (replay) or the announcements directory (live); unused for Kafka
+    step_ms: int  # event time per micro-batch (replay, Kafka window) or per announcement round (live)
     announcer: object | None = None  # pipelines.log_announcer.LogAnnouncer (live)
+    read_below: dict | None = None  # a bounded Kafka job: read below these end offsets, then drain
 
     @property
     def ended_marker(self) -> Path:
@@ -191,16 +198,37 @@ def _prepare(spec: FeatureSpec, options: JobOptions, shards: int) -> _FlinkRun:
     out_dir = Path(options.out)
     # (the source's directory must not be hidden itself: Flink's file filter skips ".name"/"_name")
     run = _FlinkRun(out_dir, checkpoints=out_dir / ".checkpoints", staging=out_dir / ".examples-staged",
-                    live_dir=out_dir / ".live", spill=out_dir / ".replay", timing=out_dir / ".timing",
+                    live_dir=out_dir / ".live", spill=out_dir / ".replay", kafka_spill=out_dir / ".kafka-batches",
+                    timing=out_dir / ".timing",
                     rendezvous=out_dir / ".rendezvous",
                     restore_from=newest_checkpoint(out_dir / ".checkpoints") if options.resume else None,
                     source_path=out_dir / ".live" / "announced", step_ms=0)
     if run.restore_from is None:
-        for stale in (run.checkpoints, run.live_dir, run.staging):  # (a resumed job's state names staged files)
+        # (a resumed job's state names staged and Kafka batch files)
+        for stale in (run.checkpoints, run.live_dir, run.staging, run.kafka_spill):
             shutil.rmtree(stale, ignore_errors=True)
         fresh_output_dirs(out_dir, OUTPUTS if options.train else OUTPUTS[:2])
     for stale in (run.spill, run.timing, run.rendezvous):
         shutil.rmtree(stale, ignore_errors=True)
+    if options.source is not None:
+        from runners.kafka_source import bounded_window_ms, resolved_end_offsets
+
+        kafka = options.kafka
+        run.kafka_spill.mkdir(exist_ok=True)
+        # the window a restored job's state was made with (its windows, the join's grid)
+        chosen, ends = run.kafka_spill / "window_ms", run.kafka_spill / "end_offsets.json"
+        if run.restore_from is not None and chosen.is_file():
+            run.step_ms = int(chosen.read_text())
+        else:
+            run.step_ms = (kafka.window(spec) if not kafka.bounded or kafka.window_ms is not None
+                           else bounded_window_ms(kafka, spec, options.events_per_step))
+            chosen.write_text(str(run.step_ms))
+            if kafka.bounded:
+                ends.write_text(json.dumps(resolved_end_offsets(kafka)))
+        if kafka.bounded:  # (read below the end offsets, then drained: see kafka_source.kafka_batches)
+            run.read_below = {topic: {int(p): o for p, o in parts.items()}
+                              for topic, parts in json.loads(ends.read_text()).items()}
+        return run
     if options.live:
         run.announcer = LogAnnouncer(Path(options.logs), run.source_path)
         run.ended_marker.unlink(missing_ok=True)
@@ -226,15 +254,15 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
     from pyflink.common.watermark_strategy import TimestampAssigner
     from pyflink.datastream.connectors.file_system import FileSource, StreamFormat
 
-    from pipelines.flink_join import JoinShard, ReadAnnouncedLogs
-    from pipelines.flink_records import DEAD_LETTERS, batch_time, shard_record, subtask_keys
-    from pipelines.flink_train import TrainStream
+    from pipelines.flink_join import ReadAnnouncedLogs
+    from pipelines.flink_records import DEAD_LETTERS, batch_time, shard_record
 
     class BatchTime(TimestampAssigner):
         def extract_timestamp(self, value, record_timestamp):
             return batch_time(value)
 
     live, train, step_ms, timing = options.live, options.train, run.step_ms, str(run.timing)
+    kafka = options.kafka
     # Bundles: a join-only job takes up to 1,000 records or 1 s per bundle, so the joiner's state
     # goes back to the JVM about once a second, not after every shard record (360k events: ~24 s
     # -> ~18.5 s). A training job keeps one record per bundle: the trainer's bundles would hold
@@ -244,7 +272,18 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
                             checkpoint_dir=run.checkpoints.resolve().as_uri(),
                             checkpoint_every_ms=options.checkpoint_every_ms,
                             restore_from=None if run.restore_from is None else run.restore_from.resolve().as_uri(),
-                            bundle_size=1 if train else 1_000)
+                            bundle_size=1 if train else 1_000,
+                            jars=None if kafka is None else _kafka_jars(options))
+    if kafka is not None:
+        from pipelines.flink_kafka import DecodeKafkaBatches
+        from runners.kafka_source import kafka_batches
+
+        read = (kafka_batches(env, spec, kafka, step_ms, run.read_below)
+                .process(DecodeKafkaBatches(spec, kafka.topics, shards, str(run.kafka_spill.resolve()), timing),
+                         output_type=Types.PICKLED_BYTE_ARRAY())
+                .name("decode Kafka batches, split by shard").set_parallelism(1))
+        return _join_and_train(env, spec, options, run, shards, read, read.get_side_output(DEAD_LETTERS),
+                               input_windows_ms=step_ms)
     source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), run.source_path.resolve().as_uri())
     if live:
         source = source.monitor_continuously(Duration.of_millis(step_ms))
@@ -262,8 +301,24 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
     else:
         read = stamped.map(shard_record, output_type=Types.PICKLED_BYTE_ARRAY()).name("shard records")
         read_dead_letters = None
+    return _join_and_train(env, spec, options, run, shards, read, read_dead_letters, in_order=not live)
+
+
+def _join_and_train(env, spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int, read,
+                    read_dead_letters, in_order: bool = False, input_windows_ms: int | None = None):
+    """Shard records -> join per shard -> Examples and dead letters to files; with ``train``, the
+    trainer and its metrics. ``in_order``: each shard's records come in event-time order (a
+    replay); ``input_windows_ms``: they come in tumbling event-time windows of this size (Kafka)."""
+    from pyflink.common import Types
+
+    from pipelines.flink_join import JoinShard
+    from pipelines.flink_records import DEAD_LETTERS, subtask_keys
+    from pipelines.flink_train import TrainStream
+
+    step_ms, timing = run.step_ms, str(run.timing)
     joined = (read.key_by(lambda value: value[0], key_type=Types.INT())
-              .process(JoinShard(spec, step_ms, str(run.staging.resolve()), in_order=not live, timing_dir=timing),
+              .process(JoinShard(spec, step_ms, str(run.staging.resolve()), in_order=in_order, timing_dir=timing,
+                                 input_windows_ms=input_windows_ms),
                        output_type=Types.STRING())
               .name("join, sample, features"))
     joined.sink_to(_file_sink(run.out_dir / "examples", ".examples")).name("examples")
@@ -271,9 +326,10 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
     if read_dead_letters is not None:
         dead_letters = dead_letters.union(read_dead_letters)
     dead_letters.sink_to(_file_sink(run.out_dir / "dead_letters", ".jsonl")).name("dead letters")
-    if train:
+    if options.train:
         publishing = None if options.model_dir is None else PublishOptions(
-            str(options.model_dir), clock="processing" if live else "event", resume=options.resume)
+            str(options.model_dir), clock="processing" if options.runs_until_stopped else "event",
+            resume=options.resume)
         # One model, trained by `workers` subtasks: each gets a copy of every Example table, keyed
         # to reach exactly that subtask (the keys depend on the operator's max parallelism).
         workers = spec.training.workers
@@ -291,10 +347,18 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
 
 def _execute(env, spec: FeatureSpec, options: JobOptions, run: _FlinkRun) -> None:
     """Run the job to its end: a replay ends with its input, a live job on stop (draining)."""
-    name = f"streamrec {options.command} {spec.name}{' (live)' if options.live else ''}"
-    if options.live:
-        _run_live(env.execute_async(name), run.announcer, run.ended_marker, options.watch_interval_s,
-                  options.stop_after_s, (run.out_dir / ".savepoints").resolve().as_uri())
+    kind = " (Kafka)" if options.source is not None else ""
+    name = f"streamrec {options.command} {spec.name}{kind}{' (live)' if options.runs_until_stopped else ''}"
+    savepoints = (run.out_dir / ".savepoints").resolve().as_uri()
+    if options.runs_until_stopped:
+        _run_live(env.execute_async(name), run.announcer, run.ended_marker, options.watch_interval_s or 1.0,
+                  options.stop_after_s, savepoints)
+    elif run.read_below is not None:
+        from runners.kafka_source import ends_committed
+
+        kafka, ends = options.kafka, run.read_below
+        _run_live(env.execute_async(name), None, run.ended_marker, 1.0, None, savepoints,
+                  until=lambda: ends_committed(kafka, spec, ends))
     else:
         env.execute(name)
 
@@ -305,11 +369,13 @@ def _summarise(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, elapsed: 
     from runners.replay import count_dead_letters, finish_metrics
 
     python_busy_s = read_busy_clocks(run.timing)
-    for done in (run.spill, run.checkpoints, run.timing, run.live_dir, run.rendezvous, run.out_dir / ".savepoints"):
+    for done in (run.spill, run.kafka_spill, run.checkpoints, run.timing, run.live_dir, run.rendezvous,
+                 run.out_dir / ".savepoints"):
         shutil.rmtree(done, ignore_errors=True)  # (nothing left to restore)
     publish_examples(run.out_dir / "examples", run.staging)
     summary = finish_metrics(spec, run.out_dir) if options.train else {}
-    summary.update({"mode": "flink live" if options.live else "flink", "seconds": round(elapsed, 2),
+    mode = "flink" + (" kafka" if options.source is not None else "") + (" live" if options.runs_until_stopped else "")
+    summary.update({"mode": mode, "seconds": round(elapsed, 2),
                     "dead_letters": count_dead_letters(run.out_dir),
                     "restored_from_checkpoint": None if run.restore_from is None else run.restore_from.name,
                     "python_busy_s": python_busy_s})
@@ -317,10 +383,12 @@ def _summarise(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, elapsed: 
 
 
 def _run_live(client, announcer, ended_marker: Path, interval_s: float, stop_after_s: float | None,
-              savepoint_dir: str, end_timeout_s: float = 300.0) -> None:
+              savepoint_dir: str, end_timeout_s: float = 300.0, until=None) -> None:
     """Announce new logs every ``interval_s`` while the submitted job runs, until ``stop_after_s``
     (None: until SIGTERM/SIGINT); then announce the end, wait until the job has read every
-    announcement, and stop it with a draining savepoint. A job that fails raises its error."""
+    announcement, and stop it with a draining savepoint. A job that fails raises its error.
+    Without an ``announcer`` (a live Kafka source) the job is only watched, then drained; so is
+    one whose ``until()`` turns true (a resumed bounded Kafka job that has read to its end)."""
     import signal
     import threading
 
@@ -335,18 +403,21 @@ def _run_live(client, announcer, ended_marker: Path, interval_s: float, stop_aft
     if threading.current_thread() is threading.main_thread():
         for number in (signal.SIGTERM, signal.SIGINT):
             handlers[number] = signal.signal(number, stop_gracefully)
-    announcing = threading.Thread(target=announcer.run, args=(interval_s, stop), name="log announcer", daemon=True)
-    announcing.start()
+    announcing = None if announcer is None else threading.Thread(
+        target=announcer.run, args=(interval_s, stop), name="log announcer", daemon=True)
+    if announcing is not None:
+        announcing.start()
     try:
         deadline = None if stop_after_s is None else time.monotonic() + stop_after_s
         while not stop.wait(min(interval_s, 1.0)):
             _raise_if_ended(client)
-            if deadline is not None and time.monotonic() >= deadline:
+            if (deadline is not None and time.monotonic() >= deadline) or (until is not None and until()):
                 stop.set()
-        announcing.join()
-        announcer.end()
+        if announcing is not None:
+            announcing.join()
+            announcer.end()
         deadline = time.monotonic() + end_timeout_s
-        while not ended_marker.exists():
+        while announcing is not None and not ended_marker.exists():
             _raise_if_ended(client)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the live job had not read its announced logs after {end_timeout_s:.0f} s")
@@ -357,6 +428,12 @@ def _run_live(client, announcer, ended_marker: Path, interval_s: float, stop_aft
         stop.set()
         for number, handler in handlers.items():
             signal.signal(number, handler)
+
+
+def _kafka_jars(options: JobOptions) -> list[str]:
+    from runners.kafka_source import connector_jar_uris
+
+    return connector_jar_uris(options.kafka_jars)
 
 
 def _stop_draining(client, savepoint_dir: str) -> str:

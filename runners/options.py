@@ -1,8 +1,9 @@
 """The options of one job (``streamrec join`` / ``run``), typed: what the CLI parsed, what both
 runners read, and what cluster submission forwards.
 
-A job runs in one of three modes: backfill (bounded logs in bulk), replay (the logs in event-time
-order through the streaming job) or live (new log files as they arrive, until stopped).
+A job runs in one of four modes: backfill (bounded logs in bulk), replay (the logs in event-time
+order through the streaming job), live (new log files as they arrive, until stopped) or kafka
+(impressions and actions from Kafka topics, ``--source``: to the end offsets it names, or live).
 ``JobOptions.to_argv`` is the command line that parses back to the same options; submission to
 a Flink cluster runs exactly that, so no option is left behind.
 """
@@ -19,6 +20,7 @@ class Mode(str, Enum):
     BACKFILL = "backfill"  # bounded logs in bulk, the same decisions as streaming
     REPLAY = "replay"  # the logs in event-time order through the streaming job
     LIVE = "live"  # new files of the log directory as they arrive (``watch_interval_s``)
+    KAFKA = "kafka"  # Kafka topics (``source``), bounded by its ``until`` or live until stopped
 
 
 @dataclass(frozen=True)
@@ -41,18 +43,40 @@ class JobOptions:
     model_dir: Path | None = None  # publish snapshots and deltas here
     store: str | None = None  # redis:// URI of the row store (overrides the spec's)
     trainers: int | None = None  # Flink: trainer workers of one model (overrides training.workers)
+    source: str | None = None  # kafka://... : read Kafka topics, not logs (``runners.kafka_source``)
+    kafka_jars: str | None = None  # comma-separated connector jars (None: STREAMREC_KAFKA_JARS or make's)
 
     def __post_init__(self):
         if (self.mode is Mode.LIVE) != (self.watch_interval_s is not None):
             raise ValueError("live mode and a watch interval go together (--watch SECONDS)")
-        if self.stop_after_s is not None and self.mode is not Mode.LIVE:
-            raise ValueError("--stop-after needs --watch (it ends a live job)")
+        if (self.mode is Mode.KAFKA) != (self.source is not None):
+            raise ValueError("the kafka mode and a --source go together")
+        if self.source is not None and self.runner != "flink":
+            raise ValueError("--source kafka://... reads Kafka through Flink's connector: it needs --runner flink")
+        if self.source is not None and self.logs is not None:
+            raise ValueError("--source reads Kafka topics: give it or --logs, not both")
+        if self.stop_after_s is not None and self.mode not in (Mode.LIVE, Mode.KAFKA):
+            raise ValueError("--stop-after needs --watch or --source (it ends a live job)")
         if self.trainers is not None and not 1 <= self.trainers <= 256:
             raise ValueError(f"--trainers must be in [1, 256], got {self.trainers}")
 
     @property
     def live(self) -> bool:
         return self.mode is Mode.LIVE
+
+    @property
+    def kafka(self):
+        """The Kafka source's settings (``runners.kafka_source.KafkaSourceConfig``), or None."""
+        if self.source is None:
+            return None
+        from runners.kafka_source import KafkaSourceConfig
+
+        return KafkaSourceConfig.from_uri(self.source)
+
+    @property
+    def runs_until_stopped(self) -> bool:
+        """Live logs, or an unbounded Kafka source: the job ends when it is stopped (draining)."""
+        return self.live or (self.source is not None and not self.kafka.bounded)
 
     @property
     def streaming(self) -> bool:
@@ -76,7 +100,12 @@ class JobOptions:
     def from_args(cls, args: argparse.Namespace, train: bool) -> "JobOptions":
         """The options of a parsed ``join`` / ``backfill`` / ``run`` command line."""
         watch = getattr(args, "watch", None)
-        mode = Mode.LIVE if watch is not None else Mode.REPLAY if getattr(args, "streaming", False) else Mode.BACKFILL
+        if getattr(args, "source", None) is not None:
+            if watch is not None or getattr(args, "streaming", False):
+                raise ValueError("--source kafka://... is its own mode: not with --streaming or --watch")
+            mode = Mode.KAFKA
+        else:
+            mode = Mode.LIVE if watch is not None else Mode.REPLAY if getattr(args, "streaming", False) else Mode.BACKFILL
         values = {field: getattr(args, dest) for dest, field in _DESTS.items() if hasattr(args, dest)}
         values["progress"] = not getattr(args, "no_progress", False)
         return cls(train=train, mode=mode, watch_interval_s=watch, **values)
@@ -112,6 +141,7 @@ class JobOptions:
 _DESTS = {"spec": "spec", "logs": "logs", "out": "out", "runner": "runner", "flink_master": "flink_master",
           "checkpoint_every": "checkpoint_every_s", "parallelism": "parallelism",
           "events_per_step": "events_per_step", "resume": "resume", "stop_after": "stop_after_s",
-          "device": "device", "model_dir": "model_dir", "store": "store", "trainers": "trainers"}
+          "device": "device", "model_dir": "model_dir", "store": "store", "trainers": "trainers",
+          "source": "source", "kafka_jars": "kafka_jars"}
 _TRAIN_ONLY = {"device", "model_dir", "store", "trainers"}
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(JobOptions)}

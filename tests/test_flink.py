@@ -120,28 +120,15 @@ def _committed(directory: Path, suffix: str) -> list[Path]:
     return sorted(directory.glob(f"part-*{suffix}"))
 
 
-@pytest.mark.parametrize("parallelism, trainers", [(1, 1), (2, 1), (1, 2)])
-def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_path, parallelism, trainers):
-    """The training job (at parallelism 2: two split and join instances feeding the one trainer;
-    with 2 trainers: one model trained by two workers, each publishing its shard) is SIGKILLed (its process group: driver, JVM, Python workers) after a
-    checkpoint and a model snapshot; ``--resume`` restarts it from the newest retained checkpoint
-    and snapshot. Every Example is written exactly once (the committed parts of the killed run
-    plus the restarted run's) and trained exactly once."""
+def _kill_after_a_checkpoint_and_two_snapshots(command: list[str], out: Path, model: Path, log_path: Path) -> None:
+    """Start a training job in its own process group and SIGKILL the group once it has two model
+    snapshots, a completed checkpoint and committed Examples, and has not finished training."""
     import time
 
-    from event_datasets.synthetic import SyntheticConfig, generate
-    from runners.beam_runner import run_job
     from runners.flink_runner import newest_checkpoint
-    from runners.options import JobOptions, Mode
-    from schemas.spec import load_spec
     from trainer.publish import read_manifest
 
-    logs, out, model = tmp_path / "logs", tmp_path / "flink", tmp_path / "model"
-    generate(logs, SyntheticConfig(events=80_000, span_hours=96, seed=1))  # snapshots daily: 3 mid-stream
-    command = [sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--spec", "synthetic", "--logs",
-               str(logs), "--out", str(out), "--model-dir", str(model), "--no-progress", "--checkpoint-every", "1",
-               "--events-per-step", "2048", "--parallelism", str(parallelism), "--trainers", str(trainers)]
-    with open(tmp_path / "first.log", "w") as log:
+    with open(log_path, "w") as log:
         first = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         try:
             deadline = time.monotonic() + 240
@@ -151,15 +138,36 @@ def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_
                         and _committed(out / "examples", ".examples")):
                     break
                 time.sleep(0.2)
-            assert first.poll() is None, "the job ended before it could be killed: " + (tmp_path / "first.log").read_text()[-2000:]
+            assert first.poll() is None, "the job ended before it could be killed: " + log_path.read_text()[-2000:]
         finally:
             os.killpg(first.pid, signal.SIGKILL)
             first.wait()
-    committed_before = sum(len(path.read_text().splitlines()) for path in _committed(out / "examples", ".examples"))
-    assert committed_before > 0
     finished = [line for path in _committed(out / "metrics", ".jsonl") for line in path.read_text().splitlines()
                 if json.loads(line).get("final")]
     assert not finished, "the trainer had finished before the kill: nothing left to resume"
+
+
+@pytest.mark.parametrize("parallelism, trainers", [(1, 1), (2, 1), (1, 2)])
+def test_killed_job_restarts_from_its_checkpoint_without_loss_or_duplicates(tmp_path, parallelism, trainers):
+    """The training job (at parallelism 2: two split and join instances feeding the one trainer;
+    with 2 trainers: one model trained by two workers, each publishing its shard) is SIGKILLed (its process group: driver, JVM, Python workers) after a
+    checkpoint and a model snapshot; ``--resume`` restarts it from the newest retained checkpoint
+    and snapshot. Every Example is written exactly once (the committed parts of the killed run
+    plus the restarted run's) and trained exactly once."""
+
+    from event_datasets.synthetic import SyntheticConfig, generate
+    from runners.beam_runner import run_job
+    from runners.options import JobOptions, Mode
+    from schemas.spec import load_spec
+
+    logs, out, model = tmp_path / "logs", tmp_path / "flink", tmp_path / "model"
+    generate(logs, SyntheticConfig(events=80_000, span_hours=96, seed=1))  # snapshots daily: 3 mid-stream
+    command = [sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--spec", "synthetic", "--logs",
+               str(logs), "--out", str(out), "--model-dir", str(model), "--no-progress", "--checkpoint-every", "1",
+               "--events-per-step", "2048", "--parallelism", str(parallelism), "--trainers", str(trainers)]
+    _kill_after_a_checkpoint_and_two_snapshots(command, out, model, tmp_path / "first.log")
+    committed_before = sum(len(path.read_text().splitlines()) for path in _committed(out / "examples", ".examples"))
+    assert committed_before > 0
 
     summary = _run_to_end(command + ["--resume"])
     assert summary["restored_from_checkpoint"] and summary["resumed_from_version"] is not None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import pytest
 
@@ -86,3 +87,118 @@ def test_produce_names_a_broker_that_does_not_answer(movielens_logs, capsys):
     assert code == 1 and "did not answer" in capsys.readouterr().err
     assert main(["produce", "--spec", "movielens", "--logs", str(logs), "--bootstrap", "h:1", "--topics", "a"]) == 1
     assert "--topics" in capsys.readouterr().err
+
+
+def test_a_kafka_source_uri_is_parsed_and_bad_ones_are_named(tmp_path):
+    from runners.kafka_source import KafkaSourceConfig
+
+    offsets = tmp_path / "offsets.json"
+    offsets.write_text('produced...\n{"topics": {"imp": {"end_offsets": {"0": 5}}, "act": {"end_offsets": {}}}}\n')
+    config = KafkaSourceConfig.from_uri(f"kafka://h:9092,g:9093?impressions=imp&actions=act&group=g&until={offsets}"
+                                        "&window_ms=60000&out_of_order_ms=0")
+    assert config.topics == ("imp", "act") and config.bounded and config.end_offsets() == {"imp": {0: 5}, "act": {}}
+    assert config.window_ms == 60_000 and config.out_of_order_ms == 0 and config.idle_ms == 30_000
+    assert not KafkaSourceConfig.from_uri("kafka://h:1").bounded
+    for uri, named in (("redis://h:1", "kafka://"), ("kafka://h", "HOST:PORT"), ("kafka://h:1?topic=x", "'topic'"),
+                       ("kafka://h:1?impressions=a&actions=a", "two topics"), ("kafka://h:1?window_ms=0", "window_ms"),
+                       ("kafka://h:1?idle_ms=x", "idle_ms"), (f"kafka://h:1?until={tmp_path}/none.json", "until="),
+                       (f"kafka://h:1?impressions=other&until={offsets}", "'other'")):
+        with pytest.raises(ValueError, match=named):
+            KafkaSourceConfig.from_uri(uri)
+
+
+def test_kafka_values_decode_to_tables_and_bad_or_late_ones_to_dead_letters_naming_their_offset():
+    import fastavro
+
+    from schemas.dead_letters import DeadLetterSink
+    from schemas.events import log_schemas
+    from schemas.kafka_records import KafkaBatch, decode_batch
+    from schemas.spec import load_spec
+
+    schemas = log_schemas(load_spec("movielens").events)
+    action = {"request_id": "r", "item_id": "i", "user_id": "u", "action_type": "like", "event_time_ms": 5, "value": 1.0}
+
+    def encoded(record) -> bytes:
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, schemas["actions"], record)
+        return out.getvalue()
+
+    good = encoded(action)
+    values = [good, b"\xff\xfe garbage", good + b"\x00", None, encoded({**action, "event_time_ms": -1})]
+    sink = DeadLetterSink()
+    impressions, actions = decode_batch(KafkaBatch([1] * 5, values, [0, 1, 1, 0, 1], [7, 8, 9, 10, 11]),
+                                        ("imp", "act"), schemas, sink)
+    assert impressions.num_rows == 0 and actions.to_pylist() == [action]
+    assert sink.counts == {"undecodable_record": 3, "event_time_out_of_range": 1}
+    assert [letter.source for letter in sink.letters] == ["kafka:act/1@8", "kafka:act/1@9", "kafka:act/0@10",
+                                                          "kafka:act/1@11"]
+    assert "topic 'act' partition 1 offset 9" in sink.letters[1].detail and "1 bytes after" in sink.letters[1].detail
+    late = DeadLetterSink()
+    assert decode_batch(KafkaBatch([1], [good], [0], [3], late=True), ("imp", "act"), schemas, late)[1].num_rows == 0
+    assert late.counts == {"late_event": 1} and "offset 3" in late.letters[0].detail
+
+
+def test_the_flink_job_reads_kafka_topics_into_the_file_replays_examples_and_a_garbage_record_into_one_dead_letter(
+        broker, movielens_logs, tmp_path):
+    """MovieLens-100K produced into a broker this test started, plus one garbage record, read by
+    ``join --runner flink --source kafka://...?until=OFFSETS`` (a bounded source ending at the
+    producer's offsets): the same Examples as the file replay, and one dead letter naming the
+    garbage record's topic, partition and offset."""
+    from confluent_kafka import Producer
+
+    from runners.produce import produce_logs
+    from schemas.spec import load_spec
+    from tests.test_flink import _examples, _run_flink_join, _run_to_end
+
+    logs, _ = movielens_logs
+    summary = produce_logs(load_spec("movielens"), logs, broker.bootstrap, {"impressions": "imp", "actions": "act"})
+    producer = Producer({"bootstrap.servers": broker.bootstrap})
+    garbage_at = []
+    producer.produce("imp", value=b"\x00not avro\xff", partition=0, timestamp=1_000,
+                     on_delivery=lambda error, message: garbage_at.append(message.offset()))
+    producer.flush(30)
+    summary["topics"]["imp"]["end_offsets"]["0"] = garbage_at[0] + 1
+    offsets = tmp_path / "offsets.json"
+    offsets.write_text(json.dumps(summary))
+
+    source = f"kafka://{broker.bootstrap}?impressions=imp&actions=act&until={offsets}"
+    kafka = _run_to_end([sys.executable, "-m", "runners.cli", "join", "--runner", "flink", "--spec", "movielens",
+                         "--source", source, "--out", str(tmp_path / "kafka")])
+    files = _run_flink_join("movielens", logs, tmp_path / "files")
+    assert kafka["mode"] == "flink kafka" and kafka["examples"] == files["examples"] > 50_000
+    assert _examples(tmp_path / "kafka").equals(_examples(tmp_path / "files"))
+    letters = [json.loads(line) for path in (tmp_path / "kafka" / "dead_letters").glob("*.jsonl")
+               for line in path.read_text().splitlines()]
+    assert [letter["reason"] for letter in letters] == ["undecodable_record"]
+    assert letters[0]["source"] == f"kafka:imp/0@{garbage_at[0]}"
+    assert f"topic 'imp' partition 0 offset {garbage_at[0]}" in letters[0]["detail"]
+
+
+def test_a_killed_kafka_job_resumes_from_its_checkpoint_without_loss_or_duplicates(broker, tmp_path):
+    """``run --runner flink --source kafka://...`` is SIGKILLed (its process group) after a
+    checkpoint and two model snapshots; ``--resume`` restores the source's offsets, the join's
+    and the trainer's state from the checkpoint and the model from its snapshot: every Example is
+    written once (the same as the Beam replay of the logs) and trained once."""
+    from event_datasets.synthetic import SyntheticConfig, generate
+    from runners.beam_runner import run_job
+    from runners.options import JobOptions, Mode
+    from runners.produce import produce_logs
+    from schemas.spec import load_spec
+    from tests.test_flink import _examples, _kill_after_a_checkpoint_and_two_snapshots, _run_to_end
+
+    logs, out, model = tmp_path / "logs", tmp_path / "flink", tmp_path / "model"
+    generate(logs, SyntheticConfig(events=60_000, span_hours=96, seed=1))  # snapshots daily: 3 mid-stream
+    offsets = tmp_path / "offsets.json"
+    offsets.write_text(json.dumps(produce_logs(load_spec("synthetic"), logs, broker.bootstrap)))
+    command = [sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--spec", "synthetic",
+               "--source", f"kafka://{broker.bootstrap}?until={offsets}", "--out", str(out), "--model-dir",
+               str(model), "--no-progress", "--checkpoint-every", "1", "--events-per-step", "2048"]
+    _kill_after_a_checkpoint_and_two_snapshots(command, out, model, tmp_path / "first.log")
+    summary = _run_to_end(command + ["--resume"])
+    assert summary["restored_from_checkpoint"] and summary["resumed_from_version"] is not None
+    run_job(load_spec("synthetic"), JobOptions(out=tmp_path / "beam", logs=logs, mode=Mode.REPLAY))
+    kafka_examples, beam_examples = _examples(out), _examples(tmp_path / "beam")
+    assert kafka_examples.num_rows == beam_examples.num_rows > 40_000  # no loss, no duplicates
+    assert kafka_examples.equals(beam_examples)
+    assert summary["examples"] == beam_examples.num_rows and summary["out_of_order_examples"] == 0
+    assert not (out / ".checkpoints").exists() and not (out / ".kafka-batches").exists()
