@@ -15,6 +15,18 @@ def spill_table(table: pa.Table, path: Path) -> str:
     return str(path)
 
 
+def spill_shards(impressions: pa.Table, actions: pa.Table, shards: int, directory: Path,
+                 prefix: str) -> list[tuple[int, str, str]]:
+    """A micro-batch split by join-key shard (``transforms.batch_join.split_batch_by_shard``), each
+    shard's tables spilled as ``PREFIX-SHARD-impressions.arrow`` and ``-actions.arrow`` under
+    ``directory``: (shard, impressions path, actions path) per shard it touches, in shard order."""
+    from transforms.batch_join import split_batch_by_shard
+
+    return [(shard, spill_table(impressions_part, directory / f"{prefix}-{shard}-impressions.arrow"),
+             spill_table(actions_part, directory / f"{prefix}-{shard}-actions.arrow"))
+            for shard, impressions_part, actions_part in split_batch_by_shard(impressions, actions, shards)]
+
+
 def load_spilled(path: str) -> pa.Table:
     """One spilled table (memory-mapped: its buffers are the file's pages)."""
     return pa.ipc.open_file(pa.memory_map(path)).read_all()

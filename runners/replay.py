@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 import pyarrow as pa
 
-from pipelines.tables import load_spilled, spill_table
+from pipelines.tables import load_spilled, spill_shards, spill_table
 from schemas.dead_letters import DeadLetterSink
 from schemas.durations import format_duration_ms
 from schemas.spec_types import FeatureSpec
@@ -41,8 +41,6 @@ def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, even
     ``shards``: each batch is spilled as one pair of files per join-key shard it touches
     (``transforms.batch_join.split_batch_by_shard``), in shard order - the Flink job's records then
     carry only paths, and each shard's join reads its own rows."""
-    from transforms.batch_join import split_batch_by_shard
-
     impressions, actions = (table.sort_by("event_time_ms") for table in read_events(spec, log_dir, dead_letters))
     times = np.concatenate([impressions.column("event_time_ms").to_numpy(), actions.column("event_time_ms").to_numpy()])
     times.sort()
@@ -60,10 +58,7 @@ def replay_batches(spec: FeatureSpec, log_dir: str | Path, spill_dir: Path, even
             batches.append((first, spill_table(batch[0], spill_dir / f"{step:06d}-impressions.arrow"),
                             spill_table(batch[1], spill_dir / f"{step:06d}-actions.arrow")))
         else:
-            for shard, impressions_part, actions_part in split_batch_by_shard(*batch, shards):
-                name = f"{step:06d}-{shard}"
-                batches.append((first, shard, spill_table(impressions_part, spill_dir / f"{name}-impressions.arrow"),
-                                spill_table(actions_part, spill_dir / f"{name}-actions.arrow")))
+            batches += [(first, *record) for record in spill_shards(*batch, shards, spill_dir, f"{step:06d}")]
         if bound is not None:
             first = bound
         imp_start, act_start = imp_end, act_end
