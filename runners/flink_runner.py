@@ -219,15 +219,17 @@ def _prepare(spec: FeatureSpec, options: JobOptions, shards: int) -> _FlinkRun:
         chosen, ends = run.kafka_spill / "window_ms", run.kafka_spill / "end_offsets.json"
         if run.restore_from is not None and chosen.is_file():
             run.step_ms = int(chosen.read_text())
+            if kafka.bounded:
+                run.read_below = {topic: {int(p): o for p, o in parts.items()}
+                                  for topic, parts in json.loads(ends.read_text()).items()}
         else:
-            run.step_ms = (kafka.window(spec) if not kafka.bounded or kafka.window_ms is not None
-                           else bounded_window_ms(kafka, spec, options.events_per_step))
+            # (a bounded job reads below the end offsets, then is drained: see kafka_source.kafka_batches)
+            run.read_below = resolved_end_offsets(kafka) if kafka.bounded else None
+            run.step_ms = (bounded_window_ms(kafka, spec, run.read_below, options.events_per_step)
+                           if kafka.bounded and kafka.window_ms is None else kafka.window(spec))
             chosen.write_text(str(run.step_ms))
             if kafka.bounded:
-                ends.write_text(json.dumps(resolved_end_offsets(kafka)))
-        if kafka.bounded:  # (read below the end offsets, then drained: see kafka_source.kafka_batches)
-            run.read_below = {topic: {int(p): o for p, o in parts.items()}
-                              for topic, parts in json.loads(ends.read_text()).items()}
+                ends.write_text(json.dumps(run.read_below))
         return run
     if options.live:
         run.announcer = LogAnnouncer(Path(options.logs), run.source_path)
@@ -388,7 +390,7 @@ def _run_live(client, announcer, ended_marker: Path, interval_s: float, stop_aft
     (None: until SIGTERM/SIGINT); then announce the end, wait until the job has read every
     announcement, and stop it with a draining savepoint. A job that fails raises its error.
     Without an ``announcer`` (a live Kafka source) the job is only watched, then drained; so is
-    one whose ``until()`` turns true (a resumed bounded Kafka job that has read to its end)."""
+    one whose ``until()`` turns true (a bounded Kafka job whose group committed its end offsets)."""
     import signal
     import threading
 

@@ -134,24 +134,18 @@ class KafkaSourceConfig:
         return ends
 
 
-def bounded_window_ms(config: KafkaSourceConfig, spec: FeatureSpec, events_per_step: int) -> int:
+def bounded_window_ms(config: KafkaSourceConfig, spec: FeatureSpec, ends: dict[str, dict[int, int]],
+                      events_per_step: int) -> int:
     """The default window of a bounded source: ``events_per_step`` events at the mean event rate
     of the records it will read - their count from the start offsets (the group's committed
-    ones, else the earliest) to the end offsets, their span from the timestamps there - and at
-    least the join window. Falls back to the join window when the topics cannot be sampled."""
+    ones, else the earliest) to the end offsets ``ends`` (``resolved_end_offsets``), their span
+    from the timestamps there - and at least the join window. Falls back to the join window when
+    the topics cannot be sampled."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": config.bootstrap, "group.id": config.group_id(spec),
                          "enable.auto.commit": False})
     try:
-        if config.until == "latest":
-            ends = {}
-            for topic in config.topics:
-                metadata = consumer.list_topics(topic, timeout=10).topics[topic]
-                ends[topic] = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                               for p in metadata.partitions}
-        else:
-            ends = config.end_offsets()
         wanted = [TopicPartition(topic, p) for topic in config.topics for p in ends[topic]]
         starts = {}
         for committed in consumer.committed(wanted, timeout=10):
@@ -193,12 +187,12 @@ def _timestamps_at(consumer, offsets: dict[tuple[str, int], int], timeout_s: flo
 
 def _interval(ms: int) -> str:
     """A Flink SQL interval of ``ms`` milliseconds."""
+    if not 0 <= ms <= MAX_INTERVAL_MS:
+        raise ValueError(f"an interval of {ms} ms is outside [0, {MAX_INTERVAL_MS}] (99 days)")
     days, rest = divmod(ms, 86_400_000)
     hours, rest = divmod(rest, 3_600_000)
     minutes, rest = divmod(rest, 60_000)
     seconds, millis = divmod(rest, 1000)
-    if not 0 <= ms <= MAX_INTERVAL_MS:
-        raise ValueError(f"an interval of {ms} ms is outside [0, {MAX_INTERVAL_MS}] (99 days)")
     return f"INTERVAL '{days} {hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}' DAY TO SECOND(3)"
 
 

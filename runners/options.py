@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -64,9 +65,10 @@ class JobOptions:
     def live(self) -> bool:
         return self.mode is Mode.LIVE
 
-    @property
+    @functools.cached_property
     def kafka(self):
-        """The Kafka source's settings (``runners.kafka_source.KafkaSourceConfig``), or None."""
+        """The Kafka source's settings (``runners.kafka_source.KafkaSourceConfig``), or None:
+        parsed once (the parse reads ``until``'s end-offsets file)."""
         if self.source is None:
             return None
         from runners.kafka_source import KafkaSourceConfig
