@@ -141,14 +141,15 @@ def test_kafka_values_decode_to_tables_and_bad_or_late_ones_to_dead_letters_nami
 def test_the_flink_job_reads_kafka_topics_into_the_file_replays_examples_and_a_garbage_record_into_one_dead_letter(
         broker, movielens_logs, tmp_path):
     """MovieLens-100K produced into a broker this test started, plus one garbage record, read by
-    ``join --runner flink --source kafka://...?until=OFFSETS`` (a bounded source ending at the
-    producer's offsets): the same Examples as the file replay, and one dead letter naming the
-    garbage record's topic, partition and offset."""
+    ``run --runner flink --source kafka://...?until=OFFSETS`` (a bounded source ending at the
+    producer's offsets): the same Examples as the file replay, trained in the same total order
+    (the same progressive AUC and logloss to 4 decimals), and one dead letter naming the garbage
+    record's topic, partition and offset."""
     from confluent_kafka import Producer
 
     from runners.produce import produce_logs
     from schemas.spec import load_spec
-    from tests.test_flink import _examples, _run_flink_join, _run_to_end
+    from tests.test_flink import _examples, _run_to_end
 
     logs, _ = movielens_logs
     summary = produce_logs(load_spec("movielens"), logs, broker.bootstrap, {"impressions": "imp", "actions": "act"})
@@ -162,10 +163,12 @@ def test_the_flink_job_reads_kafka_topics_into_the_file_replays_examples_and_a_g
     offsets.write_text(json.dumps(summary))
 
     source = f"kafka://{broker.bootstrap}?impressions=imp&actions=act&until={offsets}"
-    kafka = _run_to_end([sys.executable, "-m", "runners.cli", "join", "--runner", "flink", "--spec", "movielens",
-                         "--source", source, "--out", str(tmp_path / "kafka")])
-    files = _run_flink_join("movielens", logs, tmp_path / "files")
+    run = [sys.executable, "-m", "runners.cli", "run", "--runner", "flink", "--spec", "movielens", "--no-progress"]
+    kafka = _run_to_end([*run, "--source", source, "--out", str(tmp_path / "kafka")], timeout_s=600)
+    files = _run_to_end([*run, "--logs", str(logs), "--out", str(tmp_path / "files")], timeout_s=600)
     assert kafka["mode"] == "flink kafka" and kafka["examples"] == files["examples"] > 50_000
+    assert 0.6 < files["auc"] < 1  # a model that learned, trained in the same order from both sources:
+    assert round(kafka["auc"], 4) == round(files["auc"], 4) and round(kafka["logloss"], 4) == round(files["logloss"], 4)
     assert _examples(tmp_path / "kafka").equals(_examples(tmp_path / "files"))
     letters = [json.loads(line) for path in (tmp_path / "kafka" / "dead_letters").glob("*.jsonl")
                for line in path.read_text().splitlines()]
@@ -202,3 +205,50 @@ def test_a_killed_kafka_job_resumes_from_its_checkpoint_without_loss_or_duplicat
     assert kafka_examples.equals(beam_examples)
     assert summary["examples"] == beam_examples.num_rows and summary["out_of_order_examples"] == 0
     assert not (out / ".checkpoints").exists() and not (out / ".kafka-batches").exists()
+
+
+def test_a_live_kafka_job_stops_on_sigterm_by_draining_every_example_it_read(broker, tmp_path):
+    """``join --runner flink --source kafka://HOST:PORT`` without ``until`` runs until stopped.
+    Once its consumer group has committed every produced offset (a checkpoint completed after the
+    job read them), SIGTERM to the driver drains the job: it exits 0, and the windows and join
+    windows still open are closed, so every Example of the logs is written (the Beam replay's)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from event_datasets.synthetic import SyntheticConfig, generate
+    from runners.beam_runner import run_job
+    from runners.kafka_source import KafkaSourceConfig, ends_committed
+    from runners.options import JobOptions, Mode
+    from runners.produce import produce_logs
+    from schemas.spec import load_spec
+    from tests.test_flink import ROOT, _examples, _kill_group
+
+    spec = load_spec("synthetic")
+    logs, out = tmp_path / "logs", tmp_path / "live"
+    generate(logs, SyntheticConfig(events=20_000, span_hours=6, seed=2))
+    produced = produce_logs(spec, logs, broker.bootstrap)
+    ends = {topic: {int(p): end for p, end in about["end_offsets"].items()} for topic, about in produced["topics"].items()}
+    source = f"kafka://{broker.bootstrap}?group=live-test"
+    job = subprocess.Popen([sys.executable, "-m", "runners.cli", "join", "--runner", "flink", "--spec", "synthetic",
+                            "--source", source, "--out", str(out)], cwd=ROOT, start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not ends_committed(KafkaSourceConfig.from_uri(source), spec, ends):
+            assert job.poll() is None, job.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the live job's group never committed the produced offsets"
+            time.sleep(1)
+        assert job.poll() is None  # live: it does not end by itself
+        os.kill(job.pid, signal.SIGTERM)  # the driver only, as a supervisor stops a service
+        stdout, stderr = job.communicate(timeout=240)
+    finally:
+        _kill_group(job)
+    assert job.returncode == 0, stderr[-3000:]
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["mode"] == "flink kafka live"
+    run_job(spec, JobOptions(out=tmp_path / "beam", logs=logs, mode=Mode.REPLAY))
+    beam_examples = _examples(tmp_path / "beam")
+    assert summary["examples"] == beam_examples.num_rows > 10_000
+    assert _examples(out).equals(beam_examples)
