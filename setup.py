@@ -1,7 +1,7 @@
 """streamrec: real-time recommendation training as a Beam / Flink streaming job."""
 from setuptools import find_packages, setup
 
-LAYERS = ["schemas", "event_datasets", "transforms", "trainer", "serving", "pipelines", "runners", "bench"]
+LAYERS = ["schemas", "event_datasets", "transforms", "trainer", "serving", "experiments", "pipelines", "runners", "bench"]
 
 setup(
     name="streamrec",

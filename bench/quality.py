@@ -44,7 +44,7 @@ from schemas.spec import load_spec
 from schemas.spec_types import FeatureSpec
 from trainer.cowclip import Hyperparameters, scale_hyperparameters
 from trainer.hashing import mix64
-from trainer.metrics import ProgressiveMetrics
+from trainer.metrics import RecordingMetrics
 from trainer.online import OnlineTrainer
 from transforms.log_examples import examples_from_logs, synthetic_examples
 
@@ -76,20 +76,6 @@ def progressive_auc(spec: FeatureSpec, examples: pa.Table, device: str) -> dict:
     return summary
 
 
-class RecordingMetrics(ProgressiveMetrics):
-    """Progressive metrics that also keep every score, for the exact AUC."""
-
-    def reset(self) -> None:
-        super().reset()
-        self.scores, self.labels, self.weights = [], [], []
-
-    def update(self, logits, labels, weights=None) -> None:
-        super().update(logits, labels, weights)
-        self.scores.append(np.asarray(logits, dtype=np.float64))
-        self.labels.append(np.asarray(labels, dtype=np.float64))
-        self.weights.append(np.ones(len(self.scores[-1])) if weights is None else np.asarray(weights))
-
-
 def online_against_vw(spec: FeatureSpec, examples: pa.Table, device: str) -> dict:
     """Our progressive AUC and VW's on the same Examples (both exact, scikit-learn)."""
     from sklearn.metrics import roc_auc_score
@@ -102,8 +88,8 @@ def online_against_vw(spec: FeatureSpec, examples: pa.Table, device: str) -> dic
     trainer.train(examples)
     trainer.metrics  # folds the last scores in
     seconds = time.perf_counter() - started
-    auc = float(roc_auc_score(np.concatenate(recorded.labels), np.concatenate(recorded.scores),
-                              sample_weight=np.concatenate(recorded.weights)))
+    scores, labels, weights = recorded.recorded()
+    auc = float(roc_auc_score(labels, scores, sample_weight=weights))
     peer = vw_progressive(examples, spec.labels.target)
     return {"examples": examples.num_rows, "batch": spec.training.batch_size,
             "sequential_updates": spec.training.uses_sequential_updates, "auc": round(auc, 5), **peer,
@@ -163,19 +149,11 @@ def with_hyperparameters(spec: FeatureSpec, hp: Hyperparameters, cowclip: bool) 
 
 
 def train_test_auc(spec: FeatureSpec, train: pa.Table, test: pa.Table, epochs: int, device: str) -> dict:
-    trainer = OnlineTrainer(spec, device=device)
-    started = time.perf_counter()
-    for _ in range(epochs):
-        trainer.train(train)
-    seconds = time.perf_counter() - started
-    metrics = ProgressiveMetrics()
-    for start in range(0, test.num_rows, 65_536):
-        part = test.slice(start, 65_536)
-        logits = trainer.predict_logits(part)
-        labels = np.array([dict(l).get("click", 0) for l in part.column("labels").to_pylist()], dtype=float)
-        metrics.update(logits, labels)
-    return {"test_auc": round(metrics.auc, 5), "test_logloss": round(metrics.logloss, 5),
-            "steps": trainer.batches, "seconds": round(seconds, 1)}
+    from experiments.cowclip_batch import train_test
+
+    result = train_test(spec, train, test, epochs, device)
+    return {"test_auc": result["test_auc"], "test_logloss": result["test_logloss"], "steps": result["steps"],
+            "seconds": result["train_seconds"]}
 
 
 def movielens_figures(device: str) -> dict:

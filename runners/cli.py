@@ -14,6 +14,7 @@
     streamrec serve --model-dir DIR [--host 127.0.0.1 --port N --poll S --fp16 --store URI
                     --max-body-bytes B --max-impressions N]
     streamrec produce --spec SPEC --logs DIR --bootstrap HOST:PORT [--topics I,A] [--partitions N] [--rate N]
+    streamrec experiment sync-interval|batch-then-online|shard-loss|cowclip-batch [--spec SPEC --logs DIR] --out DIR [--quick]
     streamrec table-stats SNAPSHOT
 
 Commands print a human summary and, as their last line, a JSON object with the figures.
@@ -296,6 +297,34 @@ def cmd_table_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from experiments import DEFAULT_DATA, run_experiment
+    from experiments.common import load_examples, synthetic_logs
+    from schemas.spec import load_spec
+
+    options = {key: value for key, value in (
+        ("frozen_after_ms", None if args.frozen_after is None else int(args.frozen_after * 3_600_000)),
+        ("base_batch", args.base_batch), ("shards", args.shards)) if value is not None}
+    owner = {"frozen_after_ms": "sync-interval", "base_batch": "cowclip-batch", "shards": "shard-loss"}
+    for key in options:
+        if owner[key] != args.name:
+            raise ValueError(f"--{key.removesuffix('_ms').replace('_', '-')} is an option of {owner[key]}, "
+                             f"not of {args.name}")
+    spec = load_spec(args.spec)
+    logs = args.logs
+    if logs is None:
+        if spec.events.impression != "synthetic_impression":
+            raise ValueError(f"spec {spec.name!r} needs --logs (without it the experiment generates synthetic "
+                             f"logs, which only a spec of the synthetic events reads)")
+        impressions, span_hours = DEFAULT_DATA[args.name][1 if args.quick else 0]
+        logs = synthetic_logs(args.out / "logs", impressions, span_hours)
+        print(f"synthetic logs: {impressions:,} impressions over {span_hours:g} h in {logs}", file=sys.stderr)
+    examples = load_examples(spec, logs, args.limit)
+    result = run_experiment(args.name, spec, examples, args.out, args.quick, args.device, **options)
+    _print_json(result)
+    return 0
+
+
 def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--streaming", action="store_true",
                         help="run as a streaming job, replaying the logs in event-time order (default: backfill)")
@@ -423,6 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("--rate", type=float, default=None, metavar="N",
                          help="events per second (default: as fast as the broker takes them)")
     produce.set_defaults(handler=cmd_produce)
+
+    experiment = commands.add_parser("experiment", help="reproduce a paper's experiment on a spec and its logs")
+    experiment.add_argument("name", choices=("sync-interval", "batch-then-online", "shard-loss", "cowclip-batch"))
+    experiment.add_argument("--spec", default="synthetic", help="spec YAML path or built-in name (default synthetic)")
+    experiment.add_argument("--logs", type=Path, default=None,
+                            help="log directory (default: a drifting synthetic stream generated under OUT/logs)")
+    experiment.add_argument("--out", required=True, type=Path, help="directory for NAME.json and NAME.png")
+    experiment.add_argument("--quick", action="store_true", help="a smaller form (under 3 minutes on 2 cores)")
+    experiment.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N Examples")
+    experiment.add_argument("--device", default="cpu", help="torch device of the trainers (cpu, cuda)")
+    experiment.add_argument("--frozen-after", type=float, default=None, metavar="HOURS",
+                            help="sync-interval: the frozen model's and the scored part's start (default 24)")
+    experiment.add_argument("--base-batch", type=int, default=None, metavar="B",
+                            help="cowclip-batch: the smallest batch (default 1024; 64 with --quick); also 8B and 64B")
+    experiment.add_argument("--shards", type=int, default=None, metavar="N",
+                            help="shard-loss: parameter-server shards, one of which is lost (default 4)")
+    experiment.set_defaults(handler=cmd_experiment)
 
     table_stats = commands.add_parser("table-stats", help="rows, slots and memory figures of a table snapshot")
     table_stats.add_argument("snapshot", type=Path, help="an embedding-table snapshot (Arrow IPC)")

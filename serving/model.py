@@ -68,11 +68,15 @@ class ServingModel:
 
     # -- versions -----------------------------------------------------------------------------
 
-    def refresh(self) -> list[int]:
-        """Apply every new version in order; returns the versions applied. A version that cannot
-        be applied is named in ``last_error``; serving keeps the last good one, or jumps to a newer
-        snapshot if there is one (a damaged delta does not hold serving back for good)."""
-        entries = read_manifest(self.dir)
+    def refresh(self, until_version: int | None = None, entries: list[dict] | None = None) -> list[int]:
+        """Apply every new version in order (up to ``until_version``: serving as it stood then);
+        returns the versions applied. ``entries``: the manifest, read already (default: read it
+        now). A version that cannot be applied is named in ``last_error``; serving keeps the
+        last good one, or jumps to a newer snapshot if there is one (a damaged delta does not
+        hold serving back for good)."""
+        entries = read_manifest(self.dir) if entries is None else entries
+        if until_version is not None:
+            entries = [entry for entry in entries if entry["version"] <= until_version]
         if entries:
             self.trainer_published_at = entries[-1]["published_at"]
         applied, skipped = [], None

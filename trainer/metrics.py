@@ -88,6 +88,28 @@ class ProgressiveMetrics:
                 "calibration": round(self.calibration, 4)}
 
 
+class RecordingMetrics(ProgressiveMetrics):
+    """Progressive metrics that also keep every score, label and weight in the order they came
+    (a trainer's: its training order), for exact AUCs and per-example comparisons."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.scores, self.labels, self.weights = [], [], []
+
+    def update(self, logits, labels, weights=None) -> None:
+        super().update(logits, labels, weights)
+        self.scores.append(np.asarray(logits, dtype=np.float64).reshape(-1))
+        self.labels.append(np.asarray(labels, dtype=np.float64).reshape(-1))
+        self.weights.append(np.ones(len(self.scores[-1])) if weights is None else
+                            np.asarray(weights, dtype=np.float64).reshape(-1))
+
+    def recorded(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores, labels, weights) of every example so far."""
+        if not self.scores:
+            return np.zeros(0), np.zeros(0), np.zeros(0)
+        return np.concatenate(self.scores), np.concatenate(self.labels), np.concatenate(self.weights)
+
+
 class WindowedMetrics:
     """Progressive metrics per window of event time (``window_ms``), as rows for a report.
 

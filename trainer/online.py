@@ -348,6 +348,25 @@ class OnlineTrainer:
             if _persistent(group.table.store):
                 group.table.store.check_identity(tokens, f"the snapshot's table {index}")
 
+    def continue_from(self, other: "OnlineTrainer") -> None:
+        """Take over ``other``'s tables (rows with their optimizer state), dense weights, dense
+        optimizer state and data time, keeping this trainer's own settings (batch, learning
+        rates, CowClip) and fresh metrics: a batch-trained model continues online, in memory.
+        The specs must group the slots into the same tables."""
+        mine, theirs = [g.slot_ids for g in self.groups], [g.slot_ids for g in other.groups]
+        if mine != theirs:
+            raise ValueError(f"the trainers group their slots into different tables: {theirs} -> {mine}")
+        for group, source in zip(self.groups, other.groups):
+            if group.optimizer.spec.kind != source.optimizer.spec.kind:
+                raise ValueError(f"slots {group.slot_ids}: {source.optimizer.spec.kind.value} state cannot continue "
+                                 f"as {group.optimizer.spec.kind.value}")
+            group.table = source.table
+        self.model.load_state_dict(other.model.state_dict())
+        self.dense_optimizer.load_state_dict(other.dense_optimizer.state_dict())
+        for group, lr in zip(self.dense_optimizer.param_groups, self.dense_lr):  # (the state carried its lr)
+            group["lr"] = lr
+        self.data_time_ms, self.last_expiry_ms = other.data_time_ms, other.last_expiry_ms
+
 
 def _persistent(store) -> bool:
     """A table's backing store outlives this process (it has identity tokens and a position)."""
