@@ -44,7 +44,6 @@ from schemas.spec import load_spec
 from schemas.spec_types import FeatureSpec
 from trainer.cowclip import Hyperparameters, scale_hyperparameters
 from trainer.hashing import mix64
-from trainer.metrics import RecordingMetrics
 from trainer.online import OnlineTrainer
 from transforms.log_examples import examples_from_logs, synthetic_examples
 
@@ -83,7 +82,7 @@ def online_against_vw(spec: FeatureSpec, examples: pa.Table, device: str) -> dic
     from bench.vw import vw_progressive
 
     trainer = OnlineTrainer(spec, device=device)
-    trainer._metrics = recorded = RecordingMetrics()
+    recorded = trainer.record_scores()
     started = time.perf_counter()
     trainer.train(examples)
     trainer.metrics  # folds the last scores in

@@ -41,7 +41,7 @@ def synthetic_logs(out: Path, impressions: int, span_hours: float, seed: int = 7
 
     manifest = out / "manifest.json"
     wanted = {"impressions": impressions, "span_hours": span_hours, "seed": seed}
-    if manifest.is_file() and {k: json.loads(manifest.read_text()).get("request", {}).get(k) for k in wanted} == wanted:
+    if manifest.is_file() and json.loads(manifest.read_text()).get("request") == wanted:
         return out
     made = generate(out, SyntheticConfig(events=impressions, seed=seed, span_hours=span_hours))
     manifest.write_text(json.dumps({**made, "request": wanted}, default=str))
@@ -55,11 +55,11 @@ def event_times(examples: pa.Table) -> np.ndarray:
 def labels_and_weights(spec: FeatureSpec, examples: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """Each Example's target label (0/1) and metric weight (1, or ``1 / r`` for a negative kept
     at sampling rate ``r``), as the trainer's metrics weigh them."""
+    from trainer.metrics import metric_weights
     from trainer.ranking_model import target_labels
 
     labels = target_labels(examples, spec.labels.target)
-    rates = examples.column("sample_rate").to_numpy()
-    return labels, np.where(labels > 0, 1.0, 1.0 / rates)
+    return labels, metric_weights(labels, examples.column("sample_rate").to_numpy())
 
 
 def evaluate(scores: np.ndarray, labels: np.ndarray, weights: np.ndarray, rows: np.ndarray | None = None) -> dict:
@@ -195,9 +195,7 @@ def predicted(trainer, examples: pa.Table, chunk: int = 65_536) -> np.ndarray:
 def trained_progressively(trainer, examples: pa.Table, batch_size: int | None = None) -> np.ndarray:
     """Train ``trainer`` on ``examples`` in order; returns each Example's progressive logit
     (scored before it was learned), in ``examples``' order."""
-    from trainer.metrics import RecordingMetrics
-
-    trainer._metrics = recorded = RecordingMetrics()
+    recorded = trainer.record_scores()
     trainer.train(examples, batch_size)
     trainer.metrics  # (folds the last batches in)
     return recorded.recorded()[0]

@@ -37,7 +37,6 @@ from experiments.common import (
     write_result,
 )
 from schemas.spec_types import FeatureSpec
-from trainer.metrics import RecordingMetrics
 from trainer.running import PublishOptions, RunningTrainer
 
 NAME = "sync-interval"
@@ -49,7 +48,7 @@ def train_and_publish(spec: FeatureSpec, examples: pa.Table, model_dir: Path, de
     logits of every Example (in ``examples``' order, which is the trainer's)."""
     shutil.rmtree(model_dir, ignore_errors=True)
     running = RunningTrainer(spec, device, progress=False, publishing=PublishOptions(str(model_dir)))
-    running.trainer._metrics = recorded = RecordingMetrics()
+    recorded = running.trainer.record_scores()
     running.train([examples], flush=True)
     running.finish()
     summary = running.summary()

@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments import EXPERIMENTS
 from runners.options import JobOptions
 
 
@@ -454,7 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     produce.set_defaults(handler=cmd_produce)
 
     experiment = commands.add_parser("experiment", help="reproduce a paper's experiment on a spec and its logs")
-    experiment.add_argument("name", choices=("sync-interval", "batch-then-online", "shard-loss", "cowclip-batch"))
+    experiment.add_argument("name", choices=EXPERIMENTS)
     experiment.add_argument("--spec", default="synthetic", help="spec YAML path or built-in name (default synthetic)")
     experiment.add_argument("--logs", type=Path, default=None,
                             help="log directory (default: a drifting synthetic stream generated under OUT/logs)")

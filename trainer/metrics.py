@@ -88,6 +88,12 @@ class ProgressiveMetrics:
                 "calibration": round(self.calibration, 4)}
 
 
+def metric_weights(labels: np.ndarray, rates: np.ndarray) -> np.ndarray:
+    """Each example's metric weight: 1 for a positive, ``1 / r`` for a negative kept at sampling
+    rate ``r`` (so the figures describe unsampled traffic)."""
+    return np.where(labels > 0, 1.0, 1.0 / rates)
+
+
 class RecordingMetrics(ProgressiveMetrics):
     """Progressive metrics that also keep every score, label and weight in the order they came
     (a trainer's: its training order), for exact AUCs and per-example comparisons."""

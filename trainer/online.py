@@ -32,7 +32,7 @@ from schemas.spec_types import FeatureSpec, OptimizerKind, OptimizerSpec
 from trainer.cowclip import cowclip
 from trainer.embedding_table import EmbeddingTable
 from trainer.in_batch import NEWTON_STEPS, SequentialRows, sequential_logits
-from trainer.metrics import ProgressiveMetrics, WindowedMetrics
+from trainer.metrics import ProgressiveMetrics, RecordingMetrics, WindowedMetrics, metric_weights
 from trainer.ranking_model import GroupFids, PreparedExamples, RankingModel, ResolvedWindow, TableGroup
 from trainer.rows import max_per_group
 
@@ -290,9 +290,16 @@ class OnlineTrainer:
         labels = np.concatenate([p.labels[a:b] for _, a, b, p in pending])
         rates = np.concatenate([p.rates[a:b] for _, a, b, p in pending])
         times = np.concatenate([p.times[a:b] for _, a, b, p in pending])
-        weights = np.where(labels > 0, 1.0, 1.0 / rates)
+        weights = metric_weights(labels, rates)
         self._metrics.update(scores, labels, weights)
         self.window_metrics.update(scores, labels, weights, times)
+
+    def record_scores(self) -> RecordingMetrics:
+        """Restart the progressive metrics as ``RecordingMetrics``: from now on they keep every
+        score, label and weight in training order (per-example comparisons, exact AUCs)."""
+        self._fold_metrics()
+        self._metrics = RecordingMetrics()
+        return self._metrics
 
     @property
     def metrics(self) -> ProgressiveMetrics:
