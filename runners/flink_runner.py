@@ -162,6 +162,11 @@ class _FlinkRun:
     def ended_marker(self) -> Path:
         return self.live_dir / "ended"
 
+    @property
+    def read_marker(self) -> Path:
+        """Written by a bounded Kafka job's decoder once every partition's last record reached it."""
+        return self.kafka_spill / "read_to_end"
+
 
 def run_flink_job(spec: FeatureSpec, options: JobOptions, shards: int = 4) -> dict:
     """Replay (backfill and replay are one on Flink) or live logs through the PyFlink job; returns
@@ -215,6 +220,7 @@ def _prepare(spec: FeatureSpec, options: JobOptions, shards: int) -> _FlinkRun:
 
         kafka = options.kafka
         run.kafka_spill.mkdir(exist_ok=True)
+        run.read_marker.unlink(missing_ok=True)
         # the window a restored job's state was made with (its windows, the join's grid)
         chosen, ends = run.kafka_spill / "window_ms", run.kafka_spill / "end_offsets.json"
         if run.restore_from is not None and chosen.is_file():
@@ -281,7 +287,8 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
         from runners.kafka_source import kafka_batches
 
         read = (kafka_batches(env, spec, kafka, step_ms, run.read_below)
-                .process(DecodeKafkaBatches(spec, kafka.topics, shards, str(run.kafka_spill.resolve()), timing),
+                .process(DecodeKafkaBatches(spec, kafka.topics, shards, str(run.kafka_spill.resolve()), timing,
+                                            run.read_below, str(run.read_marker.resolve())),
                          output_type=Types.PICKLED_BYTE_ARRAY())
                 .name("decode Kafka batches, split by shard").set_parallelism(1))
         return _join_and_train(env, spec, options, run, shards, read, read.get_side_output(DEAD_LETTERS),
@@ -356,11 +363,29 @@ def _execute(env, spec: FeatureSpec, options: JobOptions, run: _FlinkRun) -> Non
         _run_live(env.execute_async(name), run.announcer, run.ended_marker, options.watch_interval_s or 1.0,
                   options.stop_after_s, savepoints)
     elif run.read_below is not None:
-        from runners.kafka_source import ends_committed
+        from runners.kafka_source import commit_ends, ends_committed
 
-        kafka, ends = options.kafka, run.read_below
-        _run_live(env.execute_async(name), None, run.ended_marker, 1.0, None, savepoints,
-                  until=lambda: ends_committed(kafka, spec, ends))
+        kafka, ends, asked, before = options.kafka, run.read_below, [0.0], []
+
+        def read_to_end() -> bool:
+            """Every record below the end offsets read and processed up to the windows still
+            open: the decoder's end marks all in, then a checkpoint triggered after them (its
+            barrier follows every record) completed - checked every 0.2 s; else, every 2 s (a
+            restored job whose marks came before its checkpoint), the group's commits. Draining
+            before that checkpoint would process the backlog inside the drain's savepoint, with
+            no checkpoint to fall back on."""
+            if run.read_marker.exists():
+                if not before:  # the checkpoints triggered before the marks were seen (any state)
+                    before.append(set(run.checkpoints.glob("*/chk-*")))
+                if any(done.parent not in before[0] for done in run.checkpoints.glob("*/chk-*/_metadata")):
+                    return True
+            if time.monotonic() - asked[0] < 2.0:
+                return False
+            asked[0] = time.monotonic()
+            return ends_committed(kafka, spec, ends)
+
+        _run_live(env.execute_async(name), None, run.ended_marker, 0.2, None, savepoints, until=read_to_end)
+        commit_ends(kafka, spec, ends)
     else:
         env.execute(name)
 
@@ -438,14 +463,25 @@ def _kafka_jars(options: JobOptions) -> list[str]:
     return connector_jar_uris(options.kafka_jars)
 
 
-def _stop_draining(client, savepoint_dir: str) -> str:
+def _stop_draining(client, savepoint_dir: str, timeout_s: float = 120.0) -> str:
     """``flink stop --drain``: a savepoint, MAX_WATERMARK first (every window closes and the sinks
-    commit). PyFlink's ``JobClient.stop_with_savepoint`` misses Flink 2's format argument."""
+    commit). PyFlink's ``JobClient.stop_with_savepoint`` misses Flink 2's format argument. A job
+    stopped before all its tasks run (a bounded Kafka job with nothing left to read) declines the
+    savepoint ("... is not being executed at the moment"): asked again every 0.5 s."""
     from pyflink.common.completable_future import CompletableFuture
     from pyflink.java_gateway import get_gateway
 
     format_type = get_gateway().jvm.org.apache.flink.core.execution.SavepointFormatType.DEFAULT
-    return CompletableFuture(client._j_job_client.stopWithSavepoint(True, savepoint_dir, format_type), str).result()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return CompletableFuture(client._j_job_client.stopWithSavepoint(True, savepoint_dir, format_type),
+                                     str).result()
+        except Exception as exc:  # noqa: BLE001 (a Py4J error: only the not-yet-running case is retried)
+            if "is not being executed at the moment" not in str(exc) or time.monotonic() > deadline:
+                raise
+            _raise_if_ended(client)
+            time.sleep(0.5)
 
 
 def _raise_if_ended(client) -> None:

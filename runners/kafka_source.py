@@ -31,8 +31,9 @@ shard records as a live log file.
   ``latest`` (each partition's end offset when the job first starts) or a JSON file of end
   offsets - ``{topic: {partition: offset}}``, or the summary ``streamrec produce`` prints. A
   broker whose ListOffsets is not exact (Tansu counts batches) needs the file. A bounded job
-  keeps only the records below those offsets and is drained once its group has committed them
-  (a checkpoint completed after it read them): see ``kafka_batches``.
+  keeps only the records below those offsets and is drained as soon as each partition's last
+  record has reached Python (an end mark, outside the windows), or else once its group has
+  committed them (a checkpoint completed after it read them): see ``kafka_batches``.
 """
 from __future__ import annotations
 
@@ -218,12 +219,15 @@ def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, window_ms: 
     sources' watermarks.
 
     ``read_below`` ({topic: {partition: end offset}}, a bounded source): only the records below
-    these offsets are kept. The source itself stays unbounded and the runner drains the job once
-    its group has committed the end offsets (``ends_committed``), because the connector's own
+    these offsets are kept, and the last one of each partition also goes on as an end mark. The
+    source itself stays unbounded and the runner drains the job once every end mark has reached
+    the decoder (or its group has committed the end offsets: ``ends_committed``), because the connector's own
     bounded mode does not survive a restore: a restored bounded ``KafkaSource`` never finishes
     (FLINK-31006: its enumerator never signals "no more splits"), and a split that finished before
     the checkpoint is missing from its state, so the partition was read again from the start."""
     from pyflink.table import StreamTableEnvironment
+
+    from schemas.kafka_records import END_MARK
 
     tables = StreamTableEnvironment.create(env)
     tables.get_config().set("table.exec.resource.default-parallelism", "1")  # one global window
@@ -243,11 +247,19 @@ def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, window_ms: 
         f"SELECT 1 AS k, v, p, o, ts FROM actions_topic{where[names[1]]})"))
     tables.create_temporary_view("on_time", tables.sql_query("SELECT k, v, p, o, ts FROM events WHERE NOT late"))
     window = _interval(window_ms)
+    # A bounded source: each partition's last record below its end offset also goes to Python at
+    # once, outside the windows, as an end mark (kind + END_MARK): once every partition's has
+    # arrived, the source has emitted every record the job reads, and the runner can drain it
+    # without waiting for a checkpoint to commit the end offsets (``DecodeKafkaBatches``).
+    last = " OR ".join(f"(k = {kind} AND p = {p} AND o = {o - 1})" for kind, topic in enumerate(config.topics)
+                       for p, o in sorted((read_below or {}).get(topic, {}).items()) if o > 0)
+    marks = "" if not last else (f" UNION ALL SELECT ts AS t, FALSE AS late, ARRAY[k + {END_MARK}], ARRAY[v], "
+                                 f"ARRAY[p], ARRAY[o] FROM events WHERE {last}")
     batches = tables.sql_query(
         f"SELECT window_time AS t, FALSE AS late, ARRAY_AGG(k) AS ks, ARRAY_AGG(v) AS vs, ARRAY_AGG(p) AS ps, "
         f"ARRAY_AGG(o) AS os FROM TABLE(TUMBLE(TABLE on_time, DESCRIPTOR(ts), {window})) "
         f"GROUP BY window_start, window_end, window_time "
-        f"UNION ALL SELECT ts AS t, late, ARRAY[k], ARRAY[v], ARRAY[p], ARRAY[o] FROM events WHERE late")
+        f"UNION ALL SELECT ts AS t, late, ARRAY[k], ARRAY[v], ARRAY[p], ARRAY[o] FROM events WHERE late{marks}")
     return tables.to_data_stream(batches)
 
 
@@ -284,6 +296,21 @@ def ends_committed(config: KafkaSourceConfig, spec: FeatureSpec, ends: dict[str,
     finally:
         consumer.close()
     return all(c.offset >= ends[c.topic][c.partition] for c in committed)
+
+
+def commit_ends(config: KafkaSourceConfig, spec: FeatureSpec, ends: dict[str, dict[int, int]]) -> None:
+    """Commit ``ends`` for the job's group: a bounded job drained on its end marks has processed
+    every record below them, but the drain's savepoint does not commit the source's offsets, and
+    a next job of the group must start there."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": config.bootstrap, "group.id": config.group_id(spec),
+                         "enable.auto.commit": False})
+    try:
+        consumer.commit(offsets=[TopicPartition(topic, p, end) for topic, partitions in ends.items()
+                                 for p, end in partitions.items() if end > 0], asynchronous=False)
+    finally:
+        consumer.close()
 
 
 def connector_jar_uris(jars: str | None) -> list[str]:

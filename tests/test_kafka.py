@@ -144,7 +144,8 @@ def test_the_flink_job_reads_kafka_topics_into_the_file_replays_examples_and_a_g
     ``run --runner flink --source kafka://...?until=OFFSETS`` (a bounded source ending at the
     producer's offsets): the same Examples as the file replay, trained in the same total order
     (the same progressive AUC and logloss to 4 decimals), and one dead letter naming the garbage
-    record's topic, partition and offset."""
+    record's topic, partition and offset; then the group's committed offsets are the end offsets,
+    so a second job of the group has nothing to read and ends at once."""
     from confluent_kafka import Producer
 
     from runners.produce import produce_logs
@@ -175,6 +176,10 @@ def test_the_flink_job_reads_kafka_topics_into_the_file_replays_examples_and_a_g
     assert [letter["reason"] for letter in letters] == ["undecodable_record"]
     assert letters[0]["source"] == f"kafka:imp/0@{garbage_at[0]}"
     assert f"topic 'imp' partition 0 offset {garbage_at[0]}" in letters[0]["detail"]
+    # drained on its end marks, the job committed its end offsets: the group's next job reads nothing
+    again = _run_to_end([sys.executable, "-m", "runners.cli", "join", "--runner", "flink", "--spec", "movielens",
+                         "--source", source, "--out", str(tmp_path / "again")], timeout_s=600)
+    assert again["examples"] == 0 and again["dead_letters"] == {}
 
 
 def test_a_killed_kafka_job_resumes_from_its_checkpoint_without_loss_or_duplicates(broker, tmp_path):
