@@ -5,7 +5,7 @@ stream; its claim is that this beats batch training alone (the model stays as it
 
 Phase 1 trains on the Examples before the split (by default the first half of the event-time
 span) in batch mode: batch ``scale`` x the spec's, CowClip on, by CowClip's scaling rule
-(``experiments.common.large_batch_spec``), ``epochs`` passes. Phase 2 continues on the rest
+(``trainer.backfill.large_batch_spec``), ``epochs`` passes. Phase 2 continues on the rest
 online with the spec's own settings (small batches), on the same tables in memory
 (``OnlineTrainer.continue_from``: rows, optimizer state and dense weights carried over, no
 restart). Measured on the online part, every arm scoring each Example before it learns it:
@@ -15,7 +15,9 @@ restart). Measured on the online part, every arm scoring each Example before it 
 * ``online_from_scratch``: the spec's online trainer starting at the split with no model;
 * ``online_throughout``: the spec's online trainer over all the logs, history included.
 
-``streamrec run --backfill-until TIME`` (the same two phases as a job) is not built yet.
+``streamrec run --backfill-until TIME`` runs the same two phases as a job: phase 1 in the driver
+(``trainer.backfill``), handed to the job as a snapshot of its model directory; the job resumes
+from it and trains online what comes after (the ``batch_then_online`` arm, on any runner).
 """
 from __future__ import annotations
 
@@ -29,13 +31,13 @@ from experiments.common import (
     evaluate,
     event_times,
     labels_and_weights,
-    large_batch_spec,
     predicted,
     print_table,
     trained_progressively,
     write_result,
 )
 from schemas.spec_types import FeatureSpec
+from trainer.backfill import large_batch_spec
 
 NAME = "batch-then-online"
 

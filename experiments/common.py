@@ -162,28 +162,6 @@ def write_result(out: Path, name: str, result: dict, plot) -> dict:
     return result
 
 
-CRITEO_EMBEDDING_L2 = 1e-5  # CowClip's base embedding L2 (Criteo, batch 1K), where a slot names none
-
-
-def large_batch_spec(spec: FeatureSpec, batch_size: int, cowclip: bool = True, base_batch: int | None = None) -> FeatureSpec:
-    """``spec`` for training at ``batch_size = s * base_batch`` (default base: the spec's batch)
-    by CowClip's scaling rule (``trainer.cowclip.scale_hyperparameters``): every slot's embedding
-    lr kept and its L2 x s (a slot without L2 starts from CowClip's 1e-5), dense lr x sqrt(s),
-    warm-up; CowClip's per-id clipping on or off. Slots that shared an optimizer still do."""
-    from trainer.cowclip import Hyperparameters, scale_hyperparameters
-
-    base_batch = base_batch or spec.training.batch_size
-    scale = batch_size / base_batch
-    dense = spec.training.dense_optimizer
-    rule = scale_hyperparameters(Hyperparameters(base_batch, 0.0, 1.0, dense.lr, spec.training.warmup_steps), batch_size)
-    slots = tuple(dataclasses.replace(slot, optimizer=dataclasses.replace(
-        slot.optimizer, l2=(slot.optimizer.l2 or CRITEO_EMBEDDING_L2) * scale)) for slot in spec.slots)
-    training = dataclasses.replace(spec.training, batch_size=batch_size, warmup_steps=rule.warmup_steps,
-                                   dense_optimizer=dataclasses.replace(dense, lr=rule.dense_lr),
-                                   cowclip=dataclasses.replace(spec.training.cowclip, enabled=cowclip))
-    return dataclasses.replace(spec, slots=slots, training=training)
-
-
 def predicted(trainer, examples: pa.Table, chunk: int = 65_536) -> np.ndarray:
     """``trainer``'s logits for ``examples`` without training (nothing inserted or updated)."""
     if examples.num_rows == 0:

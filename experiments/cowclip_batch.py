@@ -7,7 +7,7 @@ training loses it.
 The first 80 % of the Examples (in time order) train for ``epochs`` passes, the last 20 % test
 (scored without training). Batches ``base``, 8 x and 64 x ``base`` (1K, 8K, 64K; ``--quick``:
 64, 512, 4K), each with and without CowClip's clipping; the scaling rule
-(``experiments.common.large_batch_spec``: embedding L2 x s, dense lr x sqrt(s), warm-up) applies
+(``trainer.backfill.large_batch_spec``: embedding L2 x s, dense lr x sqrt(s), warm-up) applies
 in both arms. The data should give the largest batch at least 50 steps an epoch (the
 default synthetic stream of 4.1M impressions does: 3.28M training rows / 64K); the result names
 the steps it had.
@@ -19,8 +19,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from experiments.common import evaluate, labels_and_weights, large_batch_spec, predicted, print_table, write_result
+from experiments.common import evaluate, labels_and_weights, predicted, print_table, write_result
 from schemas.spec_types import FeatureSpec
+from trainer.backfill import large_batch_spec
 
 NAME = "cowclip-batch"
 SCALES = (1, 8, 64)

@@ -11,6 +11,7 @@
     streamrec backfill --spec SPEC --logs DIR --out DIR
     streamrec run [--spec SPEC --logs DIR] --out DIR [--device cpu|cuda] [--streaming | --watch S]
                   [--model-dir DIR [--resume]] [--store redis://HOST:PORT[,...]] [--runner flink ...]
+                  [--backfill-until TIME [--backfill-epochs N --backfill-scale S]]
     streamrec serve --model-dir DIR [--host 127.0.0.1 --port N --poll S --fp16 --store URI
                     --max-body-bytes B --max-impressions N]
     streamrec produce --spec SPEC --logs DIR --bootstrap HOST:PORT [--topics I,A] [--partitions N] [--rate N]
@@ -262,15 +263,50 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, workers=options.trainers))
     _check_trainers(spec, options)
     _check_logs(spec, options)
+    backfilled = None
+    if options.backfill is not None:
+        options, backfilled = _backfill(spec, options)
     if options.on_cluster:
         return _submit(options)
     summary = _run_here(spec, options)
+    if backfilled is not None:
+        summary["backfill"] = backfilled
     print(f"trained on {summary.get('examples', 0)} examples: progressive AUC {summary.get('auc')}, "
           f"logloss {summary.get('logloss')}, calibration {summary.get('calibration')}; "
           f"{summary.get('examples_per_s')} examples/s; dead letters {summary['dead_letters'] or 'none'}; "
           f"metrics per window in {options.out}/metrics.jsonl and metrics.png")
     _print_json(summary)
     return 0
+
+
+def _backfill(spec, options: JobOptions) -> tuple[JobOptions, dict]:
+    """Phase 1 of ``run --backfill-until``: batch-train the history of ``--logs`` into a snapshot
+    of the model directory (``trainer.backfill``); returns the options of phase 2 (the job,
+    resuming from that snapshot: it trains what comes after it) and phase 1's figures."""
+    import shutil
+
+    from trainer.backfill import backfill_model
+    from trainer.running import log
+    from transforms.log_examples import examples_from_logs
+
+    if spec.training.workers > 1:
+        raise ValueError(f"--backfill-until trains one model with one worker: not with {spec.training.workers} "
+                         f"trainer workers (--trainers / training.workers)")
+    if spec.store is not None:
+        raise ValueError("--backfill-until is not built for an external row store (--store / the spec's store) yet")
+    model_dir = options.model_dir or options.out / "model"
+    backfill = options.backfill
+    log(f"backfill: batch-training the Examples before {backfill.until_ms} ms at {backfill.scale}x the batch, "
+        f"{backfill.epochs} epoch(s), into {model_dir}")
+    examples = examples_from_logs(spec, Path(options.logs))
+    figures = backfill_model(spec, examples, model_dir, backfill, options.device)
+    log(f"backfill: {figures['examples']:,} Examples in {figures['seconds']} s; the job continues online from "
+        f"snapshot version {figures['snapshot_version']}")
+    # a new model: a checkpoint an earlier job left in OUT must not be restored into it
+    shutil.rmtree(options.out / ".checkpoints", ignore_errors=True)
+    phase2 = options.replace(model_dir=model_dir, resume=True, backfill_until_ms=None, backfill_epochs=2,
+                             backfill_scale=16)
+    return phase2, figures
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -324,6 +360,16 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     result = run_experiment(args.name, spec, examples, args.out, args.quick, args.device, **options)
     _print_json(result)
     return 0
+
+
+def _instant(text: str) -> int:
+    """``--backfill-until``'s TIME as ms since the epoch."""
+    from schemas.durations import parse_instant_ms
+
+    try:
+        return parse_instant_ms(text)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -424,6 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--trainers", type=int, default=None, metavar="K",
                      help="with --runner flink: K trainer workers train one model, embedding rows sharded by "
                           "fid, dense weights all-reduced (overrides the spec's training.workers)")
+    run.add_argument("--backfill-until", type=_instant, default=None, metavar="TIME",
+                     help="first batch-train the Examples of --logs before TIME (ISO 8601 date or date-time, UTC "
+                          "unless zoned, or ms since the epoch): CowClip at a large batch, then the job continues "
+                          "online from that model and trains only what comes after it (publishes to --model-dir, "
+                          "default OUT/model)")
+    run.add_argument("--backfill-epochs", type=int, default=2, metavar="N", help="passes over that history (default 2)")
+    run.add_argument("--backfill-scale", type=int, default=16, metavar="S",
+                     help="its batch is S x the spec's training.batch_size, by CowClip's scaling rule (default 16)")
     run.add_argument("--store", default=None, metavar="URI",
                      help="keep embedding rows in Redis behind a bounded cache: redis://host:port[,host:port...]"
                           "[/db][?prefix=P&cache_rows=N&ttl=on|off] or redis+cluster://host:port (overrides the spec's store)")

@@ -46,6 +46,9 @@ class JobOptions:
     trainers: int | None = None  # Flink: trainer workers of one model (overrides training.workers)
     source: str | None = None  # kafka://... : read Kafka topics, not logs (``runners.kafka_source``)
     kafka_jars: str | None = None  # comma-separated connector jars (None: STREAMREC_KAFKA_JARS or make's)
+    backfill_until_ms: int | None = None  # run: batch-train the Examples before this time first (ms since epoch)
+    backfill_epochs: int = 2  # passes over that history
+    backfill_scale: int = 16  # its batch: this x the spec's training.batch_size (CowClip's scaling rule)
 
     def __post_init__(self):
         if (self.mode is Mode.LIVE) != (self.watch_interval_s is not None):
@@ -58,6 +61,14 @@ class JobOptions:
             raise ValueError("--source reads Kafka topics: give it or --logs, not both")
         if self.stop_after_s is not None and self.mode not in (Mode.LIVE, Mode.KAFKA):
             raise ValueError("--stop-after needs --watch or --source (it ends a live job)")
+        if self.backfill_until_ms is not None:
+            if self.resume:
+                raise ValueError("--backfill-until starts a new model: not with --resume (which continues one)")
+            if self.source is not None:
+                raise ValueError("--backfill-until trains on the history in --logs: not with --source")
+            self.backfill  # noqa: B018 (bad epochs or scale raise, naming the flag)
+        elif (self.backfill_epochs, self.backfill_scale) != (2, 16):
+            raise ValueError("--backfill-epochs and --backfill-scale are settings of --backfill-until TIME")
         if self.trainers is not None and not 1 <= self.trainers <= 256:
             raise ValueError(f"--trainers must be in [1, 256], got {self.trainers}")
 
@@ -74,6 +85,15 @@ class JobOptions:
         from runners.kafka_source import KafkaSourceConfig
 
         return KafkaSourceConfig.from_uri(self.source)
+
+    @property
+    def backfill(self):
+        """Phase 1's settings (``trainer.backfill.BackfillOptions``), or None."""
+        if self.backfill_until_ms is None:
+            return None
+        from trainer.backfill import BackfillOptions
+
+        return BackfillOptions(self.backfill_until_ms, self.backfill_epochs, self.backfill_scale)
 
     @property
     def runs_until_stopped(self) -> bool:
@@ -144,6 +164,7 @@ _DESTS = {"spec": "spec", "logs": "logs", "out": "out", "runner": "runner", "fli
           "checkpoint_every": "checkpoint_every_s", "parallelism": "parallelism",
           "events_per_step": "events_per_step", "resume": "resume", "stop_after": "stop_after_s",
           "device": "device", "model_dir": "model_dir", "store": "store", "trainers": "trainers",
-          "source": "source", "kafka_jars": "kafka_jars"}
-_TRAIN_ONLY = {"device", "model_dir", "store", "trainers"}
+          "source": "source", "kafka_jars": "kafka_jars", "backfill_until": "backfill_until_ms",
+          "backfill_epochs": "backfill_epochs", "backfill_scale": "backfill_scale"}
+_TRAIN_ONLY = {"device", "model_dir", "store", "trainers", "backfill_until_ms", "backfill_epochs", "backfill_scale"}
 _DEFAULTS = {field.name: field.default for field in dataclasses.fields(JobOptions)}

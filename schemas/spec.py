@@ -12,7 +12,6 @@ Durations carry units (``30m``, ``7d``); they are held as integer milliseconds (
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 from enum import Enum
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from schemas.durations import format_duration_ms, parse_duration_ms
+from schemas.durations import format_duration_ms, parse_duration_ms, parse_instant_ms
 from schemas.events import (
     EVENT_TIME_RANGE_MS,
     SchemaError,
@@ -71,24 +70,6 @@ SPEC_DIR = Path(__file__).parent / "specs"
 
 _CATEGORICAL_TYPES = {"string", "int", "long", "boolean"}
 _NUMERIC_TYPES = {"int", "long", "float", "double"}
-
-
-def _instant_ms(value: Any) -> int:
-    """A point in time as ms since the epoch: an int (ms), a date or date-time (UTC unless it
-    names its zone), or ISO 8601 text of either."""
-    if isinstance(value, bool):
-        raise TypeError("expected a date, a time or ms")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str):
-        value = datetime.datetime.fromisoformat(value)
-    if isinstance(value, datetime.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=datetime.timezone.utc)
-        return int(value.timestamp() * 1000)
-    if isinstance(value, datetime.date):
-        return int(datetime.datetime(value.year, value.month, value.day, tzinfo=datetime.timezone.utc).timestamp() * 1000)
-    raise TypeError("expected a date, a time or ms")
 
 
 def builtin_spec_names() -> list[str]:
@@ -209,7 +190,7 @@ class _SpecParser:
         bounds = []
         for label, item in zip(("start", "end"), value):
             try:
-                bounds.append(_instant_ms(item))
+                bounds.append(parse_instant_ms(item))
             except (TypeError, ValueError, OverflowError) as exc:
                 self.error(f"{where}: {label} {item!r:.80}: {exc}")
                 return EVENT_TIME_RANGE_MS

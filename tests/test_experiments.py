@@ -99,3 +99,35 @@ def test_an_option_of_another_experiment_is_refused(capsys, tmp_path, hours_of_l
     assert main(["experiment", "shard-loss", "--logs", str(hours_of_logs), "--out", str(tmp_path),
                  "--base-batch", "8"]) == 1
     assert "--base-batch is an option of cowclip-batch" in capsys.readouterr().err
+
+
+def test_run_backfill_until_is_the_batch_then_online_arm_as_a_job(capsys, tmp_path, hours_of_logs):
+    """``run --backfill-until T``: phase 1 batch-trains the Examples before T into snapshot version 1
+    of the model directory, and the job resumes from it and trains the rest online - with the
+    same progressive AUC as the experiment's ``batch_then_online`` arm split at T."""
+    from experiments import batch_then_online
+    from experiments.common import event_times, load_examples
+    from schemas.spec import load_spec
+    from trainer.publish import read_manifest, read_spec
+
+    spec = load_spec("synthetic")
+    examples = load_examples(spec, hours_of_logs)
+    arms = batch_then_online.run(spec, examples, tmp_path / "experiment", epochs=2)
+    times = event_times(examples)
+    split_ms = int(times.min() + 0.5 * (times.max() - times.min()))
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    argv = ["run", "--spec", "synthetic", "--logs", str(hours_of_logs), "--out", str(out), "--model-dir",
+            str(model_dir), "--no-progress", "--backfill-until", str(split_ms)]
+    capsys.readouterr()
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["backfill"]["examples"] == arms["history_examples"] > 0
+    assert summary["backfill"]["batch_size"] == arms["phase1"]["batch_size"]
+    assert summary["examples_trained_this_run"] == arms["online_examples"] > 0
+    assert summary["examples_trained"] == examples.num_rows and summary["resumed_from_version"] == 1
+    assert summary["auc"] == pytest.approx(arms["arms"]["batch_then_online"]["auc"], abs=1e-4)
+    assert read_manifest(model_dir)[0]["kind"] == "snapshot"
+    assert read_spec(model_dir) == spec  # the model serves and resumes with the spec's own settings
+    # a model directory with versions is not overwritten by a second backfill
+    assert main(argv) == 1
+    assert "this model directory has versions" in capsys.readouterr().err

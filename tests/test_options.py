@@ -23,6 +23,8 @@ def _parse(argv: list[str]) -> JobOptions:
     ["run", "--watch", "0.5", "--stop-after", "30", "--runner", "flink"],
     ["join", "--spec", "obd", "--runner", "flink", "--resume", "--watch", "2", "--parallelism", "2"],
     ["backfill", "--spec", "movielens"],
+    ["run", "--backfill-until", "1998-01-01T06:00:00+02:00", "--backfill-epochs", "3", "--backfill-scale", "8",
+     "--runner", "flink"],
 ])
 def test_submission_argv_parses_back_to_the_same_options(argv, tmp_path):
     paths = ["--logs", str(tmp_path / "logs"), "--out", str(tmp_path / "out")]
@@ -56,3 +58,19 @@ def test_modes_and_their_flags_go_together(tmp_path):
         _parse(["run", "--out", str(tmp_path), "--stop-after", "3"])
     with pytest.raises(ValueError, match="watch interval"):
         JobOptions(out=tmp_path, mode=Mode.LIVE)
+
+
+def test_backfill_until_options(tmp_path, capsys):
+    paths = ["run", "--out", str(tmp_path)]
+    options = _parse(paths + ["--backfill-until", "1998-01-01"])
+    assert options.backfill.until_ms == 883_612_800_000 and (options.backfill.epochs, options.backfill.scale) == (2, 16)
+    assert _parse(paths + ["--backfill-until", "883612800000"]).backfill_until_ms == 883_612_800_000
+    with pytest.raises(ValueError, match="not with --resume"):
+        _parse(paths + ["--backfill-until", "1998-01-01", "--resume"])
+    with pytest.raises(ValueError, match="--backfill-epochs must be in"):
+        _parse(paths + ["--backfill-until", "1998-01-01", "--backfill-epochs", "0"])
+    with pytest.raises(ValueError, match="settings of --backfill-until"):
+        _parse(paths + ["--backfill-scale", "4"])
+    with pytest.raises(SystemExit):
+        _parse(paths + ["--backfill-until", "last tuesday"])
+    assert "bad time 'last tuesday'" in capsys.readouterr().err
