@@ -1,4 +1,6 @@
 """The online trainer end to end on real and synthetic examples."""
+import dataclasses
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -171,3 +173,29 @@ def test_sequential_in_batch_updates_equal_training_example_by_example(kind, bat
     plain = OnlineTrainer(_linear_spec(batch, kind, sequential=False))
     plain.train(examples)
     assert abs(plain.metrics.logloss - one.metrics.logloss) > 1e-3
+
+
+@pytest.mark.parametrize("batch, per_example", [(1024, True), (4096, False)])
+def test_a_plain_batch_accumulates_per_example_squares_only_while_small(batch, per_example):
+    """Adagrad's accumulator in a plain batch step: each example's squared gradient summed up to
+    a batch of SEQUENTIAL_MAX_BATCH, the square of the summed gradient above - so an id seen
+    in every example of a large batch moves by at most lr per coordinate, not sqrt(count) x lr."""
+    spec = _spec()
+    spec = dataclasses.replace(spec, training=dataclasses.replace(spec.training, batch_size=batch,
+                                                                  sequential_updates=False))
+    assert spec.training.per_example_squares is per_example
+    trainer = OnlineTrainer(spec)
+    fid = (1 << 48) | 5
+    labels = np.ones(batch, bool)  # every example pushes the row the same way
+    table = trainer.groups[0].table
+    trainer.train(_example_table([fid], labels[:1], 1.0))  # creates the row
+    row = table.lookup(torch.tensor([fid])).item()
+    before, accumulated = table.embeddings[row].clone(), table.state[row].clone()
+    trainer.train(_example_table([fid] * batch, labels, 1.0))
+    moved = (table.embeddings[row] - before).abs().max().item()
+    lr = spec.slots[0].optimizer.lr
+    if per_example:
+        assert moved > 2 * lr  # ~sqrt(batch) x lr: what the examples one at a time would move
+    else:
+        assert moved <= lr * 1.0001
+    assert (table.state[row] >= accumulated).all() and (table.state[row] > accumulated).any()

@@ -260,15 +260,20 @@ class OnlineTrainer:
         ``update_rows``."""
         for touched in used:
             grad, squares = occurrence_gradients(touched.target, touched.example, touched.inverse, len(touched.rows),
-                                                 pooled_grad, wide_grad, touched.group.uses_squares)
+                                                 pooled_grad, wide_grad, self.takes_squares(touched.group))
             self.update_rows(touched.group, touched.rows, grad, squares, touched.counts)
+
+    def takes_squares(self, group: TableGroup) -> bool:
+        """Whether a plain batch step gives ``group``'s optimizer the summed per-example squared
+        gradients (``TrainingSpec.per_example_squares``); else it squares the summed gradient."""
+        return group.uses_squares and self.spec.training.per_example_squares
 
     def update_rows(self, group: TableGroup, rows: torch.Tensor, grad: torch.Tensor, squares: torch.Tensor | None,
                     counts: torch.Tensor) -> None:
         """One sparse step on ``rows`` (unique; -1: held back by the frequency filter, no update)
-        given their summed gradients [rows, dim + 1], summed squared gradients (where the group
-        ``uses_squares``) and occurrence ``counts``: CowClip on the deep part if enabled, then the
-        group's sparse optimizer."""
+        given their summed gradients [rows, dim + 1], summed squared gradients (where it
+        ``takes_squares``; None: the optimizer squares the sum) and occurrence ``counts``: CowClip
+        on the deep part if enabled, then the group's sparse optimizer."""
         cow, dim = self.spec.training.cowclip, self.dim
         if cow.enabled:  # the deep part only: wide weights are not clipped
             weights = group.table.gather(rows)

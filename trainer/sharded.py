@@ -239,7 +239,7 @@ class ShardedTrainer(OnlineTrainer):
         """Step 4: the slice's per-fid gradient sums (and sums of squares, where an optimizer
         takes them) of all tables to their owners in one all-to-all; returns what this worker
         received as an owner (``_step_rows`` applies it)."""
-        with_squares = any(owned.group.uses_squares for owned in exchange.owned)
+        with_squares = any(self.takes_squares(owned.group) for owned in exchange.owned)
         parts = []
         for (inverse, target, example), fids in zip(exchange.occurrences, exchange.distinct):
             grad, squares = occurrence_gradients(target, example, inverse, fids, pooled_grad, wide_grad, with_squares)
@@ -256,7 +256,7 @@ class ShardedTrainer(OnlineTrainer):
             summed = torch.zeros(len(owned.rows), received.shape[1], device=self.device).index_add_(
                 0, owned.inverse, received.index_select(0, owned.received))
             self.update_rows(owned.group, owned.rows, summed[:, :width],
-                             summed[:, width:] if owned.group.uses_squares else None, owned.counts)
+                             summed[:, width:] if self.takes_squares(owned.group) else None, owned.counts)
 
     def predict_logits(self, examples: pa.Table) -> np.ndarray:
         raise NotImplementedError("a sharded trainer holds part of each table: serve its published model")
