@@ -105,8 +105,11 @@ def serving_scores(model_dir: Path, examples: pa.Table, until_data_time_ms: int 
 
 
 def with_publish(spec: FeatureSpec, sparse_every_ms: int, dense_every_ms: int) -> FeatureSpec:
+    """``spec`` publishing at these intervals and keeping every version (``serving_scores``
+    replays serving as it stood at any time of the run)."""
     return dataclasses.replace(spec, publish=dataclasses.replace(spec.publish, sparse_every_ms=sparse_every_ms,
-                                                                 dense_every_ms=dense_every_ms))
+                                                                 dense_every_ms=dense_every_ms),
+                               snapshot=dataclasses.replace(spec.snapshot, keep=None))
 
 
 def duration(ms: int | None) -> str:

@@ -275,9 +275,10 @@ class _SpecParser:
         training = self._training(top.get("training"))
         publish = self._publish(top)
         snapshot_raw = self._mapping(top.get("snapshot"), "snapshot")
-        self._unknown_keys(snapshot_raw, {"every"}, "snapshot")
+        self._unknown_keys(snapshot_raw, {"every", "keep"}, "snapshot")
         snapshot = SnapshotSpec(every_ms=self._duration(snapshot_raw.get("every"), "snapshot.every",
-                                                        SnapshotSpec.every_ms))
+                                                        SnapshotSpec.every_ms),
+                                keep=self._snapshots_kept(snapshot_raw.get("keep")))
         store = top.get("store")
         if store is not None and not isinstance(store, str):
             self.error(f"store: expected a URI string, got {store!r}")
@@ -569,6 +570,15 @@ class _SpecParser:
             metrics_window_ms=self._duration(data.get("metrics_window"), "training.metrics_window",
                                              TrainingSpec.metrics_window_ms),
         )
+
+    def _snapshots_kept(self, value: Any) -> int | None:
+        """``snapshot.keep``: a number of snapshots (>= 1) or ``all``."""
+        if value == "all":
+            return None
+        if isinstance(value, str):
+            self.error(f"snapshot.keep: expected a number of snapshots (>= 1) or 'all', got {value!r:.80}")
+            return SnapshotSpec.keep
+        return self._number(value, "snapshot.keep", SnapshotSpec.keep, minimum=1, integer=True)
 
     def _publish(self, top: dict) -> PublishSpec:
         """``publish:``; ``sync:``, its name before, is read the same (both at once is an error)."""

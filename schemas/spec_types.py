@@ -241,7 +241,12 @@ class PublishSpec:
 
 @dataclass(frozen=True)
 class SnapshotSpec:
+    """How often the trainer snapshots its whole state to the model directory, in data time, and
+    how many snapshots it keeps: once a snapshot makes more than ``keep``, every version before
+    the oldest kept one leaves the manifest and the directory (None: keep everything)."""
+
     every_ms: int = 86_400_000
+    keep: int | None = 7
 
 
 @dataclass(frozen=True)

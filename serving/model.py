@@ -105,7 +105,8 @@ class ServingModel:
             return applied
 
     def _apply_new(self, entries: list[dict], applied: list[int], failing: dict) -> None:
-        if self.model is None:
+        pruned = self.model is not None and entries and entries[0]["version"] > self.version + 1
+        if self.model is None or pruned:  # (pruned: the versions after ours left with retention, snapshot.keep)
             snapshot = newest_snapshot(entries)
             if snapshot is None:
                 raise ModelDirError(f"{self.dir}: no snapshot published yet")

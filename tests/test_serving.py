@@ -82,6 +82,47 @@ def test_serving_predicts_what_the_trainer_predicts_at_every_version(movielens_p
             server.stop()
 
 
+def test_retention_prunes_the_versions_before_the_oldest_kept_snapshot(movielens_parts, tmp_path):
+    """``snapshot.keep: 2``: a snapshot that makes a third prunes every version before the older
+    kept one (manifest first, then files, a crash's leftover temporary file too); a reader that
+    held a pruned version jumps to the newest snapshot, answers as a fresh reader does, and a
+    resume starts from the newest snapshot."""
+    import dataclasses
+
+    from serving.model import ServingModel
+    from trainer.online import OnlineTrainer
+    from trainer.publish import Position, Publisher, read_manifest, restore_trainer
+
+    spec, examples, probes = movielens_parts
+    spec = dataclasses.replace(spec, snapshot=dataclasses.replace(spec.snapshot, keep=2))
+    model = tmp_path / "model"
+    trainer = OnlineTrainer(spec)
+    publisher = Publisher(trainer, model)
+    publisher.publish_snapshot(Position())
+    lagging = ServingModel(model)
+    assert lagging.refresh() == [1]
+    for round_ in range(3):  # versions 2-4, 5-7, 8-10: sparse, dense, snapshot
+        trainer.train(examples.slice(round_ * 1_000, 1_000))
+        publisher.publish_sparse()
+        publisher.publish_dense()
+        if round_ == 2:
+            (model / ".v000006-dense.pt.x1y2.tmp").write_bytes(b"left by a killed writer")
+        publisher.publish_snapshot(Position(examples=(round_ + 1) * 1_000))
+        kept = [entry["version"] for entry in read_manifest(model)]
+        assert kept == list(range([1, 4, 7][round_], 3 * round_ + 5))  # (two snapshots and what follows them)
+    assert sorted(path.name for path in model.iterdir()) == [
+        "manifest.json", "spec.json", "v000007-snapshot", "v000008-sparse.arrow", "v000009-dense.pt",
+        "v000010-snapshot"]
+    assert lagging.refresh() == [10] and lagging.version == 10 and lagging.last_error is None
+    fresh = ServingModel(model)
+    assert fresh.refresh() == [10]
+    expected = _trainer_probabilities(trainer, spec, probes)
+    for reader in (lagging, fresh):
+        np.testing.assert_allclose(reader.predict(probes)[0], expected, atol=FP32_TOLERANCE)
+    position, entry = restore_trainer(OnlineTrainer(spec), model)
+    assert entry["version"] == 10 and position.examples == 3_000
+
+
 def test_corrupt_and_out_of_order_versions_are_refused_and_serving_keeps_answering(movielens_parts, tmp_path):
     from trainer.online import OnlineTrainer
     from trainer.publish import MANIFEST, Position, Publisher
@@ -152,8 +193,9 @@ def test_serving_without_a_snapshot_says_so(movielens_parts, tmp_path):
 
 
 def test_killed_job_resumes_from_its_newest_snapshot(movielens_logs, tmp_path, capsys):
-    """SIGKILL the whole job mid-stream, restart it with --resume: it completes, the progressive
-    AUC matches an uninterrupted run, and the versions continue without a gap or a repeat."""
+    """SIGKILL the whole job mid-stream, once retention has pruned its first versions, restart it
+    with --resume: it completes, the progressive AUC matches an uninterrupted run, the versions
+    continue without a gap or a repeat, and the directory keeps ``snapshot.keep`` snapshots."""
     from runners.cli import main
     from trainer.publish import read_manifest
 
@@ -164,7 +206,7 @@ def test_killed_job_resumes_from_its_newest_snapshot(movielens_logs, tmp_path, c
                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
-        while sum(e["kind"] == "snapshot" for e in read_manifest(model)) < 8:
+        while not (entries := read_manifest(model)) or entries[0]["version"] == 1:  # (8 snapshots: 1 pruned)
             assert job.poll() is None and time.time() < deadline, "the job ended before it could be killed"
             time.sleep(0.2)
     finally:
@@ -182,9 +224,13 @@ def test_killed_job_resumes_from_its_newest_snapshot(movielens_logs, tmp_path, c
     finally:
         server.stop()
     assert resumed["resumed_from_version"] is not None and resumed["examples"] == 100_000
-    assert [e["version"] for e in after] == list(range(1, len(after) + 1))
+    first = after[0]["version"]
+    assert first > before[0]["version"] and after[0]["kind"] == "snapshot"
+    assert [e["version"] for e in after] == list(range(first, first + len(after)))
     assert all(e["base_version"] == e["version"] - 1 for e in after)
-    assert after[:len(before)] == before
+    kept = [e for e in before if e["version"] >= first]
+    assert after[:len(kept)] == kept and len(after) > len(kept)
+    assert sum(e["kind"] == "snapshot" for e in after) == 7  # the spec's default snapshot.keep
     assert main(["run", "--no-progress", "--logs", str(logs), "--out", str(tmp_path / "whole")]) == 0
     whole = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert resumed["auc"] == pytest.approx(whole["auc"], abs=0.003)

@@ -1,5 +1,6 @@
 """Feature specs: the shipped specs load; every validation error names the slot/field and value."""
 import copy
+import json
 
 import pytest
 import yaml
@@ -180,6 +181,22 @@ def test_sequential_updates_are_auto_on_small_batches_and_bounded():
     assert "training.sequential_updates" in error and "'sometimes'" in error
     [error] = _errors({**BASE, "training": {"batch_size": 4096, "sequential_updates": True}})
     assert "batch_size <= 1024" in error and "4096" in error
+
+
+def test_snapshot_retention_is_a_count_or_all():
+    from schemas.spec_json import spec_from_json, spec_to_json
+
+    assert parse_spec(BASE).snapshot.keep == 7
+    assert parse_spec(_with(lambda raw: raw.update(snapshot={"every": "1h", "keep": 3}))).snapshot.keep == 3
+    kept = parse_spec(_with(lambda raw: raw.update(snapshot={"keep": "all"})))
+    assert kept.snapshot.keep is None and spec_from_json(spec_to_json(kept)) == kept
+    for bad in (0, "some", 2.5, True):
+        [error] = _errors(_with(lambda raw: raw.update(snapshot={"keep": bad})))
+        assert "snapshot.keep" in error and repr(bad) in error
+    # a model directory written before retention stores no "keep": it reads as the default
+    stored = json.loads(spec_to_json(kept))
+    del stored["snapshot"]["keep"]
+    assert spec_from_json(json.dumps(stored)).snapshot.keep == 7
 
 
 def test_publish_intervals_and_their_older_name_sync():

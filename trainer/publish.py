@@ -30,14 +30,17 @@ relative name that stays inside the directory (no ``..``, no absolute path, no s
 
 Schedule (on the job's clock - event time when replaying, processing time when live): a sparse
 delta every ``publish.sparse_every``, dense weights every ``publish.dense_every``, a snapshot every
-``snapshot.every`` (and one at the start, so serving has a base).
+``snapshot.every`` (and one at the start, so serving has a base). Retention: the newest
+``snapshot.keep`` snapshots (default 7) and the versions after the oldest of them; a snapshot that
+makes one more prunes the versions before it, from the manifest first and then from the
+directory, so a live job's manifest and disk stay bounded.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -49,7 +52,7 @@ import pyarrow as pa
 import torch
 
 from schemas.events import END_OF_TIME_MS
-from schemas.files import atomic_write
+from schemas.files import atomic_write, file_sha256
 from schemas.spec_json import SpecJsonError, spec_from_json, spec_to_json
 from schemas.spec_types import FeatureSpec
 from trainer.rows import RowBatch
@@ -58,18 +61,12 @@ from trainer.table_snapshot import load_table, save_table
 MANIFEST = "manifest.json"
 SPEC_FILE = "spec.json"
 ENTRY_KINDS = ("snapshot", "sparse", "dense")
+#: A version's file or snapshot directory, or one being written (``.NAME...tmp``): group 1 is the version.
+_VERSION_FILE = re.compile(r"^\.?v(\d{6,})-(?:snapshot|sparse|dense)")
 
 
 class ModelDirError(ValueError):
     """A model directory, version or file that cannot be used (names the version and the reason)."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_manifest(model_dir: str | Path) -> list[dict]:
@@ -160,7 +157,7 @@ def verify(model_dir: Path, entry: dict) -> None:
         path = model_dir / name
         if not path.is_file():
             raise ModelDirError(f"version {entry['version']} ({entry['kind']}): {name} is missing")
-        if _sha256(path) != expected:
+        if file_sha256(path) != expected:
             raise ModelDirError(f"version {entry['version']} ({entry['kind']}): {name} is corrupt (checksum mismatch)")
 
 
@@ -290,7 +287,7 @@ class Publisher:
         entry = {"version": self.version + 1, "kind": kind, "path": path, "base_version": self.version,
                  "data_time_ms": int(self.trainer.data_time_ms), "published_at": time.time(),
                  "shards": self.shards,
-                 "sha256": {name: _sha256(self.dir / name) for name in files} if self.shard == 0 else {}}
+                 "sha256": {name: file_sha256(self.dir / name) for name in files} if self.shard == 0 else {}}
         self.entries.append(entry)
         if self.shard == 0:
             with atomic_write(self.dir / MANIFEST, "w") as out:
@@ -362,7 +359,33 @@ class Publisher:
             os.replace(staging, self.dir / name)  # the whole directory appears at once
         for group in self.trainer.groups:  # a reader at this version has every row: the next delta starts here
             group.table.reset_delta()
-        return self._commit("snapshot", name, files)
+        entry = self._commit("snapshot", name, files)
+        self._prune()
+        return entry
+
+    def _prune(self) -> None:
+        """Retention (``snapshot.keep``): once there are more snapshots than that, every version
+        before the oldest kept one leaves the manifest, and then its files (and any other
+        version-named file from before it: a crash's leftovers) leave the directory. A reader
+        that held a pruned version jumps to the newest snapshot (``serving.model``)."""
+        keep = self.trainer.spec.snapshot.keep
+        snapshots = [entry["version"] for entry in self.entries if entry["kind"] == "snapshot"]
+        if keep is None or len(snapshots) <= keep:
+            return
+        first = snapshots[-keep]
+        self.entries = [entry for entry in self.entries if entry["version"] >= first]
+        if self.shard != 0:
+            return
+        with atomic_write(self.dir / MANIFEST, "w") as out:  # (the manifest first: it never names a missing file)
+            json.dump({"versions": self.entries}, out, indent=1)
+        for path in self.dir.iterdir():
+            match = _VERSION_FILE.match(path.name)
+            if not match or int(match.group(1)) >= first:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
 
 
 def newest_snapshot(entries: list[dict]) -> dict | None:
