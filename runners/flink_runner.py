@@ -61,9 +61,9 @@ def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: st
         config.set_string("execution.checkpointing.externalized-checkpoint-retention", "RETAIN_ON_CANCELLATION")
     if restore_from is not None:
         config.set_string("execution.state-recovery.path", restore_from)
-    if jars:
-        config.set_string("pipeline.jars", ";".join(jars))
     env = StreamExecutionEnvironment.get_execution_environment(config)
+    if jars:  # (added to pipeline.jars: under `flink run` that already holds flink-python's jar)
+        env.add_jars(*jars)
     env.set_parallelism(parallelism)
     return env
 
@@ -373,10 +373,13 @@ def _execute(env, spec: FeatureSpec, options: JobOptions, run: _FlinkRun) -> Non
             barrier follows every record) completed - checked every 0.2 s; else, every 2 s (a
             restored job whose marks came before its checkpoint), the group's commits. Draining
             before that checkpoint would process the backlog inside the drain's savepoint, with
-            no checkpoint to fall back on."""
+            no checkpoint to fall back on. The checkpoint is asked for as the marks are seen
+            (``_trigger_checkpoint``), not awaited from the periodic schedule (up to
+            ``--checkpoint-every``, 10 s by default, of a job that has nothing left to read)."""
             if run.read_marker.exists():
                 if not before:  # the checkpoints triggered before the marks were seen (any state)
                     before.append(set(run.checkpoints.glob("*/chk-*")))
+                    _trigger_checkpoint(client)
                 if any(done.parent not in before[0] for done in run.checkpoints.glob("*/chk-*/_metadata")):
                     return True
             if time.monotonic() - asked[0] < 2.0:
@@ -384,7 +387,8 @@ def _execute(env, spec: FeatureSpec, options: JobOptions, run: _FlinkRun) -> Non
             asked[0] = time.monotonic()
             return ends_committed(kafka, spec, ends)
 
-        _run_live(env.execute_async(name), None, run.ended_marker, 0.2, None, savepoints, until=read_to_end)
+        client = env.execute_async(name)
+        _run_live(client, None, run.ended_marker, 0.2, None, savepoints, until=read_to_end)
         commit_ends(kafka, spec, ends)
     else:
         env.execute(name)
@@ -482,6 +486,35 @@ def _stop_draining(client, savepoint_dir: str, timeout_s: float = 120.0) -> str:
                 raise
             _raise_if_ended(client)
             time.sleep(0.5)
+
+
+def _trigger_checkpoint(client, timeout_s: float = 30.0) -> bool:
+    """Take a checkpoint of the submitted job now (Flink's ``flink checkpoint JOB``), through the
+    local mini-cluster or the cluster client of a job submitted to a cluster, and wait for it.
+    PyFlink's ``JobClient`` has no such call, so the Java one's cluster is reached by
+    reflection; False (the periodic checkpoints still come) where that fails."""
+    from pyflink.java_gateway import get_gateway
+
+    jvm = get_gateway().jvm
+    try:
+        java_client = client._j_job_client
+        job_id = java_client.getJobID()
+        holder = java_client.getClass()
+        names = {field.getName() for field in holder.getDeclaredFields()}
+        field = holder.getDeclaredField("miniCluster" if "miniCluster" in names else "clusterClientProvider")
+        field.setAccessible(True)
+        if "miniCluster" in names:
+            field.get(java_client).triggerCheckpoint(job_id).get(int(timeout_s), jvm.java.util.concurrent.TimeUnit.SECONDS)
+            return True
+        cluster = field.get(java_client).getClusterClient()
+        try:
+            cluster.triggerCheckpoint(job_id, jvm.org.apache.flink.core.execution.CheckpointType.DEFAULT).get(
+                int(timeout_s), jvm.java.util.concurrent.TimeUnit.SECONDS)
+        finally:
+            cluster.close()
+        return True
+    except Exception:  # noqa: BLE001 (a Py4J error: another Flink or client kind, a declined checkpoint)
+        return False
 
 
 def _raise_if_ended(client) -> None:

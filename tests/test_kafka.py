@@ -257,3 +257,40 @@ def test_a_live_kafka_job_stops_on_sigterm_by_draining_every_example_it_read(bro
     beam_examples = _examples(tmp_path / "beam")
     assert summary["examples"] == beam_examples.num_rows > 10_000
     assert _examples(out).equals(beam_examples)
+
+
+def test_a_kafka_job_runs_on_a_standalone_cluster(broker, tmp_path):
+    """``join --runner flink --flink-master HOST:PORT --source kafka://...?until=OFFSETS`` on a
+    standalone cluster started from the wheel: submitted through ``flink run`` with the connector
+    jars (added to the job's jars beside flink-python's), it finishes and writes the Beam
+    replay's Examples."""
+    import subprocess
+
+    from event_datasets.synthetic import SyntheticConfig, generate
+    from runners.beam_runner import run_job
+    from runners.flink_cluster import StandaloneCluster
+    from runners.options import JobOptions, Mode
+    from runners.produce import produce_logs
+    from schemas.spec import load_spec
+    from tests.test_flink import ROOT, _examples
+
+    spec = load_spec("synthetic")
+    logs = tmp_path / "logs"
+    generate(logs, SyntheticConfig(events=5_000, span_hours=2, seed=3))
+    offsets = tmp_path / "offsets.json"
+    offsets.write_text(json.dumps(produce_logs(spec, logs, broker.bootstrap)))
+    cluster = StandaloneCluster(tmp_path / "cluster").start()
+    processes = list(cluster.processes)
+    try:
+        job = subprocess.run([sys.executable, "-m", "runners.cli", "join", "--runner", "flink", "--flink-master",
+                              cluster.master, "--spec", "synthetic", "--source",
+                              f"kafka://{broker.bootstrap}?until={offsets}", "--out", str(tmp_path / "remote")],
+                             cwd=ROOT, start_new_session=True, capture_output=True, text=True, timeout=300)
+        assert job.returncode == 0, job.stderr[-3000:]
+        assert [j["state"] for j in cluster.jobs()] == ["FINISHED"]
+    finally:
+        cluster.stop()
+    assert all(process.poll() is not None for process in processes)
+    run_job(spec, JobOptions(out=tmp_path / "beam", logs=logs, mode=Mode.REPLAY))
+    beam_examples = _examples(tmp_path / "beam")
+    assert _examples(tmp_path / "remote").equals(beam_examples) and beam_examples.num_rows > 4_000
