@@ -101,6 +101,10 @@ def beam_run(spec, logs: Path, out: Path, streaming: bool) -> float:
     return time.perf_counter() - started
 
 
+def _per_s(events: int, seconds: float | None) -> int | None:
+    return None if seconds is None else round(events / seconds)
+
+
 def cli_run(args: list[str], timeout_s: float = 600) -> tuple[float, dict]:
     """Seconds of one ``streamrec ARGS`` process, start to exit (in its own process group, killed
     afterwards: the driver's JVM goes with it), and its JSON summary."""
@@ -159,14 +163,14 @@ def kafka_figures(spec, logs: Path, tmp: Path, events: int, pure_s: float) -> di
     # (None where a job's run is within half a second of its start+stop: no sustained rate to see)
     kafka_after = kafka_s - tiny_run["kafka"][0] if kafka_s - tiny_run["kafka"][0] > 0.5 else None
     file_after = file_s - tiny_run["file"][0] if file_s - tiny_run["file"][0] > 0.5 else None
-    rate = lambda seconds: None if seconds is None else round(events / seconds)  # noqa: E731
     same = main_run["kafka"][1]["examples"] == main_run["file"][1]["examples"]
     figures = {"benchmark": "pipeline", "runner": "flink", "source": "kafka", "events": events,
                "pure_events_per_s": round(events / pure_s),
                "produce_events_per_s": main_run["produce_events_per_s"],
                "kafka_events_per_s": round(events / kafka_s), "file_events_per_s": round(events / file_s),
                "kafka_job_startup_s": round(tiny_run["kafka"][0], 2), "file_job_startup_s": round(tiny_run["file"][0], 2),
-               "kafka_events_per_s_after_startup": rate(kafka_after), "file_events_per_s_after_startup": rate(file_after),
+               "kafka_events_per_s_after_startup": _per_s(events, kafka_after),
+               "file_events_per_s_after_startup": _per_s(events, file_after),
                "kafka_vs_file": round(file_s / kafka_s, 2),
                "kafka_vs_file_after_startup": round(file_after / kafka_after, 2) if kafka_after and file_after else None,
                "kafka_python_busy_s": main_run["kafka"][1]["python_busy_s"],
@@ -214,17 +218,18 @@ def main(argv: list[str] | None = None) -> dict:
             stream_args = ["join", "--streaming", "--spec", "synthetic", "--out"]
             stream_startup_s, _ = cli_run([*stream_args, str(Path(tmp) / "stream-tiny"), "--logs", str(tiny)])
             stream_s, _ = cli_run([*stream_args, str(Path(tmp) / "stream"), "--logs", str(logs)])
-            processing_s = max(flink_s - startup_s, 1e-9)
-            stream_processing_s = max(stream_s - stream_startup_s, 1e-9)
+            # (None where a run is within half a second of its start+stop: no sustained rate to see)
+            processing_s = flink_s - startup_s if flink_s - startup_s > 0.5 else None
+            stream_processing_s = stream_s - stream_startup_s if stream_s - stream_startup_s > 0.5 else None
             figures = {"benchmark": "pipeline", "runner": "flink", "events": events,
                        "pure_events_per_s": round(events / pure_s),
                        "flink_events_per_s": round(events / flink_s),
                        "flink_job_startup_s": round(startup_s, 2),
-                       "flink_events_per_s_after_startup": round(events / processing_s),
+                       "flink_events_per_s_after_startup": _per_s(events, processing_s),
                        # the JVM/Python split of the time after start-up: our Python code (state
                        # access included) vs the rest (JVM, transport between JVM and Python workers)
                        "flink_python_busy_s": busy,
-                       "flink_python_share": round(sum(busy.values()) / processing_s, 2),
+                       "flink_python_share": round(sum(busy.values()) / processing_s, 2) if processing_s else None,
                        "flink_parallelism": DEFAULT_PARALLELISM,
                        "flink_p2_events_per_s": round(events / flink2_s),
                        "beam_stream_events_per_s": round(events / stream_s),
@@ -232,13 +237,14 @@ def main(argv: list[str] | None = None) -> dict:
                        "flink_p2_vs_beam_stream": round(stream_s / flink2_s, 2),
                        # sustained rates: each job's own start and stop (on the tiny log) taken off
                        "beam_stream_startup_s": round(stream_startup_s, 2),
-                       "beam_stream_events_per_s_after_startup": round(events / stream_processing_s),
-                       "flink_vs_beam_stream_after_startup": round(stream_processing_s / processing_s, 2)}
+                       "beam_stream_events_per_s_after_startup": _per_s(events, stream_processing_s),
+                       "flink_vs_beam_stream_after_startup": round(stream_processing_s / processing_s, 2)
+                       if processing_s and stream_processing_s else None}
             print(f"PyFlink {figures['flink_events_per_s']:,} events/s ({figures['flink_vs_beam_stream']}x Beam "
                   f"streaming at {figures['beam_stream_events_per_s']:,}/s); job start+stop {startup_s:.1f} s; "
-                  f"after start-up {figures['flink_events_per_s_after_startup']:,}/s "
+                  f"after start-up {figures['flink_events_per_s_after_startup']}/s "
                   f"({figures['flink_vs_beam_stream_after_startup']}x Beam's "
-                  f"{figures['beam_stream_events_per_s_after_startup']:,}/s)")
+                  f"{figures['beam_stream_events_per_s_after_startup']}/s)")
             print(json.dumps(figures))
             return figures
         naive_s, naive_examples = naive(spec, impressions, actions)
