@@ -64,6 +64,10 @@ def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: st
     env = StreamExecutionEnvironment.get_execution_environment(config)
     if jars:  # (added to pipeline.jars: under `flink run` that already holds flink-python's jar)
         env.add_jars(*jars)
+        # A Kafka job (the only one with jars): its SQL window rows hold a window's records each,
+        # deep-copied between chained operators unless objects are reused (Flink's own operators
+        # up to the Python one, which serialises its input: nothing keeps a reference)
+        env.get_config().enable_object_reuse()
     env.set_parallelism(parallelism)
     return env
 

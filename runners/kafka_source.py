@@ -232,6 +232,10 @@ def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, window_ms: 
     tables = StreamTableEnvironment.create(env)
     tables.get_config().set("table.exec.resource.default-parallelism", "1")  # one global window
     tables.get_config().set("table.local-time-zone", "UTC")  # windows aligned to the epoch, as the join's grid
+    # One aggregation phase: a local pre-aggregate would merge partial ARRAY_AGG lists into the
+    # global one's state again and again (with object reuse, 360k events: 0.8-1.7 s less of 21-26 s,
+    # medians of runs alternated with the two-phase plan)
+    tables.get_config().set("table.optimizer.agg-phase-strategy", "ONE_PHASE")
     names = ("impressions_topic", "actions_topic")
     for name, topic in zip(names, config.topics):
         tables.execute_sql(_table_ddl(name, topic, config, spec))
