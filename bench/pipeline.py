@@ -105,6 +105,16 @@ def _per_s(events: int, seconds: float | None) -> int | None:
     return None if seconds is None else round(events / seconds)
 
 
+def _after_startup(total_s: float, startup_s: float) -> float | None:
+    """A run's seconds with its job's start and stop taken off; None where that is within half a
+    second (no sustained rate to see above the noise)."""
+    return total_s - startup_s if total_s - startup_s > 0.5 else None
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return None if numerator is None or not denominator else round(numerator / denominator, 2)
+
+
 def cli_run(args: list[str], timeout_s: float = 600) -> tuple[float, dict]:
     """Seconds of one ``streamrec ARGS`` process, start to exit (in its own process group, killed
     afterwards: the driver's JVM goes with it), and its JSON summary."""
@@ -160,9 +170,7 @@ def kafka_figures(spec, logs: Path, tmp: Path, events: int, pure_s: float) -> di
         broker.stop()
     main_run, tiny_run = runs["main"], runs["tiny"]
     kafka_s, file_s = main_run["kafka"][0], main_run["file"][0]
-    # (None where a job's run is within half a second of its start+stop: no sustained rate to see)
-    kafka_after = kafka_s - tiny_run["kafka"][0] if kafka_s - tiny_run["kafka"][0] > 0.5 else None
-    file_after = file_s - tiny_run["file"][0] if file_s - tiny_run["file"][0] > 0.5 else None
+    kafka_after, file_after = _after_startup(kafka_s, tiny_run["kafka"][0]), _after_startup(file_s, tiny_run["file"][0])
     same = main_run["kafka"][1]["examples"] == main_run["file"][1]["examples"]
     figures = {"benchmark": "pipeline", "runner": "flink", "source": "kafka", "events": events,
                "pure_events_per_s": round(events / pure_s),
@@ -172,7 +180,7 @@ def kafka_figures(spec, logs: Path, tmp: Path, events: int, pure_s: float) -> di
                "kafka_events_per_s_after_startup": _per_s(events, kafka_after),
                "file_events_per_s_after_startup": _per_s(events, file_after),
                "kafka_vs_file": round(file_s / kafka_s, 2),
-               "kafka_vs_file_after_startup": round(file_after / kafka_after, 2) if kafka_after and file_after else None,
+               "kafka_vs_file_after_startup": _ratio(file_after, kafka_after),
                "kafka_python_busy_s": main_run["kafka"][1]["python_busy_s"],
                "file_python_busy_s": main_run["file"][1]["python_busy_s"], "same_example_count": same}
     print(f"Flink from Kafka {figures['kafka_events_per_s']:,} events/s ({figures['kafka_events_per_s_after_startup']}/s "
@@ -218,9 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
             stream_args = ["join", "--streaming", "--spec", "synthetic", "--out"]
             stream_startup_s, _ = cli_run([*stream_args, str(Path(tmp) / "stream-tiny"), "--logs", str(tiny)])
             stream_s, _ = cli_run([*stream_args, str(Path(tmp) / "stream"), "--logs", str(logs)])
-            # (None where a run is within half a second of its start+stop: no sustained rate to see)
-            processing_s = flink_s - startup_s if flink_s - startup_s > 0.5 else None
-            stream_processing_s = stream_s - stream_startup_s if stream_s - stream_startup_s > 0.5 else None
+            processing_s, stream_processing_s = _after_startup(flink_s, startup_s), _after_startup(stream_s, stream_startup_s)
             figures = {"benchmark": "pipeline", "runner": "flink", "events": events,
                        "pure_events_per_s": round(events / pure_s),
                        "flink_events_per_s": round(events / flink_s),
@@ -229,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
                        # the JVM/Python split of the time after start-up: our Python code (state
                        # access included) vs the rest (JVM, transport between JVM and Python workers)
                        "flink_python_busy_s": busy,
-                       "flink_python_share": round(sum(busy.values()) / processing_s, 2) if processing_s else None,
+                       "flink_python_share": _ratio(sum(busy.values()), processing_s),
                        "flink_parallelism": DEFAULT_PARALLELISM,
                        "flink_p2_events_per_s": round(events / flink2_s),
                        "beam_stream_events_per_s": round(events / stream_s),
@@ -238,8 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
                        # sustained rates: each job's own start and stop (on the tiny log) taken off
                        "beam_stream_startup_s": round(stream_startup_s, 2),
                        "beam_stream_events_per_s_after_startup": _per_s(events, stream_processing_s),
-                       "flink_vs_beam_stream_after_startup": round(stream_processing_s / processing_s, 2)
-                       if processing_s and stream_processing_s else None}
+                       "flink_vs_beam_stream_after_startup": _ratio(stream_processing_s, processing_s)}
             print(f"PyFlink {figures['flink_events_per_s']:,} events/s ({figures['flink_vs_beam_stream']}x Beam "
                   f"streaming at {figures['beam_stream_events_per_s']:,}/s); job start+stop {startup_s:.1f} s; "
                   f"after start-up {figures['flink_events_per_s_after_startup']}/s "

@@ -500,25 +500,26 @@ def _trigger_checkpoint(client, timeout_s: float = 30.0) -> bool:
     from pyflink.java_gateway import get_gateway
 
     jvm = get_gateway().jvm
+    cluster = None
     try:
         java_client = client._j_job_client
         job_id = java_client.getJobID()
         holder = java_client.getClass()
-        names = {field.getName() for field in holder.getDeclaredFields()}
-        field = holder.getDeclaredField("miniCluster" if "miniCluster" in names else "clusterClientProvider")
+        local = "miniCluster" in {field.getName() for field in holder.getDeclaredFields()}
+        field = holder.getDeclaredField("miniCluster" if local else "clusterClientProvider")
         field.setAccessible(True)
-        if "miniCluster" in names:
-            field.get(java_client).triggerCheckpoint(job_id).get(int(timeout_s), jvm.java.util.concurrent.TimeUnit.SECONDS)
-            return True
-        cluster = field.get(java_client).getClusterClient()
-        try:
-            cluster.triggerCheckpoint(job_id, jvm.org.apache.flink.core.execution.CheckpointType.DEFAULT).get(
-                int(timeout_s), jvm.java.util.concurrent.TimeUnit.SECONDS)
-        finally:
-            cluster.close()
+        if local:
+            done = field.get(java_client).triggerCheckpoint(job_id)
+        else:
+            cluster = field.get(java_client).getClusterClient()
+            done = cluster.triggerCheckpoint(job_id, jvm.org.apache.flink.core.execution.CheckpointType.DEFAULT)
+        done.get(int(timeout_s), jvm.java.util.concurrent.TimeUnit.SECONDS)
         return True
     except Exception:  # noqa: BLE001 (a Py4J error: another Flink or client kind, a declined checkpoint)
         return False
+    finally:
+        if cluster is not None:
+            cluster.close()
 
 
 def _raise_if_ended(client) -> None:

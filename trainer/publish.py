@@ -289,9 +289,12 @@ class Publisher:
                  "shards": self.shards,
                  "sha256": {name: file_sha256(self.dir / name) for name in files} if self.shard == 0 else {}}
         self.entries.append(entry)
+        pruned_below = self._retain() if kind == "snapshot" else None
         if self.shard == 0:
             with atomic_write(self.dir / MANIFEST, "w") as out:
                 json.dump({"versions": self.entries}, out, indent=1)
+            if pruned_below is not None:  # (after the manifest: it never names a missing file)
+                self._remove_versions_below(pruned_below)
         self.version += 1
         for due in (self.last if kind == "snapshot" else [kind]):  # a snapshot holds the rows and weights too
             self.last[due] = self.now()
@@ -359,25 +362,24 @@ class Publisher:
             os.replace(staging, self.dir / name)  # the whole directory appears at once
         for group in self.trainer.groups:  # a reader at this version has every row: the next delta starts here
             group.table.reset_delta()
-        entry = self._commit("snapshot", name, files)
-        self._prune()
-        return entry
+        return self._commit("snapshot", name, files)
 
-    def _prune(self) -> None:
+    def _retain(self) -> int | None:
         """Retention (``snapshot.keep``): once there are more snapshots than that, every version
-        before the oldest kept one leaves the manifest, and then its files (and any other
-        version-named file from before it: a crash's leftovers) leave the directory. A reader
-        that held a pruned version jumps to the newest snapshot (``serving.model``)."""
+        before the oldest kept one leaves ``entries``; returns that oldest kept version (None:
+        nothing pruned). ``_commit`` then writes the manifest and removes the pruned versions'
+        files. A reader that held a pruned version jumps to the newest snapshot (``serving.model``)."""
         keep = self.trainer.spec.snapshot.keep
         snapshots = [entry["version"] for entry in self.entries if entry["kind"] == "snapshot"]
         if keep is None or len(snapshots) <= keep:
-            return
+            return None
         first = snapshots[-keep]
         self.entries = [entry for entry in self.entries if entry["version"] >= first]
-        if self.shard != 0:
-            return
-        with atomic_write(self.dir / MANIFEST, "w") as out:  # (the manifest first: it never names a missing file)
-            json.dump({"versions": self.entries}, out, indent=1)
+        return first
+
+    def _remove_versions_below(self, first: int) -> None:
+        """Every version-named file or snapshot directory before version ``first`` (a crash's
+        leftovers from before it too)."""
         for path in self.dir.iterdir():
             match = _VERSION_FILE.match(path.name)
             if not match or int(match.group(1)) >= first:
