@@ -40,7 +40,7 @@ from pyflink.datastream import KeyedProcessFunction, RuntimeContext
 from pyflink.datastream.state import ListStateDescriptor, ValueStateDescriptor
 
 from pipelines.busy_clock import BusyClock
-from pipelines.flink_records import FINAL_WATERMARK, dead_letter_records, shard_records
+from pipelines.flink_records import dead_letter_records, shard_records
 from pipelines.tables import load_table, stage_examples
 from schemas.spec_types import FeatureSpec
 from transforms.shard_join import ShardJoin
@@ -99,9 +99,9 @@ class JoinShard(KeyedProcessFunction):
     worker on every access), closed on event-time timers."""
 
     def __init__(self, spec: FeatureSpec, emit_every_ms: int | None, staging_dir: str, in_order: bool = False,
-                 timing_dir: str | None = None, input_windows_ms: int | None = None):
+                 timing_dir: str | None = None):
         self.spec, self.emit_every_ms, self.staging_dir = spec, emit_every_ms, staging_dir
-        self.in_order, self.timing_dir, self.input_windows_ms = in_order, timing_dir, input_windows_ms
+        self.in_order, self.timing_dir = in_order, timing_dir
 
     def open(self, runtime_context: RuntimeContext):
         self.state = runtime_context.get_state(ValueStateDescriptor("shard_join", Types.PICKLED_BYTE_ARRAY()))
@@ -140,10 +140,6 @@ class JoinShard(KeyedProcessFunction):
     def _close_to(self, state, watermark: int, ctx) -> list:
         state.timer_ms = None
         current = ctx.timer_service().current_watermark()
-        if self.input_windows_ms:
-            # Input batched in event-time windows (Kafka): a watermark M says only that the windows
-            # ending at or before M + 1 have come, not every event before M.
-            current = min(FINAL_WATERMARK, (current + 1) // self.input_windows_ms * self.input_windows_ms)
         watermark = max(watermark, current)
         table, letters = self.join.close_to(state, self.open_impressions, watermark)
         out = dead_letter_records(letters) + ([] if table is None else [stage_examples(table, self.staging_dir)])

@@ -1,76 +1,124 @@
-"""Kafka window rows (``runners.kafka_source``) -> the join's shard records, on PyFlink.
+"""Kafka records (``runners.kafka_source``) -> the join's shard records, on PyFlink.
 
-One row per event-time window of both topics (or per late record) arrives with the arrays the
-JVM aggregated; ``DecodeKafkaBatches`` decodes it (``schemas.kafka_records``: bad and late
-records to dead letters naming topic, partition and offset) and splits it into one shard record
-per join-key shard. As in a replay, each shard's tables are spilled to Arrow IPC files under
-``spill_dir`` and the record carries their paths, so the join keeps paths in its state, not the
-tables (with the tables in keyed state the join of 360k synthetic events was busy 22-25 s, with
-paths 3.5 s). A checkpoint that names a file was taken after the file was written; the files of
-a killed attempt that no checkpoint names go when the job ends. The source's watermarks pass
-through unchanged.
+The records of both topics reach ``KafkaDecoder``, a vectorized (pandas) Python UDF in the
+source's SQL, as Arrow batches of columns: value, kind, partition, offset, late flag. Each batch
+is decoded at once (``schemas.kafka_records``: bad and late records to dead letters naming topic,
+partition and offset) and split into one shard record per join-key shard. As in a replay, each
+shard's tables are spilled to Arrow IPC files under ``spill_dir`` and the record carries their
+paths, so the join keeps paths in its state, not the tables (with the tables in keyed state the
+join of 360k synthetic events was busy 22-25 s, with paths 3.5 s). A checkpoint that names a
+file was taken after the file was written; the files of a killed attempt that no checkpoint
+names go when the job ends.
 
-A bounded source also sends each partition's last record as an end mark (a kind at or above
-``END_MARK``, outside the windows): when every expected partition's mark has arrived, the source
-has emitted every record the job reads, and the decoder writes ``read_marker`` for the runner to
-drain the job. A (re)started decoder removes the marker first: a restore re-reads the records
-after its checkpoint, and if the marks came before that checkpoint the runner falls back on the
-group's committed offsets.
+A scalar UDF answers one value per row: the batch's output records, pickled, ride on its last
+row and the other rows are NULL (the SQL keeps only the non-NULL ones); ``EmitDecoded`` sends
+them on, dead letters to their side output.
+
+A bounded source: the decoder notes each expected partition's last record (the offset below its
+end offset); when every one has been decoded, the source has emitted every record the job
+reads, and the decoder writes ``read_marker`` for the runner to drain the job. A (re)started
+decoder removes the marker first: a restore re-reads the records after its checkpoint, and if
+the last ones came before that checkpoint the runner falls back on the group's committed
+offsets.
 """
 from __future__ import annotations
 
+import pickle
 import uuid
 from pathlib import Path
 
-from pyflink.datastream import ProcessFunction, RuntimeContext
+from pyflink.datastream import ProcessFunction
+from pyflink.table import DataTypes
+from pyflink.table.udf import FunctionContext, ScalarFunction, udf
 
 from pipelines.busy_clock import BusyClock
-from pipelines.flink_records import dead_letter_records
+from pipelines.flink_records import DEAD_LETTERS
 from pipelines.tables import spill_shards
-from schemas.kafka_records import END_MARK
 from schemas.spec_types import FeatureSpec
 
+_DEAD_LETTER, _SHARD_RECORD = 0, 1  # what an output record of the decoder is
 
-class DecodeKafkaBatches(ProcessFunction):
+
+class KafkaDecoder(ScalarFunction):
     def __init__(self, spec: FeatureSpec, topics: tuple[str, str], shards: int, spill_dir: str,
                  timing_dir: str | None = None, read_below: dict[str, dict[int, int]] | None = None,
                  read_marker: str | None = None):
         self.spec, self.topics, self.shards, self.timing_dir = spec, topics, shards, timing_dir
         self.spill_dir, self.read_marker = spill_dir, read_marker
-        # the end marks a bounded source sends: (topic, partition) of every partition it reads
-        self.expected_marks = {(topic, p) for topic, ends in (read_below or {}).items() for p, end in ends.items()
-                               if end > 0}
+        # the last record of every partition a bounded source reads: (kind, partition, offset)
+        self.expected_marks = {(kind, p, end - 1) for kind, topic in enumerate(topics)
+                               for p, end in (read_below or {}).get(topic, {}).items() if end > 0}
 
-    def open(self, runtime_context: RuntimeContext):
+    def open(self, function_context: FunctionContext):
         from schemas.events import log_schemas
 
         self.schemas = log_schemas(self.spec.events)
         self.clock = BusyClock("decode", self.timing_dir)
-        self.marks: set[tuple[str, int]] = set()
+        self.marks: set[tuple[int, int, int]] = set()
         if self.read_marker is not None:
             Path(self.read_marker).unlink(missing_ok=True)
 
     def close(self):
         self.clock.write()
 
-    def process_element(self, value, ctx: ProcessFunction.Context):
+    def eval(self, values, kinds, partitions, offsets, late):
+        import numpy as np
+        import pandas as pd
+
         from schemas.dead_letters import DeadLetterSink
         from schemas.kafka_records import KafkaBatch, decode_batch
 
         with self.clock:
-            _, late, kinds, values, partitions, offsets = value
-            if kinds[0] >= END_MARK:
-                self._end_mark(self.topics[kinds[0] - END_MARK], partitions[0])
-                return []
+            rows = len(values)
+            # (a column the planner folded to one value arrives as that value)
+            kinds, partitions, offsets, late = (np.asarray(c.to_numpy() if isinstance(c, pd.Series) else [c] * rows)
+                                                for c in (kinds, partitions, offsets, late))
+            values = values.tolist()
             sink = DeadLetterSink(keep=None)
-            impressions, actions = decode_batch(KafkaBatch(kinds, values, partitions, offsets, late=bool(late)),
-                                                self.topics, self.schemas, sink, self.spec.events.time_range_ms)
-            out = dead_letter_records(sink.letters)
-            if impressions.num_rows or actions.num_rows:
-                out += spill_shards(impressions, actions, self.shards, Path(self.spill_dir), uuid.uuid4().hex)
-            return out
+            out: list[tuple[int, object]] = []
+            for flagged in (False, True):
+                chosen = np.flatnonzero(late.astype(bool) == flagged)
+                if not len(chosen):
+                    continue
+                batch = KafkaBatch(kinds[chosen], [values[i] for i in chosen], partitions[chosen], offsets[chosen],
+                                   late=flagged)
+                impressions, actions = decode_batch(batch, self.topics, self.schemas, sink,
+                                                    self.spec.events.time_range_ms)
+                if impressions.num_rows or actions.num_rows:
+                    out += [(_SHARD_RECORD, record) for record in spill_shards(
+                        impressions, actions, self.shards, Path(self.spill_dir), uuid.uuid4().hex)]
+            out = [(_DEAD_LETTER, letter.to_json()) for letter in sink.letters] + out
+            if self.expected_marks:
+                self._note_marks(kinds, partitions, offsets)
+            result = pd.Series([None] * rows, dtype=object)
+            if out:
+                result.iloc[-1] = pickle.dumps(out)
+            return result
 
-    def _end_mark(self, topic: str, partition: int) -> None:
-        self.marks.add((topic, partition))
-        if self.read_marker is not None and self.expected_marks and self.expected_marks <= self.marks:
+    def _note_marks(self, kinds, partitions, offsets) -> None:
+        import numpy as np
+
+        ends = {(k, p): o for k, p, o in self.expected_marks}
+        for key, last in ends.items():
+            if (key + (last,)) not in self.marks and np.any((kinds == key[0]) & (partitions == key[1])
+                                                             & (offsets == last)):
+                self.marks.add(key + (last,))
+        if self.read_marker is not None and self.expected_marks <= self.marks:
             Path(self.read_marker).write_text("every partition's last record reached the decoder\n")
+
+
+def kafka_decoder(spec: FeatureSpec, topics: tuple[str, str], shards: int, spill_dir: str,
+                  timing_dir: str | None = None, read_below: dict[str, dict[int, int]] | None = None,
+                  read_marker: str | None = None):
+    """``KafkaDecoder`` as the vectorized UDF ``decode_kafka(v, kind, partition, offset, late)``."""
+    return udf(KafkaDecoder(spec, topics, shards, spill_dir, timing_dir, read_below, read_marker),
+               result_type=DataTypes.BYTES(), func_type="pandas")
+
+
+class EmitDecoded(ProcessFunction):
+    """A decoder row ``(time, pickled records)`` -> its shard records, and its dead letters to the
+    ``DEAD_LETTERS`` side output."""
+
+    def process_element(self, value, ctx: ProcessFunction.Context):
+        for kind, record in pickle.loads(value[1]):
+            yield (DEAD_LETTERS, record) if kind == _DEAD_LETTER else record

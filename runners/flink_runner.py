@@ -64,9 +64,9 @@ def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: st
     env = StreamExecutionEnvironment.get_execution_environment(config)
     if jars:  # (added to pipeline.jars: under `flink run` that already holds flink-python's jar)
         env.add_jars(*jars)
-        # A Kafka job (the only one with jars): its SQL window rows hold a window's records each,
-        # deep-copied between chained operators unless objects are reused (Flink's own operators
-        # up to the Python one, which serialises its input: nothing keeps a reference)
+        # A Kafka job (the only one with jars): records are passed between its chained JVM
+        # operators (source, SQL, up to the Python one, which serialises its input: nothing keeps
+        # a reference) without a deep copy each
         env.get_config().enable_object_reuse()
     env.set_parallelism(parallelism)
     return env
@@ -287,16 +287,15 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
                             bundle_size=1 if train else 1_000,
                             jars=None if kafka is None else _kafka_jars(options))
     if kafka is not None:
-        from pipelines.flink_kafka import DecodeKafkaBatches
+        from pipelines.flink_kafka import EmitDecoded, kafka_decoder
         from runners.kafka_source import kafka_batches
 
-        read = (kafka_batches(env, spec, kafka, step_ms, run.read_below)
-                .process(DecodeKafkaBatches(spec, kafka.topics, shards, str(run.kafka_spill.resolve()), timing,
-                                            run.read_below, str(run.read_marker.resolve())),
-                         output_type=Types.PICKLED_BYTE_ARRAY())
-                .name("decode Kafka batches, split by shard").set_parallelism(1))
-        return _join_and_train(env, spec, options, run, shards, read, read.get_side_output(DEAD_LETTERS),
-                               input_windows_ms=step_ms)
+        decoder = kafka_decoder(spec, kafka.topics, shards, str(run.kafka_spill.resolve()), timing, run.read_below,
+                                str(run.read_marker.resolve()))
+        read = (kafka_batches(env, spec, kafka, decoder, options.events_per_step, run.read_below)
+                .process(EmitDecoded(), output_type=Types.PICKLED_BYTE_ARRAY())
+                .name("Kafka shard records").set_parallelism(1))
+        return _join_and_train(env, spec, options, run, shards, read, read.get_side_output(DEAD_LETTERS))
     source = FileSource.for_record_stream_format(StreamFormat.text_line_format(), run.source_path.resolve().as_uri())
     if live:
         source = source.monitor_continuously(Duration.of_millis(step_ms))
@@ -318,10 +317,10 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
 
 
 def _join_and_train(env, spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int, read,
-                    read_dead_letters, in_order: bool = False, input_windows_ms: int | None = None):
+                    read_dead_letters, in_order: bool = False):
     """Shard records -> join per shard -> Examples and dead letters to files; with ``train``, the
     trainer and its metrics. ``in_order``: each shard's records come in event-time order (a
-    replay); ``input_windows_ms``: they come in tumbling event-time windows of this size (Kafka)."""
+    replay)."""
     from pyflink.common import Types
 
     from pipelines.flink_join import JoinShard
@@ -330,8 +329,7 @@ def _join_and_train(env, spec: FeatureSpec, options: JobOptions, run: _FlinkRun,
 
     step_ms, timing = run.step_ms, str(run.timing)
     joined = (read.key_by(lambda value: value[0], key_type=Types.INT())
-              .process(JoinShard(spec, step_ms, str(run.staging.resolve()), in_order=in_order, timing_dir=timing,
-                                 input_windows_ms=input_windows_ms),
+              .process(JoinShard(spec, step_ms, str(run.staging.resolve()), in_order=in_order, timing_dir=timing),
                        output_type=Types.STRING())
               .name("join, sample, features"))
     joined.sink_to(_file_sink(run.out_dir / "examples", ".examples")).name("examples")

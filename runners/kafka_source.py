@@ -1,29 +1,33 @@
-"""The Flink job's Kafka source: impressions and actions topics -> event-time micro-batches.
+"""The Flink job's Kafka source: impressions and actions topics -> Arrow batches decoded in Python.
 
 ``--source kafka://HOST:PORT[?impressions=T&actions=T&group=G&until=U&window_ms=N&out_of_order_ms=N&idle_ms=N]``
 
-Both topics are read by Apache's ``KafkaSource`` (the Flink SQL ``kafka`` connector, ``raw``
-values: one schemaless Avro event per record). Flink SQL batches them in the JVM, because a
-Python call per record is what limits PyFlink (a DataStream ``KafkaSource`` into a Python map
-moved ~3.3k records/s here): a tumbling event-time window of ``window_ms`` over both topics
-aggregates each window's values, kinds, partitions and offsets into arrays (``ARRAY_AGG``), and
-one row per window crosses to Python (``pipelines.flink_kafka``), which decodes it into the same
-shard records as a live log file.
+Both topics are read by one Apache ``KafkaSource`` (the Flink SQL ``kafka`` connector over the
+two topics, ``raw`` values: one schemaless Avro event per record). A Python call per record is
+what limits PyFlink (a DataStream ``KafkaSource`` into a Python map moved ~3.3k records/s here,
+30k/s with nothing in the map), so the records cross to Python as **Arrow batches**: a
+vectorized UDF (``pipelines.flink_kafka``) takes each batch's values, topics, partitions,
+offsets and late flags as columns and decodes them into the same shard records as a live log
+file. No state holds the records: a watermark passes the Python operator only after the batch
+in flight, so downstream a watermark M still says every on-time record at or before M is in.
+(Until 2026-12-05 a tumbling event-time window aggregated each window's records into arrays in
+the JVM first; that ``ARRAY_AGG`` in RocksDB state was most of the job's time.)
 
 * **Event time** is the record's Kafka timestamp (``streamrec produce`` sets it to
   ``event_time_ms``). Watermarks are generated per partition, ``out_of_order_ms`` behind the
   newest timestamp (default: the spec's join window), and a partition without records for
   ``idle_ms`` (default 30 s) does not hold the watermark back.
-* **Late records** (a timestamp at or behind the watermark when it arrives) would be dropped by
-  the window; instead the same query routes them, flagged, to Python, where each becomes a
-  ``late_event`` dead letter naming its topic, partition and offset.
-* **Window**: live, ``window_ms`` defaults to the join's own granularity (the spec's join
-  window), so batching adds no latency to an Example: the join closes an impression at a window
-  boundary anyway. Bounded, latency does not matter but the number of windows does (each is a
-  round trip through the Python workers; MovieLens' 7 months in 30-minute windows took 80 s
-  instead of ~20): the default is the event time that holds ``events_per_step`` events at the
-  topics' mean rate, from the timestamps at the start and end offsets (``bounded_window_ms``),
-  and at least the join window.
+* **Late records** (a timestamp at or behind the watermark when it arrives: the join may have
+  closed its window) are flagged in the JVM as they arrive; each becomes a ``late_event`` dead
+  letter naming its topic, partition and offset.
+* **Batches**: up to ``events_per_step`` records, and a bundle ends every second, so a live
+  record reaches the join within about a second. ``window_ms`` is the event-time grid the join
+  emits Examples and the trainer trains on (``JoinShard``'s and ``TrainStream``'s timers): live
+  it defaults to the spec's join window (the join closes an impression at such a boundary
+  anyway); bounded, to the event time that holds ``events_per_step`` events at the topics'
+  mean rate, from the timestamps at the start and end offsets (``bounded_window_ms``), and at
+  least the join window (fewer timers: MovieLens' 7 months on a 30-minute grid took 80 s
+  instead of ~20).
 * **Offsets**: ``group`` (default ``streamrec-SPEC``) starts from its committed offsets (the
   earliest where it has none); the source's offsets are part of every checkpoint and committed
   to Kafka when one completes. ``--resume`` restores them with the rest of the job.
@@ -32,8 +36,8 @@ shard records as a live log file.
   offsets - ``{topic: {partition: offset}}``, or the summary ``streamrec produce`` prints. A
   broker whose ListOffsets is not exact (Tansu counts batches) needs the file. A bounded job
   keeps only the records below those offsets and is drained as soon as each partition's last
-  record has reached Python (an end mark, outside the windows), or else once its group has
-  committed them (a checkpoint completed after it read them): see ``kafka_batches``.
+  record has been decoded (an end mark), or else once its group has committed them (a
+  checkpoint completed after it read them): see ``kafka_batches``.
 """
 from __future__ import annotations
 
@@ -55,7 +59,7 @@ class KafkaSourceConfig:
     actions_topic: str = "actions"
     group: str | None = None  # None: streamrec-SPEC
     until: str | None = None  # None (unbounded), "latest", or a JSON file of end offsets
-    window_ms: int | None = None  # None: the spec's join window (bounded: see ``bounded_window_ms``)
+    window_ms: int | None = None  # the emission grid; None: the join window (bounded: ``bounded_window_ms``)
     out_of_order_ms: int | None = None  # None: the spec's join window
     idle_ms: int = 30_000
 
@@ -103,8 +107,8 @@ class KafkaSourceConfig:
         return self.impressions_topic, self.actions_topic
 
     def window(self, spec: FeatureSpec) -> int:
-        """The window (ms). The join closes impressions on a grid of max(join window, this), which
-        must be a multiple of this: a ``window_ms`` shorter than the join window divides it."""
+        """The emission grid (ms): the join closes impressions on a grid of max(join window, this),
+        which must be a multiple of this: a ``window_ms`` shorter than the join window divides it."""
         window = self.window_ms or min(spec.join.window_ms, MAX_INTERVAL_MS)
         if window < spec.join.window_ms and spec.join.window_ms % window:
             raise ValueError(f"--source window_ms={window} must divide the spec's join window "
@@ -137,7 +141,7 @@ class KafkaSourceConfig:
 
 def bounded_window_ms(config: KafkaSourceConfig, spec: FeatureSpec, ends: dict[str, dict[int, int]],
                       events_per_step: int) -> int:
-    """The default window of a bounded source: ``events_per_step`` events at the mean event rate
+    """The default grid (``window_ms``) of a bounded source: ``events_per_step`` events at the mean event rate
     of the records it will read - their count from the start offsets (the group's committed
     ones, else the earliest) to the end offsets ``ends`` (``resolved_end_offsets``), their span
     from the timestamps there - and at least the join window. Falls back to the join window when
@@ -197,8 +201,11 @@ def _interval(ms: int) -> str:
     return f"INTERVAL '{days} {hours:02d}:{minutes:02d}:{seconds:02d}.{millis:03d}' DAY TO SECOND(3)"
 
 
-def _table_ddl(name: str, topic: str, config: KafkaSourceConfig, spec: FeatureSpec) -> str:
-    options = {"connector": "kafka", "topic": topic, "properties.bootstrap.servers": config.bootstrap,
+def _table_ddl(name: str, config: KafkaSourceConfig, spec: FeatureSpec) -> str:
+    """One table over both topics (one ``KafkaSource``: one operator decodes every record, and the
+    watermark is the minimum over every partition of both)."""
+    options = {"connector": "kafka", "topic": ";".join(config.topics),
+               "properties.bootstrap.servers": config.bootstrap,
                "properties.group.id": config.group_id(spec), "properties.auto.offset.reset": "earliest",
                "scan.startup.mode": "group-offsets", "format": "raw",
                "scan.watermark.idle-timeout": f"{config.idle_ms} ms",
@@ -207,63 +214,66 @@ def _table_ddl(name: str, topic: str, config: KafkaSourceConfig, spec: FeatureSp
                "properties.max.poll.records": "20000", "properties.max.partition.fetch.bytes": "16777216",
                "properties.fetch.max.wait.ms": "20"}
     with_clause = ", ".join(f"'{key}' = '{value}'" for key, value in options.items())
-    return (f"CREATE TEMPORARY TABLE {name} (v BYTES, p INT METADATA FROM 'partition' VIRTUAL, "
-            f"o BIGINT METADATA FROM 'offset' VIRTUAL, ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp', "
+    return (f"CREATE TEMPORARY TABLE {name} (v BYTES, topic STRING METADATA FROM 'topic' VIRTUAL, "
+            f"p INT METADATA FROM 'partition' VIRTUAL, o BIGINT METADATA FROM 'offset' VIRTUAL, "
+            f"ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp', "
             f"WATERMARK FOR ts AS ts - {_interval(config.out_of_order(spec))}) WITH ({with_clause})")
 
 
-def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, window_ms: int,
+def _sql_string(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, decoder, batch_records: int,
                   read_below: dict[str, dict[int, int]] | None = None):
-    """The DataStream of window rows ``(time, late, kinds, values, partitions, offsets)`` over
-    both topics, stamped with the window's time (a late record's own, alone in its row), with the
-    sources' watermarks.
+    """The DataStream of ``(time, decoded)`` rows: the records of both topics in Arrow batches of
+    up to ``batch_records`` through ``decoder`` (a vectorized Python UDF,
+    ``pipelines.flink_kafka.kafka_decoder``, called as ``decoder(v, kind, partition, offset,
+    late)``), one row per batch carrying what it made; with the source's watermarks.
+
+    The records cross to Python as Arrow columns, without state: a watermark leaves the Python
+    operator only after the batch in flight (PyFlink finishes a bundle first), so a watermark M
+    downstream says every on-time record at or before M has been decoded. (Before, a tumbling
+    event-time window aggregated each window's records into arrays in the JVM - ``ARRAY_AGG``,
+    RocksDB state - and that aggregate alone took 14 of the 19 s the JVM needed for 360k events.)
+
+    ``late``: a record whose timestamp is at or behind the watermark when it arrives (computed
+    in the JVM before the batch is formed) - the join has closed its window - goes to the dead
+    letters.
 
     ``read_below`` ({topic: {partition: end offset}}, a bounded source): only the records below
-    these offsets are kept, and the last one of each partition also goes on as an end mark. The
-    source itself stays unbounded and the runner drains the job once every end mark has reached
-    the decoder (or its group has committed the end offsets: ``ends_committed``), because the connector's own
-    bounded mode does not survive a restore: a restored bounded ``KafkaSource`` never finishes
-    (FLINK-31006: its enumerator never signals "no more splits"), and a split that finished before
-    the checkpoint is missing from its state, so the partition was read again from the start."""
+    these offsets are kept, and the decoder notes each partition's last one (an end mark). The
+    source itself stays unbounded and the runner drains the job once every end mark has been
+    decoded (or its group has committed the end offsets: ``ends_committed``), because the
+    connector's own bounded mode does not survive a restore: a restored bounded ``KafkaSource``
+    never finishes (FLINK-31006: its enumerator never signals "no more splits"), and a split
+    that finished before the checkpoint is missing from its state, so the partition was read
+    again from the start."""
     from pyflink.table import StreamTableEnvironment
 
-    from schemas.kafka_records import END_MARK
-
     tables = StreamTableEnvironment.create(env)
-    tables.get_config().set("table.exec.resource.default-parallelism", "1")  # one global window
-    tables.get_config().set("table.local-time-zone", "UTC")  # windows aligned to the epoch, as the join's grid
-    # One aggregation phase: a local pre-aggregate would merge partial ARRAY_AGG lists into the
-    # global one's state again and again (with object reuse, 360k events: 0.8-1.7 s less of 21-26 s,
-    # medians of runs alternated with the two-phase plan)
-    tables.get_config().set("table.optimizer.agg-phase-strategy", "ONE_PHASE")
-    names = ("impressions_topic", "actions_topic")
-    for name, topic in zip(names, config.topics):
-        tables.execute_sql(_table_ddl(name, topic, config, spec))
-    where = {name: "" if read_below is None else " WHERE " + (" OR ".join(
-        f"(p = {p} AND o < {o})" for p, o in sorted(read_below[topic].items())) or "FALSE")
-        for name, topic in zip(names, config.topics)}
-    # The late flag is computed once per record, where both branches below read it: the window's
-    # watermark is never ahead of the one a record was flagged against, so an on-time record is
-    # never late at the window, and a late one goes to the dead letters instead of being dropped.
-    tables.create_temporary_view("events", tables.sql_query(
-        "SELECT k, v, p, o, ts, COALESCE(ts <= CURRENT_WATERMARK(ts), FALSE) AS late FROM ("
-        f"SELECT 0 AS k, v, p, o, ts FROM impressions_topic{where[names[0]]} UNION ALL "
-        f"SELECT 1 AS k, v, p, o, ts FROM actions_topic{where[names[1]]})"))
-    tables.create_temporary_view("on_time", tables.sql_query("SELECT k, v, p, o, ts FROM events WHERE NOT late"))
-    window = _interval(window_ms)
-    # A bounded source: each partition's last record below its end offset also goes to Python at
-    # once, outside the windows, as an end mark (kind + END_MARK): once every partition's has
-    # arrived, the source has emitted every record the job reads, and the runner can drain it
-    # without waiting for a checkpoint to commit the end offsets (``DecodeKafkaBatches``).
-    last = " OR ".join(f"(k = {kind} AND p = {p} AND o = {o - 1})" for kind, topic in enumerate(config.topics)
-                       for p, o in sorted((read_below or {}).get(topic, {}).items()) if o > 0)
-    marks = "" if not last else (f" UNION ALL SELECT ts AS t, FALSE AS late, ARRAY[k + {END_MARK}], ARRAY[v], "
-                                 f"ARRAY[p], ARRAY[o] FROM events WHERE {last}")
-    batches = tables.sql_query(
-        f"SELECT window_time AS t, FALSE AS late, ARRAY_AGG(k) AS ks, ARRAY_AGG(v) AS vs, ARRAY_AGG(p) AS ps, "
-        f"ARRAY_AGG(o) AS os FROM TABLE(TUMBLE(TABLE on_time, DESCRIPTOR(ts), {window})) "
-        f"GROUP BY window_start, window_end, window_time "
-        f"UNION ALL SELECT ts AS t, late, ARRAY[k], ARRAY[v], ARRAY[p], ARRAY[o] FROM events WHERE late{marks}")
+    table_config = tables.get_config()
+    table_config.set("table.exec.resource.default-parallelism", "1")  # one decoder: the end marks meet there
+    table_config.set("table.local-time-zone", "UTC")
+    # The decoder's batches (these override the job's bundle size, 1 for a training job, for
+    # the SQL's Python operator only). A bundle of several batches lets the JVM send the next
+    # while Python decodes one (a bundle of one batch: the JVM waited for each; 360k events were
+    # decoded over 11 s instead of 6.8); a bundle also ends every second, so a live record waits about that long.
+    table_config.set("python.fn-execution.bundle.size", str(8 * batch_records))
+    table_config.set("python.fn-execution.arrow.batch.size", str(batch_records))
+    table_config.set("python.fn-execution.bundle.time", "1000")
+    tables.execute_sql(_table_ddl("topics", config, spec))
+    tables.create_temporary_function("decode_kafka", decoder)
+    kind = (f"CASE WHEN topic = {_sql_string(config.impressions_topic)} THEN 0 "
+            f"WHEN topic = {_sql_string(config.actions_topic)} THEN 1 END")
+    where = "" if read_below is None else " WHERE " + (" OR ".join(
+        f"(topic = {_sql_string(topic)} AND p = {p} AND o < {o})"
+        for topic in config.topics for p, o in sorted(read_below[topic].items())) or "FALSE")
+    # The late flag is computed in the JVM as each record arrives, against the watermark then.
+    records = (f"SELECT v, {kind} AS k, p, o, COALESCE(ts <= CURRENT_WATERMARK(ts), FALSE) AS late, ts "
+               f"FROM topics{where}")
+    batches = tables.sql_query(f"SELECT ts AS t, decoded FROM (SELECT ts, decode_kafka(v, k, p, o, late) AS decoded "
+                               f"FROM ({records})) WHERE decoded IS NOT NULL")
     return tables.to_data_stream(batches)
 
 

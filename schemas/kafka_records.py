@@ -23,8 +23,6 @@ from schemas.events import EVENT_TIME_RANGE_MS, arrow_schema
 KINDS = ("impressions", "actions")  # kind codes 0 and 1 of a batch
 
 
-END_MARK = 2  # a row of kind END_MARK + k: the end mark of topic kind k (a bounded source's last record)
-
 
 @dataclass(frozen=True)
 class KafkaBatch:

@@ -138,6 +138,66 @@ def test_kafka_values_decode_to_tables_and_bad_or_late_ones_to_dead_letters_nami
     assert late.counts == {"late_event": 1} and "offset 3" in late.letters[0].detail
 
 
+
+def test_the_kafka_decoder_udf_turns_an_arrow_batch_into_shard_records_and_dead_letters_and_notes_the_end(tmp_path):
+    """``KafkaDecoder.eval`` as the SQL calls it (pandas columns of one Arrow batch): every output
+    record rides pickled on the batch's last row, the other rows are NULL; a late record and a
+    garbage one become dead letters; the read marker appears once every partition's last record
+    (the offset below its end) has been decoded, and a reopened decoder removes it."""
+    import pickle
+
+    import fastavro
+    import pandas as pd
+
+    from pipelines.flink_kafka import EmitDecoded, KafkaDecoder
+    from pipelines.flink_records import DEAD_LETTERS
+    from pipelines.tables import load_table
+    from schemas.events import log_schemas
+    from schemas.spec import load_spec
+
+    spec = load_spec("movielens")
+    schemas = log_schemas(spec.events)
+    impression = {"request_id": "r", "item_id": "i", "user_id": "u", "event_time_ms": 1_000}
+    filler = {"int": 0, "long": 0, "float": 0.0, "double": 0.0, "string": "x", "boolean": False}
+
+    def value_of(field):
+        kind = field["type"]
+        if isinstance(kind, list):  # a union: null where it may be
+            return None if "null" in kind else filler[kind[0]]
+        return [] if isinstance(kind, dict) and kind.get("type") == "array" else filler[kind]
+
+    impression = {field["name"]: impression.get(field["name"], value_of(field)) for field in schemas["impressions"]["fields"]}
+    action = {"request_id": "r", "item_id": "i", "user_id": "u", "action_type": "like", "event_time_ms": 2_000,
+              "value": 1.0}
+
+    def encoded(kind, record) -> bytes:
+        out = io.BytesIO()
+        fastavro.schemaless_writer(out, schemas[kind], record)
+        return out.getvalue()
+
+    marker = tmp_path / "read_to_end"
+    decoder = KafkaDecoder(spec, ("imp", "act"), 2, str(tmp_path), None, {"imp": {0: 3}, "act": {0: 2}}, str(marker))
+    decoder.open(None)
+    first = decoder.eval(pd.Series([encoded("impressions", impression), b"\xff garbage"]), 0, pd.Series([0, 0]),
+                         pd.Series([1, 2]), pd.Series([False, False]))
+    assert first.iloc[0] is None and not marker.exists()  # imp/0's last record (offset 2) came; act/0's not yet
+    second = decoder.eval(pd.Series([encoded("actions", action), encoded("actions", action)]), pd.Series([1, 1]),
+                          pd.Series([0, 0]), pd.Series([0, 1]), pd.Series([True, False]))
+    assert marker.exists()
+    records = [record for result in (first, second) for record in EmitDecoded().process_element((0, result.iloc[-1]),
+                                                                                                 None)]
+    letters = [json.loads(record[1]) for record in records if record[0] is DEAD_LETTERS]
+    assert sorted((letter["reason"], letter["source"]) for letter in letters) == [
+        ("late_event", "kafka:act/0@0"), ("undecodable_record", "kafka:imp/0@2")]
+    shards = [record for record in records if record[0] is not DEAD_LETTERS]
+    assert sum(load_table(record[1]).num_rows for record in shards) == 1  # the impression
+    assert sum(load_table(record[2]).num_rows for record in shards) == 1  # the on-time action
+    assert pickle.loads(second.iloc[-1]) and second.iloc[0] is None
+    decoder.close()
+    KafkaDecoder(spec, ("imp", "act"), 2, str(tmp_path), None, {"imp": {0: 3}, "act": {0: 2}},
+                 str(marker)).open(None)
+    assert not marker.exists()  # a restarted decoder: the records after its checkpoint come again
+
 def test_the_flink_job_reads_kafka_topics_into_the_file_replays_examples_and_a_garbage_record_into_one_dead_letter(
         broker, movielens_logs, tmp_path):
     """MovieLens-100K produced into a broker this test started, plus one garbage record, read by
