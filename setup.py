@@ -23,6 +23,8 @@ setup(
         "torch==2.13.0",
         # Event logs (Avro) and columnar outputs / snapshots (Arrow, Parquet).
         "fastavro>=1.9",
+        # The column-wise Avro decoder's varint loop (schemas.avro_columns), compiled.
+        "numba>=0.60",
         "pyarrow>=14,<17",
         "numpy>=1.24,<2.2",
         # Feature specs.

@@ -63,6 +63,16 @@ def test_an_array_written_in_several_sized_blocks_reads_as_one_list():
     assert not bad.any() and table.to_pylist() == [{"ids": [5, 7, 9], "n": 3}, {"ids": [], "n": 1}]
 
 
+def test_longs_at_every_varint_length_and_the_int64_extremes_decode_exactly():
+    schema = fastavro.parse_schema({"type": "record", "name": "L", "fields": [{"name": "l", "type": "long"}]})
+    edges = [0, -1, 1, 63, -64, 64, -65, 2**31 - 1, -2**31, 2**62, -2**62 - 1, 2**63 - 1, -2**63]
+    edges += [sign * (2**(7 * k) - 1) for k in range(1, 10) for sign in (1, -1)]
+    table, bad = decode_columns([_encoded({"l": value}, schema) for value in edges], schema)
+    assert not bad.any() and table.column("l").to_pylist() == edges
+    _, cut = decode_columns([_encoded({"l": 2**40}, schema)[:-1]], schema)  # its last byte missing
+    assert cut.all()
+
+
 def test_values_that_are_not_one_record_are_marked_bad_and_the_rest_still_decode():
     records = _records(6, seed=1)
     values = [_encoded(r) for r in records]
