@@ -19,7 +19,8 @@
   in the same run, each its own process; ``kafka_events_per_s_after_startup`` and
   ``file_events_per_s_after_startup`` take each job's start and stop (a 200-impression run the
   same way) off (None when a job's run is within 0.5 s of that); ``kafka_vs_file`` is the ratio
-  of the start-to-exit rates, ``kafka_vs_file_after_startup`` of the sustained ones.
+  of the start-to-exit rates, ``kafka_vs_file_after_startup`` of the sustained ones. The full run
+  repeats the four jobs in 3 rounds and reports medians (``--repeats``).
 
 Events = impressions + actions. Reading the logs is outside the pure/naive timings.
 
@@ -144,8 +145,13 @@ def flink_run(logs: Path, out: Path, parallelism: int | None = None) -> tuple[fl
     return seconds, summary["python_busy_s"]
 
 
-def kafka_figures(spec, logs: Path, tmp: Path, events: int, pure_s: float) -> dict:
-    """The Flink job reading Kafka beside the file replay, on the same logs in the same run."""
+def kafka_figures(spec, logs: Path, tmp: Path, events: int, pure_s: float, repeats: int = 1) -> dict:
+    """The Flink job reading Kafka beside the file replay, on the same logs in the same run. With
+    ``repeats``, the four jobs (Kafka and file, each on the tiny and the main logs) run that many
+    rounds one after another; every figure is the median over the rounds and ``rounds`` lists
+    each round's sustained rates (the machine's noise is a second or two on a 20 s job)."""
+    import statistics
+
     from runners.kafka_broker import KafkaBroker
     from runners.produce import produce_logs
 
@@ -153,42 +159,67 @@ def kafka_figures(spec, logs: Path, tmp: Path, events: int, pure_s: float) -> di
     generate(tiny, SyntheticConfig(events=200, seed=4, span_hours=0.1))
     broker = KafkaBroker(tmp / "broker").start()
     try:
-        runs = {}
+        sources, produce_rates, rounds = {}, {}, []
         for name, log_dir in (("tiny", tiny), ("main", logs)):
             topics = {"impressions": f"{name}-impressions", "actions": f"{name}-actions"}
             produced = produce_logs(spec, log_dir, broker.bootstrap, topics)
             offsets = tmp / f"{name}-offsets.json"
             offsets.write_text(json.dumps(produced))
-            source = (f"kafka://{broker.bootstrap}?impressions={topics['impressions']}&actions={topics['actions']}"
-                      f"&until={offsets}")
-            runs[name] = {"produce_events_per_s": produced["events_per_s"],
-                          "kafka": cli_run(["join", "--runner", "flink", "--spec", "synthetic", "--source", source,
-                                            "--out", str(tmp / f"kafka-{name}")]),
-                          "file": cli_run(["join", "--runner", "flink", "--spec", "synthetic", "--logs",
-                                           str(log_dir), "--out", str(tmp / f"file-{name}")])}
+            produce_rates[name] = produced["events_per_s"]
+            sources[name] = (f"kafka://{broker.bootstrap}?impressions={topics['impressions']}"
+                             f"&actions={topics['actions']}&until={offsets}")
+        for round_ in range(repeats):
+            runs = {}
+            for name, log_dir in (("tiny", tiny), ("main", logs)):
+                out = tmp / f"round{round_}"
+                # (a consumer group of its own per round: a group's committed offsets are its start)
+                runs[name] = {"kafka": cli_run(["join", "--runner", "flink", "--spec", "synthetic", "--source",
+                                                f"{sources[name]}&group=bench-{name}-{round_}",
+                                                "--out", str(out / f"kafka-{name}")]),
+                              "file": cli_run(["join", "--runner", "flink", "--spec", "synthetic", "--logs",
+                                               str(log_dir), "--out", str(out / f"file-{name}")])}
+            rounds.append(_kafka_round(runs, events))
     finally:
         broker.stop()
-    main_run, tiny_run = runs["main"], runs["tiny"]
-    kafka_s, file_s = main_run["kafka"][0], main_run["file"][0]
-    kafka_after, file_after = _after_startup(kafka_s, tiny_run["kafka"][0]), _after_startup(file_s, tiny_run["file"][0])
-    same = main_run["kafka"][1]["examples"] == main_run["file"][1]["examples"]
+
+    def median(key: str):
+        values = [r[key] for r in rounds if r[key] is not None]
+        return None if not values else round(statistics.median(values), 2)
+
     figures = {"benchmark": "pipeline", "runner": "flink", "source": "kafka", "events": events,
-               "pure_events_per_s": round(events / pure_s),
-               "produce_events_per_s": main_run["produce_events_per_s"],
-               "kafka_events_per_s": round(events / kafka_s), "file_events_per_s": round(events / file_s),
-               "kafka_job_startup_s": round(tiny_run["kafka"][0], 2), "file_job_startup_s": round(tiny_run["file"][0], 2),
-               "kafka_events_per_s_after_startup": _per_s(events, kafka_after),
-               "file_events_per_s_after_startup": _per_s(events, file_after),
-               "kafka_vs_file": round(file_s / kafka_s, 2),
-               "kafka_vs_file_after_startup": _ratio(file_after, kafka_after),
-               "kafka_python_busy_s": main_run["kafka"][1]["python_busy_s"],
-               "file_python_busy_s": main_run["file"][1]["python_busy_s"], "same_example_count": same}
+               "pure_events_per_s": round(events / pure_s), "produce_events_per_s": produce_rates["main"],
+               "repeats": repeats}
+    figures.update({key: median(key) for key in rounds[0] if key not in ("python_busy_s", "same_example_count")})
+    for key in ("kafka_events_per_s", "file_events_per_s", "kafka_events_per_s_after_startup",
+                "file_events_per_s_after_startup"):
+        figures[key] = None if figures[key] is None else round(figures[key])
+    figures["kafka_python_busy_s"] = rounds[len(rounds) // 2]["python_busy_s"]["kafka"]
+    figures["file_python_busy_s"] = rounds[len(rounds) // 2]["python_busy_s"]["file"]
+    figures["same_example_count"] = all(r["same_example_count"] for r in rounds)
+    figures["rounds_after_startup"] = [[r["kafka_events_per_s_after_startup"], r["file_events_per_s_after_startup"]]
+                                       for r in rounds]
     print(f"Flink from Kafka {figures['kafka_events_per_s']:,} events/s ({figures['kafka_events_per_s_after_startup']}/s "
           f"after its {figures['kafka_job_startup_s']} s start+stop), file replay {figures['file_events_per_s']:,}/s "
           f"({figures['file_events_per_s_after_startup']}/s after start-up): {figures['kafka_vs_file_after_startup']}x; "
-          f"produced at {figures['produce_events_per_s']:,}/s")
+          f"produced at {figures['produce_events_per_s']:,}/s; medians of {repeats} round(s), sustained "
+          f"(Kafka, file) per round: {figures['rounds_after_startup']}")
     print(json.dumps(figures))
     return figures
+
+
+def _kafka_round(runs: dict, events: int) -> dict:
+    """One round's figures from its four runs (``runs[tiny|main][kafka|file]``: seconds, summary)."""
+    main_run, tiny_run = runs["main"], runs["tiny"]
+    kafka_s, file_s = main_run["kafka"][0], main_run["file"][0]
+    kafka_after, file_after = _after_startup(kafka_s, tiny_run["kafka"][0]), _after_startup(file_s, tiny_run["file"][0])
+    return {"kafka_events_per_s": events / kafka_s, "file_events_per_s": events / file_s,
+            "kafka_job_startup_s": tiny_run["kafka"][0], "file_job_startup_s": tiny_run["file"][0],
+            "kafka_events_per_s_after_startup": _per_s(events, kafka_after),
+            "file_events_per_s_after_startup": _per_s(events, file_after),
+            "kafka_vs_file": file_s / kafka_s, "kafka_vs_file_after_startup": _ratio(file_after, kafka_after),
+            "python_busy_s": {"kafka": main_run["kafka"][1]["python_busy_s"],
+                              "file": main_run["file"][1]["python_busy_s"]},
+            "same_example_count": main_run["kafka"][1]["examples"] == main_run["file"][1]["examples"]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -201,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="flink: also the PyFlink job (local mini-cluster) on the same logs, with Beam streaming")
     parser.add_argument("--source", choices=("files", "kafka"), default="files",
                         help="with --runner flink: kafka compares the job reading Kafka topics with the file replay")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="with --source kafka: rounds of the four jobs, medians reported (default 1 quick, 3 full)")
     args = parser.parse_args(argv)
     logging.getLogger("apache_beam").setLevel(logging.ERROR)
     n = args.impressions or (60_000 if args.quick else 300_000)
@@ -213,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         impressions, actions = read_events(spec, logs)
         pure_s, pure_examples = pure(spec, impressions, actions)
         if args.runner == "flink" and args.source == "kafka":
-            return kafka_figures(spec, logs, Path(tmp), events, pure_s)
+            return kafka_figures(spec, logs, Path(tmp), events, pure_s, args.repeats or (1 if args.quick else 3))
         if args.runner == "flink":
             from runners.flink_runner import DEFAULT_PARALLELISM
 

@@ -50,10 +50,7 @@ class KafkaDecoder(ScalarFunction):
                                for p, end in (read_below or {}).get(topic, {}).items() if end > 0}
 
     def open(self, function_context: FunctionContext):
-        from schemas.avro_columns import compile_kernels
         from schemas.events import log_schemas
-
-        compile_kernels()  # (here, before the first batch waits on it)
 
         self.schemas = log_schemas(self.spec.events)
         self.clock = BusyClock("decode", self.timing_dir)

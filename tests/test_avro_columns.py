@@ -22,6 +22,15 @@ SCHEMA = fastavro.parse_schema({
         {"name": "ids", "type": {"type": "array", "items": "long"}}]})
 
 
+@pytest.fixture(autouse=True, params=["numpy", "compiled"])
+def varints(request, monkeypatch):
+    """Every test runs with the varints read in numpy and by the compiled loop."""
+    import schemas.avro_columns as columns
+
+    monkeypatch.setattr(columns, "COMPILED_FROM_ROWS", 10**9 if request.param == "numpy" else 0)
+    return request.param
+
+
 def _records(n: int, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     return [{"i": int(rng.integers(-2**31, 2**31)), "l": int(rng.integers(-2**63, 2**63 - 1)),
