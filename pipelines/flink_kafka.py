@@ -19,7 +19,8 @@ end offset); when every one has been decoded, the source has emitted every recor
 reads, and the decoder writes ``read_marker`` for the runner to drain the job. A (re)started
 decoder removes the marker first: a restore re-reads the records after its checkpoint, and if
 the last ones came before that checkpoint the runner falls back on the group's committed
-offsets.
+offsets. With long bundles the decoder also notes when the records left fit in one batch
+(``last_batch_marker``), for the runner to send that batch at once.
 """
 from __future__ import annotations
 
@@ -42,9 +43,9 @@ _DEAD_LETTER, _SHARD_RECORD = 0, 1  # what an output record of the decoder is
 class KafkaDecoder(ScalarFunction):
     def __init__(self, spec: FeatureSpec, topics: tuple[str, str], shards: int, spill_dir: str,
                  timing_dir: str | None = None, read_below: dict[str, dict[int, int]] | None = None,
-                 read_marker: str | None = None):
+                 read_marker: str | None = None, batch_records: int = 0):
         self.spec, self.topics, self.shards, self.timing_dir = spec, topics, shards, timing_dir
-        self.spill_dir, self.read_marker = spill_dir, read_marker
+        self.spill_dir, self.read_marker, self.batch_records = spill_dir, read_marker, batch_records
         # the last record of every partition a bounded source reads: (kind, partition, offset)
         self.expected_marks = {(kind, p, end - 1) for kind, topic in enumerate(topics)
                                for p, end in (read_below or {}).get(topic, {}).items() if end > 0}
@@ -55,8 +56,10 @@ class KafkaDecoder(ScalarFunction):
         self.schemas = log_schemas(self.spec.events)
         self.clock = BusyClock("decode", self.timing_dir)
         self.marks: set[tuple[int, int, int]] = set()
+        self.newest: dict[tuple[int, int], int] = {}  # (kind, partition) -> the highest offset decoded
         if self.read_marker is not None:
             Path(self.read_marker).unlink(missing_ok=True)
+            last_batch_marker(self.read_marker).unlink(missing_ok=True)
 
     def close(self):
         self.clock.write()
@@ -100,18 +103,34 @@ class KafkaDecoder(ScalarFunction):
 
         ends = {(k, p): o for k, p, o in self.expected_marks}
         for key, last in ends.items():
-            if (key + (last,)) not in self.marks and np.any((kinds == key[0]) & (partitions == key[1])
-                                                             & (offsets == last)):
+            mine = offsets[(kinds == key[0]) & (partitions == key[1])]
+            if len(mine):
+                self.newest[key] = max(self.newest.get(key, -1), int(mine.max()))
+            if (key + (last,)) not in self.marks and np.any(mine == last):
                 self.marks.add(key + (last,))
-        if self.read_marker is not None and self.expected_marks <= self.marks:
+        if self.read_marker is None:
+            return
+        if self.expected_marks <= self.marks:
             Path(self.read_marker).write_text("every partition's last record reached the decoder\n")
+        elif self.batch_records and len(self.newest) == len(ends) and sum(
+                last - self.newest[key] for key, last in ends.items()) < self.batch_records:
+            last_batch_marker(self.read_marker).write_text("the records left fit in the batch being filled\n")
+
+
+def last_batch_marker(read_marker: str | Path) -> Path:
+    """Written beside ``read_marker`` once the records a bounded job has left to decode fit in
+    one batch (``batch_records``): the batch the JVM is filling will not fill, and only a
+    bundle's end sends it - the runner ends the bundle with a checkpoint rather than wait for
+    the bundle's timer (``kafka_source.kafka_batches``)."""
+    return Path(read_marker).with_name(Path(read_marker).name + ".last-batch")
 
 
 def kafka_decoder(spec: FeatureSpec, topics: tuple[str, str], shards: int, spill_dir: str,
                   timing_dir: str | None = None, read_below: dict[str, dict[int, int]] | None = None,
-                  read_marker: str | None = None):
-    """``KafkaDecoder`` as the vectorized UDF ``decode_kafka(v, kind, partition, offset, late)``."""
-    return udf(KafkaDecoder(spec, topics, shards, spill_dir, timing_dir, read_below, read_marker),
+                  read_marker: str | None = None, batch_records: int = 0):
+    """``KafkaDecoder`` as the vectorized UDF ``decode_kafka(v, kind, partition, offset, late)``;
+    ``batch_records``: the Arrow batch size, for ``last_batch_marker`` (0: none written)."""
+    return udf(KafkaDecoder(spec, topics, shards, spill_dir, timing_dir, read_below, read_marker, batch_records),
                result_type=DataTypes.BYTES(), func_type="pandas")
 
 

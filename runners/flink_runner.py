@@ -28,6 +28,7 @@ from schemas.spec_types import FeatureSpec
 from trainer.running import PublishOptions
 
 TRAINER_MAX_PARALLELISM = 128  # of the trainer operator: fixes which key reaches which worker
+LONG_BUNDLES_FROM_BATCHES = 8  # a bounded Kafka job of this many decoder batches or more takes long bundles
 DEFAULT_PARALLELISM = 1  # of the join (the trainer is one); 2 is 8-37 % faster on 2 cores (BENCHMARKS.md)
 
 
@@ -161,6 +162,7 @@ class _FlinkRun:
     step_ms: int  # event time per micro-batch (replay, Kafka window) or per announcement round (live)
     announcer: object | None = None  # pipelines.log_announcer.LogAnnouncer (live)
     read_below: dict | None = None  # a bounded Kafka job: read below these end offsets, then drain
+    long_bundles: bool = False  # a large bounded Kafka job: long decoder bundles, the last one ended by a checkpoint
 
     @property
     def ended_marker(self) -> Path:
@@ -220,7 +222,7 @@ def _prepare(spec: FeatureSpec, options: JobOptions, shards: int) -> _FlinkRun:
     for stale in (run.spill, run.timing, run.rendezvous):
         shutil.rmtree(stale, ignore_errors=True)
     if options.source is not None:
-        from runners.kafka_source import bounded_window_ms, resolved_end_offsets
+        from runners.kafka_source import bounded_extent, bounded_window_ms, resolved_end_offsets
 
         kafka = options.kafka
         run.kafka_spill.mkdir(exist_ok=True)
@@ -235,8 +237,12 @@ def _prepare(spec: FeatureSpec, options: JobOptions, shards: int) -> _FlinkRun:
         else:
             # (a bounded job reads below the end offsets, then is drained: see kafka_source.kafka_batches)
             run.read_below = resolved_end_offsets(kafka) if kafka.bounded else None
-            run.step_ms = (bounded_window_ms(kafka, spec, run.read_below, options.events_per_step)
+            extent = bounded_extent(kafka, spec, run.read_below) if kafka.bounded else None
+            run.step_ms = (bounded_window_ms(kafka, spec, extent, options.events_per_step)
                            if kafka.bounded and kafka.window_ms is None else kafka.window(spec))
+            # A large bounded job: long decoder bundles, its last batch flushed at its end
+            # (``kafka_source.kafka_batches``); a small one, or a restored one, the live bundles.
+            run.long_bundles = extent is not None and extent.records >= LONG_BUNDLES_FROM_BATCHES * options.events_per_step
             chosen.write_text(str(run.step_ms))
             if kafka.bounded:
                 ends.write_text(json.dumps(run.read_below))
@@ -288,11 +294,12 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
                             jars=None if kafka is None else _kafka_jars(options))
     if kafka is not None:
         from pipelines.flink_kafka import EmitDecoded, kafka_decoder
-        from runners.kafka_source import kafka_batches
+        from runners.kafka_source import BOUNDED_BUNDLE_MS, LIVE_BUNDLE_MS, kafka_batches
 
         decoder = kafka_decoder(spec, kafka.topics, shards, str(run.kafka_spill.resolve()), timing, run.read_below,
-                                str(run.read_marker.resolve()))
-        read = (kafka_batches(env, spec, kafka, decoder, options.events_per_step, run.read_below)
+                                str(run.read_marker.resolve()), options.events_per_step if run.long_bundles else 0)
+        read = (kafka_batches(env, spec, kafka, decoder, options.events_per_step, run.read_below,
+                              BOUNDED_BUNDLE_MS if run.long_bundles else LIVE_BUNDLE_MS)
                 .process(EmitDecoded(), output_type=Types.PICKLED_BYTE_ARRAY())
                 .name("Kafka shard records").set_parallelism(1))
         return _join_and_train(env, spec, options, run, shards, read, read.get_side_output(DEAD_LETTERS))
@@ -365,9 +372,10 @@ def _execute(env, spec: FeatureSpec, options: JobOptions, run: _FlinkRun) -> Non
         _run_live(env.execute_async(name), run.announcer, run.ended_marker, options.watch_interval_s or 1.0,
                   options.stop_after_s, savepoints)
     elif run.read_below is not None:
+        from pipelines.flink_kafka import last_batch_marker
         from runners.kafka_source import commit_ends, ends_committed
 
-        kafka, ends, asked, before = options.kafka, run.read_below, [0.0], []
+        kafka, ends, asked, before, flushed = options.kafka, run.read_below, [0.0], [], [0.0]
 
         def read_to_end() -> bool:
             """Every record below the end offsets read and processed up to the windows still
@@ -377,7 +385,13 @@ def _execute(env, spec: FeatureSpec, options: JobOptions, run: _FlinkRun) -> Non
             before that checkpoint would process the backlog inside the drain's savepoint, with
             no checkpoint to fall back on. The checkpoint is asked for as the marks are seen
             (``_trigger_checkpoint``), not awaited from the periodic schedule (up to
-            ``--checkpoint-every``, 10 s by default, of a job that has nothing left to read)."""
+            ``--checkpoint-every``, 10 s by default, of a job that has nothing left to read).
+            While the decoder says the records left fit in one batch (``last_batch_marker``), a
+            checkpoint every 0.5 s ends the decoder's bundle, which sends the batch."""
+            if (not run.read_marker.exists() and last_batch_marker(run.read_marker).exists()
+                    and time.monotonic() - flushed[0] >= 0.5):
+                _trigger_checkpoint(client)
+                flushed[0] = time.monotonic()
             if run.read_marker.exists():
                 if not before:  # the checkpoints triggered before the marks were seen (any state)
                     before.append(set(run.checkpoints.glob("*/chk-*")))

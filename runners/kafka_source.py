@@ -21,7 +21,9 @@ the JVM first; that ``ARRAY_AGG`` in RocksDB state was most of the job's time.)
   closed its window) are flagged in the JVM as they arrive; each becomes a ``late_event`` dead
   letter naming its topic, partition and offset.
 * **Batches**: up to ``events_per_step`` records, and a bundle ends every second, so a live
-  record reaches the join within about a second. ``window_ms`` is the event-time grid the join
+  record reaches the join within about a second; a bounded job of 8 batches or more takes 5 s
+  bundles and has its last batch sent by a checkpoint once the records left fit in it
+  (``kafka_batches``). ``window_ms`` is the event-time grid the join
   emits Examples and the trainer trains on (``JoinShard``'s and ``TrainStream``'s timers): live
   it defaults to the spec's join window (the join closes an impression at such a boundary
   anyway); bounded, to the event time that holds ``events_per_step`` events at the topics'
@@ -139,13 +141,20 @@ class KafkaSourceConfig:
         return ends
 
 
-def bounded_window_ms(config: KafkaSourceConfig, spec: FeatureSpec, ends: dict[str, dict[int, int]],
-                      events_per_step: int) -> int:
-    """The default grid (``window_ms``) of a bounded source: ``events_per_step`` events at the mean event rate
-    of the records it will read - their count from the start offsets (the group's committed
-    ones, else the earliest) to the end offsets ``ends`` (``resolved_end_offsets``), their span
-    from the timestamps there - and at least the join window. Falls back to the join window when
-    the topics cannot be sampled."""
+@dataclass(frozen=True)
+class BoundedExtent:
+    """What a bounded source will read: ``records`` from the start offsets (the group's committed
+    ones, else the earliest) to the end offsets, over ``span_ms`` of Kafka timestamps."""
+
+    records: int
+    span_ms: int
+
+
+def bounded_extent(config: KafkaSourceConfig, spec: FeatureSpec,
+                   ends: dict[str, dict[int, int]]) -> BoundedExtent | None:
+    """The records below ``ends`` (``resolved_end_offsets``) a bounded source will read, and
+    their span from the timestamps at the start and end offsets; None when the topics cannot be
+    sampled (the job itself reports an unreachable broker)."""
     from confluent_kafka import Consumer, TopicPartition
 
     consumer = Consumer({"bootstrap.servers": config.bootstrap, "group.id": config.group_id(spec),
@@ -157,17 +166,24 @@ def bounded_window_ms(config: KafkaSourceConfig, spec: FeatureSpec, ends: dict[s
             low = consumer.get_watermark_offsets(committed, timeout=10)[0]
             starts[(committed.topic, committed.partition)] = committed.offset if committed.offset >= 0 else low
         spans = {key: (start, ends[key[0]][key[1]]) for key, start in starts.items() if ends[key[0]][key[1]] > start}
-        events = sum(end - start for start, end in spans.values())
+        records = sum(end - start for start, end in spans.values())
         stamps = [stamp for side in (0, 1) for stamp in _timestamps_at(
             consumer, {key: span[0] if side == 0 else span[1] - 1 for key, span in spans.items()})]
-    except Exception:  # noqa: BLE001 (a guess only: the job itself reports an unreachable broker)
-        return config.window(spec)
+    except Exception:  # noqa: BLE001 (a guess only)
+        return None
     finally:
         consumer.close()
-    if not events:
+    return BoundedExtent(records, max(stamps) - min(stamps) + 1 if stamps else 0)
+
+
+def bounded_window_ms(config: KafkaSourceConfig, spec: FeatureSpec, extent: BoundedExtent | None,
+                      events_per_step: int) -> int:
+    """The default grid (``window_ms``) of a bounded source: ``events_per_step`` events at the mean
+    event rate of the records it will read (``bounded_extent``), and at least the join window;
+    the join window where nothing is known."""
+    if extent is None or not extent.records:
         return config.window(spec)
-    span_ms = max(stamps) - min(stamps) + 1
-    return min(MAX_INTERVAL_MS, max(spec.join.window_ms, round(span_ms * events_per_step / events)))
+    return min(MAX_INTERVAL_MS, max(spec.join.window_ms, round(extent.span_ms * events_per_step / extent.records)))
 
 
 def _timestamps_at(consumer, offsets: dict[tuple[str, int], int], timeout_s: float = 10) -> list[int]:
@@ -224,8 +240,12 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+LIVE_BUNDLE_MS = 1_000  # the decoder's bundles: how long a live record may wait for its batch
+BOUNDED_BUNDLE_MS = 5_000  # ... in a large bounded job, which flushes its last batch itself
+
+
 def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, decoder, batch_records: int,
-                  read_below: dict[str, dict[int, int]] | None = None):
+                  read_below: dict[str, dict[int, int]] | None = None, bundle_ms: int = LIVE_BUNDLE_MS):
     """The DataStream of ``(time, decoded)`` rows: the records of both topics in Arrow batches of
     up to ``batch_records`` through ``decoder`` (a vectorized Python UDF,
     ``pipelines.flink_kafka.kafka_decoder``, called as ``decoder(v, kind, partition, offset,
@@ -255,13 +275,19 @@ def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, decoder, ba
     table_config = tables.get_config()
     table_config.set("table.exec.resource.default-parallelism", "1")  # one decoder: the end marks meet there
     table_config.set("table.local-time-zone", "UTC")
-    # The decoder's batches (these override the job's bundle size, 1 for a training job, for
-    # the SQL's Python operator only). A bundle of several batches lets the JVM send the next
-    # while Python decodes one (a bundle of one batch: the JVM waited for each; 360k events were
-    # decoded over 11 s instead of 6.8); a bundle also ends every second, so a live record waits about that long.
-    table_config.set("python.fn-execution.bundle.size", str(8 * batch_records))
+    # The decoder's batches and bundles (for the SQL's Python operator only: they override the
+    # job's bundle size, 1 for a training job). Within a bundle the JVM sends the next batch while
+    # Python decodes one; at a bundle's end the JVM waits until Python has decoded them all, then
+    # fills the next bundle's first batch while Python waits (a bundle of one batch: 360k events
+    # decoded over 11 s; bundles of 8: 6.8 s). A bundle also ends after ``bundle_ms``, which is
+    # how long a record may wait for a batch that does not fill: 1 s live. A large bounded job
+    # takes 5 s bundles (3 s bundles on the 360k events: the decoder's calls span 2.7-2.9 s
+    # instead of 4.5, the job ends 1.4-2.2 s sooner) and ends its last bundle itself: once the
+    # records left fit in the batch being filled, the decoder says so (``last_batch_marker``) and
+    # the runner triggers a checkpoint, whose barrier ends the bundle.
+    table_config.set("python.fn-execution.bundle.size", str(1_000 * batch_records))
     table_config.set("python.fn-execution.arrow.batch.size", str(batch_records))
-    table_config.set("python.fn-execution.bundle.time", "1000")
+    table_config.set("python.fn-execution.bundle.time", str(bundle_ms))
     tables.execute_sql(_table_ddl("topics", config, spec))
     tables.create_temporary_function("decode_kafka", decoder)
     kind = (f"CASE WHEN topic = {_sql_string(config.impressions_topic)} THEN 0 "

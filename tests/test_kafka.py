@@ -143,13 +143,14 @@ def test_the_kafka_decoder_udf_turns_an_arrow_batch_into_shard_records_and_dead_
     """``KafkaDecoder.eval`` as the SQL calls it (pandas columns of one Arrow batch): every output
     record rides pickled on the batch's last row, the other rows are NULL; a late record and a
     garbage one become dead letters; the read marker appears once every partition's last record
-    (the offset below its end) has been decoded, and a reopened decoder removes it."""
+    (the offset below its end) has been decoded, and a reopened decoder removes it; with long
+    bundles, the last-batch marker appears once the records left fit in one batch."""
     import pickle
 
     import fastavro
     import pandas as pd
 
-    from pipelines.flink_kafka import EmitDecoded, KafkaDecoder
+    from pipelines.flink_kafka import EmitDecoded, KafkaDecoder, last_batch_marker
     from pipelines.flink_records import DEAD_LETTERS
     from pipelines.tables import load_table
     from schemas.events import log_schemas
@@ -197,6 +198,21 @@ def test_the_kafka_decoder_udf_turns_an_arrow_batch_into_shard_records_and_dead_
     KafkaDecoder(spec, ("imp", "act"), 2, str(tmp_path), None, {"imp": {0: 3}, "act": {0: 2}},
                  str(marker)).open(None)
     assert not marker.exists()  # a restarted decoder: the records after its checkpoint come again
+
+    # Long bundles (batches of 2 here): once the records left fit in one batch, the decoder says so
+    last_batch = last_batch_marker(marker)
+    decoder = KafkaDecoder(spec, ("imp", "act"), 2, str(tmp_path), None, {"imp": {0: 3}, "act": {0: 2}},
+                           str(marker), batch_records=2)
+    decoder.open(None)
+    decoder.eval(pd.Series([encoded("impressions", impression)] * 3), 0, pd.Series([0, 0, 0]), pd.Series([0, 1, 2]),
+                 pd.Series([False] * 3))
+    assert not last_batch.exists()  # nothing of act/0 seen yet: how much is left there is not known
+    decoder.eval(pd.Series([encoded("actions", action)]), 1, pd.Series([0]), pd.Series([0]), pd.Series([False]))
+    assert last_batch.exists() and not marker.exists()  # one record left (act/0 offset 1) < a batch of 2
+    decoder.eval(pd.Series([encoded("actions", action)]), 1, pd.Series([0]), pd.Series([1]), pd.Series([False]))
+    assert marker.exists()
+    decoder.open(None)
+    assert not marker.exists() and not last_batch.exists()
 
 def test_the_flink_job_reads_kafka_topics_into_the_file_replays_examples_and_a_garbage_record_into_one_dead_letter(
         broker, movielens_logs, tmp_path):
