@@ -222,11 +222,13 @@ def _prepare(spec: FeatureSpec, options: JobOptions, shards: int) -> _FlinkRun:
     for stale in (run.spill, run.timing, run.rendezvous):
         shutil.rmtree(stale, ignore_errors=True)
     if options.source is not None:
+        from pipelines.flink_kafka import last_batch_marker
         from runners.kafka_source import bounded_extent, bounded_window_ms, resolved_end_offsets
 
         kafka = options.kafka
         run.kafka_spill.mkdir(exist_ok=True)
         run.read_marker.unlink(missing_ok=True)
+        last_batch_marker(run.read_marker).unlink(missing_ok=True)  # (a killed attempt's)
         # the window a restored job's state was made with (its windows, the join's grid)
         chosen, ends = run.kafka_spill / "window_ms", run.kafka_spill / "end_offsets.json"
         if run.restore_from is not None and chosen.is_file():
