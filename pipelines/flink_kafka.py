@@ -46,17 +46,18 @@ class KafkaDecoder(ScalarFunction):
                  read_marker: str | None = None, batch_records: int = 0):
         self.spec, self.topics, self.shards, self.timing_dir = spec, topics, shards, timing_dir
         self.spill_dir, self.read_marker, self.batch_records = spill_dir, read_marker, batch_records
-        # the last record of every partition a bounded source reads: (kind, partition, offset)
-        self.expected_marks = {(kind, p, end - 1) for kind, topic in enumerate(topics)
-                               for p, end in (read_below or {}).get(topic, {}).items() if end > 0}
+        # the offset of the last record of every partition a bounded source reads: (kind, partition) -> offset
+        self.last_offsets = {(kind, p): end - 1 for kind, topic in enumerate(topics)
+                             for p, end in (read_below or {}).get(topic, {}).items() if end > 0}
 
     def open(self, function_context: FunctionContext):
         from schemas.events import log_schemas
 
         self.schemas = log_schemas(self.spec.events)
         self.clock = BusyClock("decode", self.timing_dir)
-        self.marks: set[tuple[int, int, int]] = set()
-        self.newest: dict[tuple[int, int], int] = {}  # (kind, partition) -> the highest offset decoded
+        # (kind, partition) -> the highest offset decoded; the source keeps only offsets below the
+        # end, so a partition's last record has come once this reaches its ``last_offsets``
+        self.newest: dict[tuple[int, int], int] = {}
         if self.read_marker is not None:
             Path(self.read_marker).unlink(missing_ok=True)
             last_batch_marker(self.read_marker).unlink(missing_ok=True)
@@ -91,7 +92,7 @@ class KafkaDecoder(ScalarFunction):
                     out += [(_SHARD_RECORD, record) for record in spill_shards(
                         impressions, actions, self.shards, Path(self.spill_dir), uuid.uuid4().hex)]
             out = [(_DEAD_LETTER, letter.to_json()) for letter in sink.letters] + out
-            if self.expected_marks:
+            if self.last_offsets:
                 self._note_marks(kinds, partitions, offsets)
             result = pd.Series([None] * rows, dtype=object)
             if out:
@@ -99,21 +100,16 @@ class KafkaDecoder(ScalarFunction):
             return result
 
     def _note_marks(self, kinds, partitions, offsets) -> None:
-        import numpy as np
-
-        ends = {(k, p): o for k, p, o in self.expected_marks}
-        for key, last in ends.items():
+        for key in self.last_offsets:
             mine = offsets[(kinds == key[0]) & (partitions == key[1])]
             if len(mine):
                 self.newest[key] = max(self.newest.get(key, -1), int(mine.max()))
-            if (key + (last,)) not in self.marks and np.any(mine == last):
-                self.marks.add(key + (last,))
-        if self.read_marker is None:
-            return
-        if self.expected_marks <= self.marks:
+        if self.read_marker is None or len(self.newest) < len(self.last_offsets):
+            return  # (a partition not seen yet: how much is left there is not known)
+        left = sum(last - self.newest[key] for key, last in self.last_offsets.items())
+        if left == 0:
             Path(self.read_marker).write_text("every partition's last record reached the decoder\n")
-        elif self.batch_records and len(self.newest) == len(ends) and sum(
-                last - self.newest[key] for key, last in ends.items()) < self.batch_records:
+        elif left < self.batch_records:
             last_batch_marker(self.read_marker).write_text("the records left fit in the batch being filled\n")
 
 

@@ -5,9 +5,9 @@ walks each record; fastavro does that in C but builds a Python dict per record (
 44 fields of the synthetic impression schema: a 12-25k records/s ceiling for a Kafka source).
 Here every record advances together: one cursor per record, and each field is read for all
 records at once - varints (zig-zag ``long``/``int``, lengths, union branches, enum indices) by a
-compiled loop over the records (numba; numpy gathers below ``COMPILED_FROM_ROWS`` rows), fixed-width ``float``/``double``/``boolean`` and
-``string`` / ``bytes`` (gathered into one Arrow buffer) by numpy gathers, ``["null", T]``
-unions, and arrays of those (block by block). The synthetic impressions: ~3.2 us a record
+compiled loop over the records (numba; numpy gathers below ``COMPILED_FROM_ROWS`` rows),
+fixed-width ``float``/``double``/``boolean`` and ``string`` / ``bytes`` (gathered into one Arrow
+buffer) by numpy gathers, ``["null", T]`` unions, and arrays of those (block by block). The synthetic impressions: ~3.2 us a record
 (5.6 with the varints in numpy, one gather per byte position).
 
 A record that does not parse - a cursor past its end, a bad union branch or enum index, a
