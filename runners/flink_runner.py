@@ -29,12 +29,13 @@ from trainer.running import PublishOptions
 
 TRAINER_MAX_PARALLELISM = 128  # of the trainer operator: fixes which key reaches which worker
 LONG_BUNDLES_FROM_BATCHES = 8  # a bounded Kafka job of this many decoder batches or more takes long bundles
+LONG_JOIN_BUNDLE_RECORDS = 1_000_000  # ... and its join, if it does not train, bundles this long (or 5 s)
 DEFAULT_PARALLELISM = 1  # of the join (the trainer is one); 2 is 8-37 % faster on 2 cores (BENCHMARKS.md)
 
 
 def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: str | None = None,
                       checkpoint_every_ms: int = 10_000, restore_from: str | None = None, bundle_size: int = 1_000,
-                      jars: list[str] | None = None):
+                      jars: list[str] | None = None, bundle_ms: int = 1_000):
     """The StreamExecutionEnvironment: a local mini-cluster, or - inside ``flink run`` - the
     cluster that command submits to. ``restore_from``: a retained checkpoint to start from;
     ``jars``: URIs of connector jars the job needs (``pipeline.jars``)."""
@@ -54,7 +55,7 @@ def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: st
     # Keyed state goes back to the JVM when a bundle finishes, and a checkpoint barrier waits for
     # the bundle in flight. See ``run_flink_job`` for the sizes.
     config.set_string("python.fn-execution.bundle.size", str(bundle_size))
-    config.set_string("python.fn-execution.bundle.time", "1000")
+    config.set_string("python.fn-execution.bundle.time", str(bundle_ms))
 
     if checkpoint_dir is not None:
         config.set_string("execution.checkpointing.dir", checkpoint_dir)
@@ -276,6 +277,7 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
 
     from pipelines.flink_join import ReadAnnouncedLogs
     from pipelines.flink_records import DEAD_LETTERS, batch_time, shard_record
+    from runners.kafka_source import BOUNDED_BUNDLE_MS, LIVE_BUNDLE_MS
 
     class BatchTime(TimestampAssigner):
         def extract_timestamp(self, value, record_timestamp):
@@ -285,18 +287,22 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
     kafka = options.kafka
     # Bundles: a join-only job takes up to 1,000 records or 1 s per bundle, so the joiner's state
     # goes back to the JVM about once a second, not after every shard record (360k events: ~24 s
-    # -> ~18.5 s). A training job keeps one record per bundle: the trainer's bundles would hold
-    # checkpoint barriers back for as long as they train (the kill test saw no checkpoint complete
-    # before training ended).
+    # -> ~18.5 s); a large bounded Kafka join, where nothing waits on a record, the decoder's long
+    # bundles (5 s: the bench's 360k events 69k events/s sustained against 54k with 1 s bundles).
+    # A training job keeps one record per bundle: the trainer's bundles would hold checkpoint
+    # barriers back for as long as they train (the kill test saw no checkpoint complete before
+    # training ended).
+    long_join_bundles = run.long_bundles and not train
     env = flink_environment(options.parallelism or DEFAULT_PARALLELISM,
                             checkpoint_dir=run.checkpoints.resolve().as_uri(),
                             checkpoint_every_ms=options.checkpoint_every_ms,
                             restore_from=None if run.restore_from is None else run.restore_from.resolve().as_uri(),
-                            bundle_size=1 if train else 1_000,
+                            bundle_size=1 if train else LONG_JOIN_BUNDLE_RECORDS if long_join_bundles else 1_000,
+                            bundle_ms=BOUNDED_BUNDLE_MS if long_join_bundles else LIVE_BUNDLE_MS,
                             jars=None if kafka is None else _kafka_jars(options))
     if kafka is not None:
         from pipelines.flink_kafka import EmitDecoded, kafka_decoder
-        from runners.kafka_source import BOUNDED_BUNDLE_MS, LIVE_BUNDLE_MS, kafka_batches
+        from runners.kafka_source import kafka_batches
 
         decoder = kafka_decoder(spec, kafka.topics, shards, str(run.kafka_spill.resolve()), timing, run.read_below,
                                 str(run.read_marker.resolve()), options.events_per_step if run.long_bundles else 0)

@@ -240,6 +240,9 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
+# the decoder's Python settings, which the job's other Python operators do not take
+DECODER_ONLY_SETTINGS = ("python.fn-execution.bundle.size", "python.fn-execution.bundle.time",
+                         "python.fn-execution.arrow.batch.size")
 LIVE_BUNDLE_MS = 1_000  # the decoder's bundles: how long a live record may wait for its batch
 BOUNDED_BUNDLE_MS = 5_000  # ... in a large bounded job, which flushes its last batch itself
 
@@ -270,7 +273,15 @@ def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, decoder, ba
     that finished before the checkpoint is missing from its state, so the partition was read
     again from the start."""
     from pyflink.table import StreamTableEnvironment
+    from pyflink.util.java_utils import get_j_env_configuration
 
+    # The planner copies the table's settings into the job's before it translates (Flink's
+    # ``PlannerBase.beforeTranslation``), and at ``execute`` the job's Python settings go into
+    # every DataStream Python operator: without this the decoder's bundles would also be the
+    # join's and the trainer's (a training job's trainer takes one record a bundle). The decoder's
+    # operator keeps the copy it was translated with.
+    job_config = get_j_env_configuration(env._j_stream_execution_environment)
+    job_settings = {key: job_config.getString(key, None) for key in DECODER_ONLY_SETTINGS}
     tables = StreamTableEnvironment.create(env)
     table_config = tables.get_config()
     table_config.set("table.exec.resource.default-parallelism", "1")  # one decoder: the end marks meet there
@@ -300,7 +311,10 @@ def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, decoder, ba
                f"FROM topics{where}")
     batches = tables.sql_query(f"SELECT ts AS t, decoded FROM (SELECT ts, decode_kafka(v, k, p, o, late) AS decoded "
                                f"FROM ({records})) WHERE decoded IS NOT NULL")
-    return tables.to_data_stream(batches)
+    stream = tables.to_data_stream(batches)
+    for key, value in job_settings.items():
+        job_config.removeKey(key) if value is None else job_config.setString(key, value)
+    return stream
 
 
 def resolved_end_offsets(config: KafkaSourceConfig) -> dict[str, dict[int, int]]:

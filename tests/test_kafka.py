@@ -370,3 +370,17 @@ def test_a_kafka_job_runs_on_a_standalone_cluster(broker, tmp_path):
     run_job(spec, JobOptions(out=tmp_path / "beam", logs=logs, mode=Mode.REPLAY))
     beam_examples = _examples(tmp_path / "beam")
     assert _examples(tmp_path / "remote").equals(beam_examples) and beam_examples.num_rows > 4_000
+
+
+def test_the_decoders_bundle_settings_stay_its_own_and_the_jobs_python_operators_keep_the_jobs(tmp_path):
+    """The decoder's SQL sets its own bundles (thousands of records, 5 s), and the planner copies
+    a table's settings into the job's: the job's DataStream Python operators (``EmitDecoded``,
+    the join, the trainer) must still get the job's bundle size - one record for a training
+    job - and its 1 s bundles."""
+    from tests.test_flink import _run_to_end
+
+    settings = _run_to_end([sys.executable, "-m", "tests.flink_python_settings", "1"], timeout_s=300)
+    decoders = [name for name in settings if name.startswith("PythonCalc")]
+    assert len(decoders) == 1 and settings[decoders[0]] == [str(1_000 * 16_384), "5000"]
+    assert settings["emit decoded"] == ["1", "1000"]
+    assert all(value == ["1", "1000"] for name, value in settings.items() if name not in decoders)
