@@ -35,7 +35,7 @@ DEFAULT_PARALLELISM = 1  # of the join (the trainer is one); 2 is 8-37 % faster 
 
 def flink_environment(parallelism: int = DEFAULT_PARALLELISM, checkpoint_dir: str | None = None,
                       checkpoint_every_ms: int = 10_000, restore_from: str | None = None, bundle_size: int = 1_000,
-                      jars: list[str] | None = None, bundle_ms: int = 1_000):
+                      bundle_ms: int = 1_000, jars: list[str] | None = None):
     """The StreamExecutionEnvironment: a local mini-cluster, or - inside ``flink run`` - the
     cluster that command submits to. ``restore_from``: a retained checkpoint to start from;
     ``jars``: URIs of connector jars the job needs (``pipeline.jars``)."""
@@ -288,7 +288,7 @@ def _build(spec: FeatureSpec, options: JobOptions, run: _FlinkRun, shards: int):
     # Bundles: a join-only job takes up to 1,000 records or 1 s per bundle, so the joiner's state
     # goes back to the JVM about once a second, not after every shard record (360k events: ~24 s
     # -> ~18.5 s); a large bounded Kafka join, where nothing waits on a record, the decoder's long
-    # bundles (5 s: the bench's 360k events 69k events/s sustained against 54k with 1 s bundles).
+    # bundles (5 s: the bench's 360k events 62-69k events/s sustained against 54k with 1 s bundles).
     # A training job keeps one record per bundle: the trainer's bundles would hold checkpoint
     # barriers back for as long as they train (the kill test saw no checkpoint complete before
     # training ended).

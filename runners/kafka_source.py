@@ -240,9 +240,6 @@ def _sql_string(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
 
-# the decoder's Python settings, which the job's other Python operators do not take
-DECODER_ONLY_SETTINGS = ("python.fn-execution.bundle.size", "python.fn-execution.bundle.time",
-                         "python.fn-execution.arrow.batch.size")
 LIVE_BUNDLE_MS = 1_000  # the decoder's bundles: how long a live record may wait for its batch
 BOUNDED_BUNDLE_MS = 5_000  # ... in a large bounded job, which flushes its last batch itself
 
@@ -275,13 +272,6 @@ def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, decoder, ba
     from pyflink.table import StreamTableEnvironment
     from pyflink.util.java_utils import get_j_env_configuration
 
-    # The planner copies the table's settings into the job's before it translates (Flink's
-    # ``PlannerBase.beforeTranslation``), and at ``execute`` the job's Python settings go into
-    # every DataStream Python operator: without this the decoder's bundles would also be the
-    # join's and the trainer's (a training job's trainer takes one record a bundle). The decoder's
-    # operator keeps the copy it was translated with.
-    job_config = get_j_env_configuration(env._j_stream_execution_environment)
-    job_settings = {key: job_config.getString(key, None) for key in DECODER_ONLY_SETTINGS}
     tables = StreamTableEnvironment.create(env)
     table_config = tables.get_config()
     table_config.set("table.exec.resource.default-parallelism", "1")  # one decoder: the end marks meet there
@@ -296,9 +286,18 @@ def kafka_batches(env, spec: FeatureSpec, config: KafkaSourceConfig, decoder, ba
     # instead of 4.5, the job ends 1.4-2.2 s sooner) and ends its last bundle itself: once the
     # records left fit in the batch being filled, the decoder says so (``last_batch_marker``) and
     # the runner triggers a checkpoint, whose barrier ends the bundle.
-    table_config.set("python.fn-execution.bundle.size", str(1_000 * batch_records))
-    table_config.set("python.fn-execution.arrow.batch.size", str(batch_records))
-    table_config.set("python.fn-execution.bundle.time", str(bundle_ms))
+    decoder_settings = {"python.fn-execution.bundle.size": str(1_000 * batch_records),
+                        "python.fn-execution.arrow.batch.size": str(batch_records),
+                        "python.fn-execution.bundle.time": str(bundle_ms)}
+    # The planner copies the table's settings into the job's before it translates (Flink's
+    # ``PlannerBase.beforeTranslation``), and at ``execute`` the job's Python settings go into
+    # every DataStream Python operator: the job's own are put back after the translation, else
+    # the decoder's bundles would also be the join's and the trainer's (a training job's trainer
+    # takes one record a bundle). The decoder's operator keeps the copy it was translated with.
+    job_config = get_j_env_configuration(env._j_stream_execution_environment)
+    job_settings = {key: job_config.getString(key, None) for key in decoder_settings}
+    for key, value in decoder_settings.items():
+        table_config.set(key, value)
     tables.execute_sql(_table_ddl("topics", config, spec))
     tables.create_temporary_function("decode_kafka", decoder)
     kind = (f"CASE WHEN topic = {_sql_string(config.impressions_topic)} THEN 0 "

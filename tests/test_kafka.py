@@ -372,7 +372,7 @@ def test_a_kafka_job_runs_on_a_standalone_cluster(broker, tmp_path):
     assert _examples(tmp_path / "remote").equals(beam_examples) and beam_examples.num_rows > 4_000
 
 
-def test_the_decoders_bundle_settings_stay_its_own_and_the_jobs_python_operators_keep_the_jobs(tmp_path):
+def test_the_decoders_bundle_settings_stay_its_own_and_the_jobs_python_operators_keep_the_jobs():
     """The decoder's SQL sets its own bundles (thousands of records, 5 s), and the planner copies
     a table's settings into the job's: the job's DataStream Python operators (``EmitDecoded``,
     the join, the trainer) must still get the job's bundle size - one record for a training
